@@ -1,0 +1,201 @@
+"""Pure-PyTorch implementations of every flat-buffer op: the oracle for every kernel.
+
+All ops work in place on contiguous 1-D flat buffers (``[n, P]`` for the batched one).
+
+Numerics contract, shared by every backend:
+
+* float32 and float64 buffers are updated with exactly the arithmetic of
+  ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``).
+* float16 and bfloat16 buffers are read once and converted to float32 ("opmath"),
+  every intermediate stays float32, and each output is rounded to its storage dtype
+  once, on store.  In particular the parameter update uses the float32 momentum /
+  moment values, not their rounded stored copies.
+* The task accumulator ``acc`` always has the opmath dtype (float32 for 16-bit
+  parameters), so summing many adapted tasks does not lose precision.
+
+Scalars that a CUDA graph may need to change between replays (``lr``, ``meta_lr``,
+``n``, Adam's ``step``) may be Python numbers or 0-dim tensors.  This reference reads
+tensor scalars on the host (a device synchronisation on CUDA); the fused backends
+read them on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import (
+    ScalarLike,
+    check_batched,
+    check_flat,
+    opmath_dtype,
+    scalar_value,
+)
+
+__all__ = [
+    "sgd_step_",
+    "adam_step_",
+    "task_end_",
+    "meta_update_",
+    "batched_meta_update_",
+]
+
+
+def _opmath(t: Tensor) -> Tensor:
+    """The tensor in opmath dtype: itself for float32/64, a float32 copy otherwise."""
+    return t if t.dtype == opmath_dtype(t.dtype) else t.float()
+
+
+def _store(dst: Tensor, value: Tensor) -> None:
+    if value is not dst:
+        dst.copy_(value)
+
+
+@torch.no_grad()
+def sgd_step_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    lr: ScalarLike,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> None:
+    """One ``torch.optim.SGD`` step over a flat buffer.
+
+    ``first_step`` says the momentum buffer holds nothing yet: it is then set to the
+    (weight-decayed) gradient, with no dampening, as torch does on a param's first step.
+    ``momentum_buffer`` may be ``None`` only when ``momentum == 0``.
+    """
+    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
+    lr = scalar_value(lr)
+    p = _opmath(param)
+    g = _opmath(grad)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if momentum != 0:
+        if first_step:
+            buf = g.clone()
+        else:
+            buf = _opmath(momentum_buffer)
+            buf = buf.mul_(momentum) if buf is momentum_buffer else buf.mul(momentum)
+            buf.add_(g, alpha=1 - dampening)
+        _store(momentum_buffer, buf)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(g, alpha=-lr)
+    _store(param, p)
+
+
+@torch.no_grad()
+def adam_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step: ScalarLike,
+    lr: ScalarLike,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One ``torch.optim.Adam`` step over a flat buffer.
+
+    ``step`` is the step count *after* this step is counted (1 on the first step), as
+    torch computes its bias corrections; the caller increments it.
+    """
+    check_flat(
+        param,
+        grad=grad,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        max_exp_avg_sq=max_exp_avg_sq,
+    )
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
+    step = scalar_value(step)
+    if step < 1:
+        raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
+    lr = scalar_value(lr)
+    p = _opmath(param)
+    g = _opmath(grad)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    m = _opmath(exp_avg)
+    m = m.lerp_(g, 1 - beta1) if m is exp_avg else m.lerp(g, 1 - beta1)
+    v = _opmath(exp_avg_sq)
+    v = v.mul_(beta2) if v is exp_avg_sq else v.mul(beta2)
+    v.addcmul_(g, g, value=1 - beta2)
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    if amsgrad:
+        vmax = torch.maximum(_opmath(max_exp_avg_sq), v)
+        _store(max_exp_avg_sq, vmax)
+        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, p)
+
+
+@torch.no_grad()
+def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
+    """Finish a task: ``acc += param`` (the adapted weights), then ``param <- anchor``."""
+    check_flat(param, anchor=anchor)
+    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    acc.add_(_opmath(param))
+    param.copy_(anchor)
+
+
+@torch.no_grad()
+def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
+    """Reptile's meta step: ``param <- anchor + meta_lr * (acc / n - anchor)``, then ``acc <- 0``."""
+    check_flat(param, anchor=anchor)
+    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    meta_lr = scalar_value(meta_lr)
+    n = scalar_value(n)
+    if n <= 0:
+        raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n}")
+    a = _opmath(anchor)
+    new = a + meta_lr * (acc / n - a)
+    param.copy_(new)
+    acc.zero_()
+
+
+@torch.no_grad()
+def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
+    """``theta <- theta + meta_lr * (mean over the rows of tasks - theta)``.
+
+    ``tasks`` is the ``[n, P]`` buffer of adapted task copies.  The mean is summed row by
+    row in order (row 0 first) in opmath and divided by ``n`` once, the order every
+    kernel follows.  With ``write_back`` the new ``theta`` is also copied into every
+    row, ready for the next meta-iteration.
+    """
+    check_batched(theta, tasks)
+    meta_lr = scalar_value(meta_lr)
+    n = tasks.shape[0]
+    total = _opmath(tasks[0]).clone()
+    for row in range(1, n):
+        total.add_(_opmath(tasks[row]))
+    t = _opmath(theta)
+    new = t + meta_lr * (total / n - t)
+    theta.copy_(new)
+    if write_back:
+        tasks.copy_(theta.unsqueeze(0).expand_as(tasks))

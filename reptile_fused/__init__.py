@@ -2,7 +2,21 @@
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends, get_backend
+from .flat import FlatBuffer
+from .functional import reptile_adapt, reptile_train
+from .optimizer import MetaStepView, ReptileOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "available_backends", "get_backend", "BackendUnavailableError", "__version__"]
+__all__ = [
+    "ReptileOptimizer",
+    "MetaStepView",
+    "FlatBuffer",
+    "reptile_train",
+    "reptile_adapt",
+    "reference",
+    "available_backends",
+    "get_backend",
+    "BackendUnavailableError",
+    "__version__",
+]

@@ -1,0 +1,176 @@
+"""Flat parameter buffers: the parameters of one group packed into one contiguous buffer.
+
+Each parameter's ``.data`` becomes a view into ``FlatBuffer.data`` and its ``.grad`` a
+view into ``FlatBuffer.grad``, so autograd accumulates straight into the flat gradient
+and every optimizer update is one pass over one buffer, whatever the tensor count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validate import SUPPORTED_DTYPES
+
+# Every parameter starts at a multiple of this many elements, so a kernel's vector
+# loads stay aligned at parameter boundaries (16 elements >= 32 bytes for 16-bit types).
+ALIGNMENT = 16
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive parameters ``[first, last]`` and the buffer range ``[start, end)`` they span."""
+
+    first: int
+    last: int
+    start: int
+    end: int
+
+
+def check_trainable(p: Tensor) -> None:
+    """Raise if ``p`` cannot live in a flat buffer."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+    if p.is_complex():
+        raise TypeError("complex parameters are not supported (view them as real pairs first)")
+    if not p.is_floating_point():
+        raise TypeError(f"parameters must be floating point, got {p.dtype}")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"parameter dtype {p.dtype} is not supported; use float32, float64, float16 or bfloat16")
+    if p.layout != torch.strided:
+        raise TypeError(f"parameters must be dense (strided), got layout {p.layout}")
+    if not p.is_leaf:
+        raise ValueError("can't optimize a non-leaf Tensor")
+
+
+class FlatBuffer:
+    """One device/dtype's parameters of one param group, packed contiguously.
+
+    Padding between parameters is zero in ``data`` and ``grad`` and every update
+    rule maps (0, 0) to 0, so kernels may run over padding as if it were a parameter.
+    """
+
+    def __init__(self, params: list[Tensor]):
+        if not params:
+            raise ValueError("FlatBuffer needs at least one parameter")
+        self.params = list(params)
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        for p in self.params:
+            check_trainable(p)
+            if p.device != self.device or p.dtype != self.dtype:
+                raise ValueError("a FlatBuffer holds parameters of one device and dtype")
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += _aligned(n)
+        self.numel = total
+        self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
+        self.grad = torch.zeros(total, device=self.device, dtype=self.dtype)
+        self.grad_views = [self._view(self.grad, i) for i in range(len(self.params))]
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                self._view(self.data, i).copy_(p)
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError("sparse gradients are not supported")
+                    self.grad_views[i].copy_(p.grad)
+        for i, p in enumerate(self.params):
+            p.data = self._view(self.data, i)
+            p.grad = self.grad_views[i]
+        self._data_ptrs = [p.data_ptr() for p in self.params]
+        self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
+        self._whole = (Segment(0, len(self.params) - 1, 0, total),)
+
+    def _view(self, buf: Tensor, i: int) -> Tensor:
+        off = self.offsets[i]
+        return buf[off : off + self.numels[i]].view(self.shapes[i])
+
+    def view(self, buf: Tensor, i: int) -> Tensor:
+        """Parameter ``i``'s slice of a buffer laid out like ``data`` (e.g. optimizer state)."""
+        return self._view(buf, i)
+
+    def new_buffer(self, dtype: torch.dtype | None = None) -> Tensor:
+        """A zero buffer with this layout (optimizer state, the anchor, the task accumulator)."""
+        return torch.zeros(self.numel, device=self.device, dtype=dtype or self.dtype)
+
+    def check_layout(self) -> None:
+        """Raise if a parameter no longer lives in this buffer (moved with ``.to()``, ``.half()``, ...)."""
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != self._data_ptrs[i] or p.device != self.device or p.dtype != self.dtype:
+                raise RuntimeError(
+                    f"parameter {i} of shape {tuple(self.shapes[i])} no longer lives in the optimizer's flat "
+                    f"buffer (it is now {p.dtype} on {p.device}; the buffer is {self.dtype} on {self.device}). "
+                    "Moving or casting a model after creating its optimizer is not supported: "
+                    "move the model first, then create the ReptileOptimizer."
+                )
+
+    def pending_grads(self) -> tuple[list[bool], list[tuple[int, Tensor]]]:
+        """Which parameters have a gradient this step, and the ones autograd put outside the buffer.
+
+        Checks only; nothing is modified, so a bad gradient anywhere leaves everything as it was.
+        """
+        active = []
+        foreign = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                active.append(False)
+                continue
+            active.append(True)
+            if g is self.grad_views[i] and g.data_ptr() == self._grad_ptrs[i]:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("sparse gradients are not supported by ReptileOptimizer")
+            if g.shape != self.shapes[i]:
+                raise RuntimeError(f"gradient of parameter {i} has shape {tuple(g.shape)}, expected {tuple(self.shapes[i])}")
+            if g.device != self.device:
+                raise RuntimeError(f"gradient of parameter {i} is on {g.device}, the parameter on {self.device}")
+            if g.is_complex() or not g.is_floating_point():
+                raise RuntimeError(f"gradient of parameter {i} has dtype {g.dtype}")
+            foreign.append((i, g))
+        return active, foreign
+
+    def adopt_grads(self, foreign: list[tuple[int, Tensor]]) -> None:
+        """Copy gradients that autograd allocated elsewhere into the buffer and re-attach the views."""
+        if not foreign:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([self.grad_views[i] for i, _ in foreign], [g for _, g in foreign])
+        for i, _ in foreign:
+            self.params[i].grad = self.grad_views[i]
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """One fill of the flat gradient; with ``set_to_none`` the views are detached (torch's default)."""
+        self.grad.zero_()
+        for i, p in enumerate(self.params):
+            p.grad = None if set_to_none else self.grad_views[i]
+
+    def segments(self, keys: list) -> list[tuple[object, Segment]]:
+        """Maximal runs of consecutive parameters with equal keys, skipping keys that are ``None``.
+
+        When every key is the same the single segment covers the whole buffer, so the
+        common case is one kernel launch.
+        """
+        if keys and keys[0] is not None and all(k == keys[0] for k in keys):
+            return [(keys[0], self._whole[0])]
+        runs: list[tuple[object, Segment]] = []
+        start = None
+        for i, k in enumerate(keys + [None]):
+            if start is not None and (k is None or k != keys[start]):
+                last = i - 1
+                seg = Segment(start, last, self.offsets[start], self.offsets[last] + _aligned(self.numels[last]))
+                runs.append((keys[start], seg))
+                start = None
+            if start is None and k is not None and i < len(keys):
+                start = i
+        return runs

@@ -1,0 +1,574 @@
+"""``ReptileOptimizer``: Reptile's inner and meta updates as a ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._validate import opmath_dtype
+from .backends import get_backend
+from .flat import FlatBuffer, check_trainable
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+STATE_RESETS = ("never", "task", "meta_step")
+_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+_FORMAT_VERSION = 1
+
+
+class _Flat:
+    """A flat buffer plus everything the optimizer keeps in its layout."""
+
+    def __init__(self, buffer: FlatBuffer, group_index: int, backend: str):
+        self.buffer = buffer
+        self.group_index = group_index
+        self.backend = get_backend(backend, buffer.device)
+        self.state: dict[str, Tensor] = {}
+        # Per parameter: SGD -> whether its momentum buffer holds anything yet;
+        # Adam -> its step count.  Plain ints keep state_dict exact and cheap.
+        self.steps = [0] * len(buffer.params)
+        self.anchor: Tensor | None = None
+        self.acc: Tensor | None = None
+
+    def state_buffer(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        if key not in self.state:
+            self.state[key] = self.buffer.new_buffer(dtype)
+        return self.state[key]
+
+    def reset_inner_state(self) -> None:
+        self.state.clear()
+        self.steps = [0] * len(self.buffer.params)
+
+
+class ReptileOptimizer(Optimizer):
+    r"""Reptile (Nichol, Achiam & Schulman, 2018) as a drop-in ``torch.optim`` optimizer.
+
+    Inner loop: ``step()`` is a plain SGD or Adam step (``torch.optim`` semantics) on the
+    current weights.  Outer loop: every ``with opt.task():`` block starts from the
+    meta-weights θ and, on exit, records the adapted weights θ̃ and restores θ;
+    ``meta_step()`` then applies θ ← θ + meta_lr · mean(θ̃ᵢ − θ).
+
+    Parameters are packed into one contiguous buffer per param group and dtype
+    (``p.data`` and ``p.grad`` become views into it), so each update is one fused
+    pass whatever the tensor count.  Memory: θ, the anchor (θ at the start of the
+    meta-batch) and one task accumulator, plus the inner optimizer's state
+    (one buffer for SGD with momentum, two for Adam, three with amsgrad); it does not
+    grow with the meta-batch size.
+
+    Args:
+        params: tensors or param-group dicts, as for every torch optimizer.  All
+            parameters of one group must be on one device.
+        inner_optimizer: ``"sgd"`` (the paper's analysis) or ``"adam"`` (the
+            authors' code, usually with ``betas=(0, 0.999)``).
+        lr: inner learning rate.
+        meta_lr: meta step size ε (``1.0`` makes θ the mean of the adapted weights).
+        momentum, dampening, nesterov, weight_decay, maximize: as ``torch.optim.SGD``.
+        betas, eps, amsgrad: as ``torch.optim.Adam`` (weight_decay and maximize too).
+        reset_inner_state: when to forget the inner optimizer's state: ``"never"``
+            (default, the authors' semantics: carried across tasks and meta-steps),
+            ``"task"`` (every task starts fresh) or ``"meta_step"``.
+        backend: ``"auto"`` (fastest available for the tensors' device),
+            ``"reference"`` (pure PyTorch), ``"cpp"`` (C++/CUDA extension) or ``"triton"``.
+
+    ``zero_grad()`` zeroes the flat gradient in one fill and keeps ``p.grad`` attached
+    (torch's ``set_to_none=False``): a parameter that got no gradient is then updated
+    with a zero gradient, exactly as torch does with zeroed grads.  ``zero_grad(set_to_none=True)``
+    gives torch's default instead: gradients are released, and a parameter whose
+    ``.grad`` is ``None`` at ``step()`` is skipped (its inner state untouched).
+    Gradients that autograd allocated outside the flat buffer (after
+    ``model.zero_grad()`` or any ``p.grad = None``) are copied in at ``step()``.
+    NaN and inf in gradients propagate into the weights exactly as with
+    ``torch.optim.SGD``/``Adam``; nothing is skipped silently.
+    """
+
+    def __init__(
+        self,
+        params,
+        inner_optimizer: str = "sgd",
+        lr: float = 1e-3,
+        meta_lr: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        *,
+        reset_inner_state: str = "never",
+        backend: str = "auto",
+    ):
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+        if reset_inner_state not in STATE_RESETS:
+            raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
+        self.inner_optimizer = inner_optimizer
+        self.reset_inner_state = reset_inner_state
+        self.backend = backend
+        self._flats: list[_Flat] = []
+        self._tasks_done = 0
+        self._in_task = False
+        self._meta_view: MetaStepView | None = None
+        defaults = dict(
+            lr=lr,
+            meta_lr=meta_lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            betas=betas,
+            eps=eps,
+            amsgrad=amsgrad,
+            maximize=maximize,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ setup
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (all checks pass before anything changes)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        trainable = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
+        for p in params:
+            check_trainable(p)
+        devices = {p.device for p in trainable}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters of one param group must be on one device, got {sorted(map(str, devices))}; "
+                "put each device's parameters in a group of its own"
+            )
+        _check_hyperparameters({**self.defaults, **param_group})
+        if self._tasks_done or self._in_task:
+            raise RuntimeError("add_param_group() in the middle of a meta-batch; call meta_step() first")
+        # Resolve backends before the group is registered, so an unavailable backend changes nothing.
+        for device in devices:
+            get_backend(self.backend, device)
+        super().add_param_group({**param_group, "params": params})
+        group_index = len(self.param_groups) - 1
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in trainable:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype_params in by_dtype.values():
+            self._flats.append(_Flat(FlatBuffer(dtype_params), group_index, self.backend))
+
+    @property
+    def flat_buffers(self) -> list[FlatBuffer]:
+        """The flat buffers, one per param group and dtype."""
+        return [f.buffer for f in self._flats]
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend each flat buffer runs on (``"auto"`` resolved)."""
+        return [f.backend.__name__.rsplit(".", 1)[-1] for f in self._flats]
+
+    # ------------------------------------------------------------------ inner loop
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for f in self._flats:
+            f.buffer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One inner optimizer step on the current weights.
+
+        Inside ``task()`` it adapts to the task; outside any task it is plain
+        fine-tuning of θ (not allowed while a meta-batch is open, since θ must stay the
+        meta-weights until ``meta_step()``).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._in_task and self._tasks_done:
+            raise RuntimeError(
+                "step() outside task() while a meta-batch is open: call meta_step() (or meta_gradient()) first"
+            )
+        plans = []
+        for f in self._flats:
+            f.buffer.check_layout()
+            plans.append((f, *f.buffer.pending_grads()))
+        for f, active, foreign in plans:
+            f.buffer.adopt_grads(foreign)
+            group = self.param_groups[f.group_index]
+            if self.inner_optimizer == "sgd":
+                self._sgd(f, group, active)
+            else:
+                self._adam(f, group, active)
+        return loss
+
+    def _sgd(self, f: _Flat, group: dict, active: list[bool]) -> None:
+        momentum = group["momentum"]
+        buf = f.state_buffer("momentum_buffer") if momentum != 0 else None
+        b = f.buffer
+        # Params whose momentum buffer is still empty take torch's first-step rule.
+        keys = [(f.steps[i] == 0) if a else None for i, a in enumerate(active)]
+        for first, seg in b.segments(keys):
+            f.backend.sgd_step_(
+                b.data[seg.start : seg.end],
+                b.grad[seg.start : seg.end],
+                None if buf is None else buf[seg.start : seg.end],
+                group["lr"],
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                first_step=first,
+            )
+        if momentum != 0:
+            for i, a in enumerate(active):
+                if a:
+                    f.steps[i] = 1
+
+    def _adam(self, f: _Flat, group: dict, active: list[bool]) -> None:
+        b = f.buffer
+        exp_avg = f.state_buffer("exp_avg")
+        exp_avg_sq = f.state_buffer("exp_avg_sq")
+        max_sq = f.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None
+        keys = [(f.steps[i] + 1) if a else None for i, a in enumerate(active)]
+        beta1, beta2 = group["betas"]
+        for step, seg in b.segments(keys):
+            f.backend.adam_step_(
+                b.data[seg.start : seg.end],
+                b.grad[seg.start : seg.end],
+                exp_avg[seg.start : seg.end],
+                exp_avg_sq[seg.start : seg.end],
+                None if max_sq is None else max_sq[seg.start : seg.end],
+                step,
+                group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+            )
+        for i, a in enumerate(active):
+            if a:
+                f.steps[i] += 1
+
+    # ------------------------------------------------------------------ outer loop
+
+    @contextlib.contextmanager
+    def task(self) -> Iterator[None]:
+        """Adapt to one task: on entry θ is the meta-weights; on exit the adapted
+        weights are accumulated for ``meta_step()`` and θ is restored.
+
+        If the block raises, the task is discarded: θ is restored and nothing is accumulated.
+        """
+        if self._in_task:
+            raise RuntimeError("task() blocks cannot be nested: finish the current task first")
+        for f in self._flats:
+            f.buffer.check_layout()
+        with torch.no_grad():
+            if self._tasks_done == 0:
+                for f in self._flats:
+                    if f.anchor is None:
+                        f.anchor = f.buffer.new_buffer()
+                        f.acc = f.buffer.new_buffer(opmath_dtype(f.buffer.dtype))
+                    f.anchor.copy_(f.buffer.data)
+            if self.reset_inner_state == "task":
+                for f in self._flats:
+                    f.reset_inner_state()
+        self._in_task = True
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for f in self._flats:
+                    f.buffer.data.copy_(f.anchor)
+            self._in_task = False
+            raise
+        with torch.no_grad():
+            for f in self._flats:
+                f.buffer.check_layout()
+            for f in self._flats:
+                f.backend.task_end_(f.buffer.data, f.anchor, f.acc)
+        self._in_task = False
+        self._tasks_done += 1
+
+    @property
+    def tasks_in_meta_batch(self) -> int:
+        """How many tasks have finished since the last meta step."""
+        return self._tasks_done
+
+    def _check_meta_batch(self, what: str) -> None:
+        if self._in_task:
+            raise RuntimeError(f"{what} inside task(): finish the task first")
+        if self._tasks_done == 0:
+            raise RuntimeError(f"{what} before any task finished: run at least one `with opt.task():` block")
+        for f in self._flats:
+            f.buffer.check_layout()
+
+    @torch.no_grad()
+    def meta_step(self) -> None:
+        """θ ← θ + meta_lr · mean(θ̃ᵢ − θ) over the tasks finished since the last meta step."""
+        self._check_meta_batch("meta_step()")
+        for f in self._flats:
+            meta_lr = self.param_groups[f.group_index]["meta_lr"]
+            f.backend.meta_update_(f.buffer.data, f.anchor, f.acc, meta_lr, self._tasks_done)
+        self._end_meta_batch()
+
+    @torch.no_grad()
+    def meta_gradient(self) -> None:
+        """Write the Reptile meta-gradient θ − mean(θ̃ᵢ) into ``p.grad`` and end the meta-batch.
+
+        θ stays the meta-weights; any torch optimizer over the same parameters can then
+        take the outer step (``outer_opt.step()``), as with learn2learn.  ``meta_lr`` is
+        not used: the outer optimizer's learning rate takes its place.
+        """
+        self._check_meta_batch("meta_gradient()")
+        for f in self._flats:
+            f.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
+            f.buffer.grad.copy_(f.anchor.to(f.acc.dtype) - f.acc / self._tasks_done)
+            f.acc.zero_()
+        self._end_meta_batch()
+
+    def _end_meta_batch(self) -> None:
+        self._tasks_done = 0
+        if self.reset_inner_state == "meta_step":
+            for f in self._flats:
+                f.reset_inner_state()
+        if self._meta_view is not None:
+            self._meta_view._opt_called = True
+
+    @property
+    def meta_optimizer(self) -> "MetaStepView":
+        """An ``Optimizer`` view whose ``lr`` is each group's ``meta_lr`` and whose
+        ``step()`` is ``meta_step()``: hand it to any ``torch.optim.lr_scheduler`` to
+        anneal the meta step size, e.g. linearly to 0 as in the paper::
+
+            sched = torch.optim.lr_scheduler.LinearLR(opt.meta_optimizer, 1.0, 0.0, total_iters=n_iters)
+            ...
+            opt.meta_step(); sched.step()
+        """
+        if self._meta_view is None:
+            self._meta_view = MetaStepView(self)
+        return self._meta_view
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, even between the tasks of a meta-batch.
+
+        Per-parameter entries (keyed by the parameter's index, as torch does) hold the
+        inner optimizer state and, while a meta-batch is open, the anchor and the task
+        accumulator (``task_sum``).  Not allowed inside ``task()``.
+        """
+        if self._in_task:
+            raise RuntimeError("state_dict() inside task(): save between tasks or after meta_step()")
+        index = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        state: dict[int, dict[str, Any]] = {}
+        for f in self._flats:
+            b = f.buffer
+            for i, p in enumerate(b.params):
+                entry: dict[str, Any] = {}
+                if self.inner_optimizer == "adam" and f.steps[i]:
+                    entry["step"] = f.steps[i]
+                    for key in _STATE_KEYS["adam"]:
+                        if key in f.state:
+                            entry[key] = b.view(f.state[key], i).clone()
+                elif self.inner_optimizer == "sgd" and f.steps[i] and "momentum_buffer" in f.state:
+                    entry["momentum_buffer"] = b.view(f.state["momentum_buffer"], i).clone()
+                if self._tasks_done:
+                    entry["anchor"] = b.view(f.anchor, i).clone()
+                    entry["task_sum"] = b.view(f.acc, i).clone()
+                if entry:
+                    state[index[id(p)]] = entry
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        return {
+            "state": state,
+            "param_groups": groups,
+            "reptile": {
+                "format": _FORMAT_VERSION,
+                "inner_optimizer": self.inner_optimizer,
+                "tasks_in_meta_batch": self._tasks_done,
+                "reset_inner_state": self.reset_inner_state,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; every check passes before anything changes."""
+        if self._in_task:
+            raise RuntimeError("load_state_dict() inside task()")
+        meta = state_dict.get("reptile")
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
+            raise ValueError("not a ReptileOptimizer state_dict (missing or unknown 'reptile' section)")
+        if meta["inner_optimizer"] != self.inner_optimizer:
+            raise ValueError(
+                f"state_dict is for inner_optimizer={meta['inner_optimizer']!r}, this optimizer uses {self.inner_optimizer!r}"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
+        params_by_index: dict[int, Tensor] = {}
+        for g_saved, g_own in zip(groups, self.param_groups):
+            if len(g_saved["params"]) != len(g_own["params"]):
+                raise ValueError(
+                    f"a param group has {len(g_saved['params'])} parameters in the state_dict and "
+                    f"{len(g_own['params'])} here: it comes from a different model"
+                )
+            for idx, p in zip(g_saved["params"], g_own["params"]):
+                params_by_index[idx] = p
+        tasks = int(meta["tasks_in_meta_batch"])
+        where: dict[int, tuple[_Flat, int]] = {}
+        for f in self._flats:
+            for i, p in enumerate(f.buffer.params):
+                where[id(p)] = (f, i)
+        saved_state = state_dict["state"]
+        for idx, entry in saved_state.items():
+            if idx not in params_by_index:
+                raise ValueError(f"state_dict has state for parameter {idx}, which no param group lists")
+            p = params_by_index[idx]
+            if id(p) not in where:
+                raise ValueError(f"state_dict has state for parameter {idx}, which is frozen here (requires_grad=False)")
+            f, i = where[id(p)]
+            for key, value in entry.items():
+                if key == "step":
+                    continue
+                if not isinstance(value, Tensor) or value.shape != f.buffer.shapes[i]:
+                    shape = getattr(value, "shape", None)
+                    raise ValueError(
+                        f"state_dict entry {key!r} of parameter {idx} has shape {tuple(shape) if shape is not None else shape}, "
+                        f"expected {tuple(f.buffer.shapes[i])}: it comes from a different model"
+                    )
+            if tasks and ("anchor" not in entry or "task_sum" not in entry):
+                raise ValueError(f"state_dict is mid-meta-batch but has no anchor for parameter {idx}")
+        if tasks:
+            missing = [idx for idx, p in params_by_index.items() if id(p) in where and idx not in saved_state]
+            if missing:
+                raise ValueError(f"state_dict is mid-meta-batch but has no anchor for parameters {missing}")
+
+        # All checks passed: apply.
+        for g_saved, g_own in zip(groups, self.param_groups):
+            for k, v in g_saved.items():
+                if k != "params":
+                    g_own[k] = v
+        with torch.no_grad():
+            for f in self._flats:
+                f.reset_inner_state()
+                if tasks and f.anchor is None:
+                    f.anchor = f.buffer.new_buffer()
+                    f.acc = f.buffer.new_buffer(opmath_dtype(f.buffer.dtype))
+                if f.acc is not None:
+                    f.acc.zero_()
+            for idx, entry in saved_state.items():
+                f, i = where[id(params_by_index[idx])]
+                b = f.buffer
+                for key, value in entry.items():
+                    if key == "step":
+                        f.steps[i] = int(value)
+                    elif key == "anchor":
+                        b.view(f.anchor, i).copy_(value)
+                    elif key == "task_sum":
+                        b.view(f.acc, i).copy_(value)
+                    else:
+                        b.view(f.state_buffer(key), i).copy_(value)
+                        if key == "momentum_buffer":
+                            f.steps[i] = 1
+        self._tasks_done = tasks
+
+
+class _MetaLRGroup(MutableMapping):
+    """A param group seen with ``meta_lr`` under the name ``lr`` (and its scheduler bookkeeping)."""
+
+    _RENAMES = {"lr": "meta_lr", "initial_lr": "initial_meta_lr"}
+
+    def __init__(self, group: dict):
+        self._group = group
+
+    def _key(self, key):
+        return self._RENAMES.get(key, key)
+
+    def __getitem__(self, key):
+        return self._group[self._key(key)]
+
+    def __setitem__(self, key, value):
+        self._group[self._key(key)] = value
+
+    def __delitem__(self, key):
+        del self._group[self._key(key)]
+
+    def __iter__(self):
+        inverse = {v: k for k, v in self._RENAMES.items()}
+        return (inverse.get(k, k) for k in self._group if k not in self._RENAMES)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+class MetaStepView(Optimizer):
+    """The meta step of a ``ReptileOptimizer`` seen as an optimizer: ``lr`` is ``meta_lr``
+    and ``step()`` is ``meta_step()``.  Exists so standard LR schedulers can anneal ε."""
+
+    def __init__(self, owner: ReptileOptimizer):
+        # Deliberately not calling Optimizer.__init__: this view owns no parameters.
+        self._owner = owner
+        self.defaults = {**owner.defaults, "lr": owner.defaults["meta_lr"]}
+        self.state = {}
+        self._opt_called = False
+
+    @property
+    def param_groups(self) -> list[_MetaLRGroup]:
+        return [_MetaLRGroup(g) for g in self._owner.param_groups]
+
+    def step(self, closure=None):
+        self._owner.meta_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._owner.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return self._owner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._owner.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"MetaStepView({self._owner.__class__.__name__})"
+
+
+def _check_hyperparameters(h: dict[str, Any]) -> None:
+    def number(name):
+        v = h[name]
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"{name} as a tensor must have one element")
+            v = float(v.item())
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+            raise ValueError(f"invalid {name}: {h[name]!r}")
+        return v
+
+    if number("lr") < 0:
+        raise ValueError(f"invalid learning rate: {h['lr']}")
+    if number("meta_lr") < 0:
+        raise ValueError(f"invalid meta_lr: {h['meta_lr']}")
+    if number("momentum") < 0:
+        raise ValueError(f"invalid momentum: {h['momentum']}")
+    if number("weight_decay") < 0:
+        raise ValueError(f"invalid weight_decay: {h['weight_decay']}")
+    if number("eps") < 0:
+        raise ValueError(f"invalid eps: {h['eps']}")
+    number("dampening")
+    if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+        raise ValueError("nesterov momentum requires a momentum and zero dampening")
+    betas = h["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")

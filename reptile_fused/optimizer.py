@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from ._validate import opmath_dtype
 from .backends import get_backend
+from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
 from .flat import FlatBuffer, check_trainable
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -34,6 +35,16 @@ class _Flat:
         self.steps = [0] * len(buffer.params)
         self.anchor: Tensor | None = None
         self.acc: Tensor | None = None
+        # Distributed runs keep the task count in one extra trailing element, so a
+        # single all-reduce per buffer carries both the sum of θ̃ and the count.
+        self.acc_ext: Tensor | None = None
+
+    def ensure_meta_buffers(self, count_slot: bool) -> None:
+        if self.anchor is None:
+            self.anchor = self.buffer.new_buffer()
+            n = self.buffer.numel
+            self.acc_ext = torch.zeros(n + int(count_slot), device=self.buffer.device, dtype=opmath_dtype(self.buffer.dtype))
+            self.acc = self.acc_ext[:n]
 
     def state_buffer(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
         if key not in self.state:
@@ -74,6 +85,15 @@ class ReptileOptimizer(Optimizer):
             ``"task"`` (every task starts fresh) or ``"meta_step"``.
         backend: ``"auto"`` (fastest available for the tensors' device),
             ``"reference"`` (pure PyTorch), ``"cpp"`` (C++/CUDA extension) or ``"triton"``.
+        process_group: distributed meta-batches (see :mod:`reptile_fused.distributed`):
+            ``None`` (default) synchronises over the world group when
+            ``torch.distributed`` is initialised, a group object over that group,
+            ``False`` never.  Each rank adapts its own tasks; ``meta_step()`` all-reduces
+            the task accumulators (one collective per flat buffer) and every rank applies
+            the same update.  Construction checks that every rank has the same parameter
+            layout and broadcasts θ from rank 0.  Carried inner-optimizer state is per
+            rank; with ``reset_inner_state="task"`` results do not depend on the world size.
+        bucket_elements: all-reduce buffers larger than this in slices of this many elements.
 
     ``zero_grad()`` zeroes the flat gradient in one fill and keeps ``p.grad`` attached
     (torch's ``set_to_none=False``): a parameter that got no gradient is then updated
@@ -103,6 +123,8 @@ class ReptileOptimizer(Optimizer):
         *,
         reset_inner_state: str = "never",
         backend: str = "auto",
+        process_group=None,
+        bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
     ):
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
@@ -115,6 +137,8 @@ class ReptileOptimizer(Optimizer):
         self._tasks_done = 0
         self._in_task = False
         self._meta_view: MetaStepView | None = None
+        self._sync: MetaBatchSync | None = None
+        group = resolve_process_group(process_group)
         defaults = dict(
             lr=lr,
             meta_lr=meta_lr,
@@ -129,6 +153,19 @@ class ReptileOptimizer(Optimizer):
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        if group is not None:
+            self._sync = MetaBatchSync(group, bucket_elements)
+            self._sync_new_flats(self._flats)
+
+    def _sync_new_flats(self, flats: list[_Flat]) -> None:
+        """Distributed: verify every rank has the same layout, then start all ranks from rank 0's θ."""
+        description = [self.inner_optimizer] + [
+            (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes]) for f in self._flats
+        ]
+        self._sync.check_same_layout(description)
+        with torch.no_grad():
+            for f in flats:
+                self._sync.broadcast_(f.buffer.data)
 
     # ------------------------------------------------------------------ setup
 
@@ -158,8 +195,10 @@ class ReptileOptimizer(Optimizer):
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype_params in by_dtype.values():
-            self._flats.append(_Flat(FlatBuffer(dtype_params), group_index, self.backend))
+        new = [_Flat(FlatBuffer(dtype_params), group_index, self.backend) for dtype_params in by_dtype.values()]
+        self._flats.extend(new)
+        if self._sync is not None:  # after construction every rank must add the same group
+            self._sync_new_flats(new)
 
     @property
     def flat_buffers(self) -> list[FlatBuffer]:
@@ -272,11 +311,7 @@ class ReptileOptimizer(Optimizer):
             f.buffer.check_layout()
         with torch.no_grad():
             if self._tasks_done == 0:
-                for f in self._flats:
-                    if f.anchor is None:
-                        f.anchor = f.buffer.new_buffer()
-                        f.acc = f.buffer.new_buffer(opmath_dtype(f.buffer.dtype))
-                    f.anchor.copy_(f.buffer.data)
+                self._capture_anchor()
             if self.reset_inner_state == "task":
                 for f in self._flats:
                     f.reset_inner_state()
@@ -297,26 +332,48 @@ class ReptileOptimizer(Optimizer):
         self._in_task = False
         self._tasks_done += 1
 
+    def _capture_anchor(self) -> None:
+        for f in self._flats:
+            f.ensure_meta_buffers(count_slot=self._sync is not None)
+            f.anchor.copy_(f.buffer.data)
+
     @property
     def tasks_in_meta_batch(self) -> int:
         """How many tasks have finished since the last meta step."""
         return self._tasks_done
 
-    def _check_meta_batch(self, what: str) -> None:
+    def _close_meta_batch(self, what: str) -> float:
+        """Checks, then the number of tasks in the meta-batch (summed over ranks when distributed)."""
         if self._in_task:
             raise RuntimeError(f"{what} inside task(): finish the task first")
-        if self._tasks_done == 0:
-            raise RuntimeError(f"{what} before any task finished: run at least one `with opt.task():` block")
         for f in self._flats:
             f.buffer.check_layout()
+        if self._sync is None:
+            if self._tasks_done == 0:
+                raise RuntimeError(f"{what} before any task finished: run at least one `with opt.task():` block")
+            return float(self._tasks_done)
+        # Distributed: a rank may have no task of its own this time, but it must still
+        # take part in the collective and apply the same update as the others.
+        if self._tasks_done == 0:
+            self._capture_anchor()
+        for f in self._flats:
+            f.acc_ext[-1].fill_(self._tasks_done)
+            self._sync.all_reduce_sum_(f.acc_ext)
+        # One host read per meta step: every rank sees the same global count, so a
+        # meta-batch with no task anywhere fails identically on all ranks.
+        total = float(self._flats[0].acc_ext[-1]) if self._flats else float(self._tasks_done)
+        if total == 0:
+            raise RuntimeError(f"{what} before any task finished on any rank")
+        return total
 
     @torch.no_grad()
     def meta_step(self) -> None:
-        """θ ← θ + meta_lr · mean(θ̃ᵢ − θ) over the tasks finished since the last meta step."""
-        self._check_meta_batch("meta_step()")
+        """θ ← θ + meta_lr · mean(θ̃ᵢ − θ) over the tasks finished since the last meta step
+        (on every rank's tasks, when distributed)."""
+        n = self._close_meta_batch("meta_step()")
         for f in self._flats:
             meta_lr = self.param_groups[f.group_index]["meta_lr"]
-            f.backend.meta_update_(f.buffer.data, f.anchor, f.acc, meta_lr, self._tasks_done)
+            f.backend.meta_update_(f.buffer.data, f.anchor, f.acc, meta_lr, n)
         self._end_meta_batch()
 
     @torch.no_grad()
@@ -327,10 +384,10 @@ class ReptileOptimizer(Optimizer):
         take the outer step (``outer_opt.step()``), as with learn2learn.  ``meta_lr`` is
         not used: the outer optimizer's learning rate takes its place.
         """
-        self._check_meta_batch("meta_gradient()")
+        n = self._close_meta_batch("meta_gradient()")
         for f in self._flats:
             f.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
-            f.buffer.grad.copy_(f.anchor.to(f.acc.dtype) - f.acc / self._tasks_done)
+            f.buffer.grad.copy_(f.anchor.to(f.acc.dtype) - f.acc / n)
             f.acc.zero_()
         self._end_meta_batch()
 
@@ -367,6 +424,11 @@ class ReptileOptimizer(Optimizer):
         """
         if self._in_task:
             raise RuntimeError("state_dict() inside task(): save between tasks or after meta_step()")
+        if self._tasks_done and self._sync is not None and self._sync.world_size > 1:
+            raise RuntimeError(
+                "state_dict() in the middle of a distributed meta-batch: the task sums are split over "
+                "the ranks until meta_step(); save after meta_step()"
+            )
         index = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -464,9 +526,8 @@ class ReptileOptimizer(Optimizer):
         with torch.no_grad():
             for f in self._flats:
                 f.reset_inner_state()
-                if tasks and f.anchor is None:
-                    f.anchor = f.buffer.new_buffer()
-                    f.acc = f.buffer.new_buffer(opmath_dtype(f.buffer.dtype))
+                if tasks:
+                    f.ensure_meta_buffers(count_slot=self._sync is not None)
                 if f.acc is not None:
                     f.acc.zero_()
             for idx, entry in saved_state.items():

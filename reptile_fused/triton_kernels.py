@@ -82,16 +82,32 @@ def _sqrt(x, OPMATH: tl.constexpr):
     return r
 
 
+# Triton's interpreter converts float32 <-> bfloat16 wrongly (it truncates instead of
+# rounding to nearest even, and mangles subnormals), so under the interpreter the
+# kernels convert bfloat16 by bit manipulation (BF16_BITS).  GPUs use the hardware
+# conversions, which are exact and round to nearest even.
+
+
 @triton.jit
-def _store(ptr, offs, x, mask, BF16_RNE: tl.constexpr):
-    """Round ``x`` to the buffer's dtype once and store it."""
-    if BF16_RNE:
-        # Triton's interpreter truncates float32 -> bfloat16; round to nearest even
-        # by hand so the interpreter computes what the GPU computes.
+def _load(ptr, offs, mask, OPMATH: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Load and widen to the opmath dtype (exact: every storage dtype fits)."""
+    x = tl.load(ptr + offs, mask=mask)
+    if BF16_BITS:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(OPMATH)
+    return y
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, BF16_BITS: tl.constexpr):
+    """Round ``x`` to the buffer's dtype once (to nearest even) and store it."""
+    if BF16_BITS:
         b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x != x, x, b.to(tl.float32, bitcast=True))
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+        b = tl.where(x != x, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1)).to(tl.uint32)
+        tl.store(ptr + offs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -111,11 +127,11 @@ def _sgd_kernel(
     n_elements,
     LR_FROM_PTR: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr,
-    OPMATH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    p = tl.load(param_ptr + offs, mask=mask).to(OPMATH)
-    g = tl.load(grad_ptr + offs, mask=mask).to(OPMATH)
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -125,15 +141,15 @@ def _sgd_kernel(
         if FIRST_STEP:
             buf = g
         else:
-            buf = tl.load(buf_ptr + offs, mask=mask).to(OPMATH) * momentum
+            buf = _load(buf_ptr, offs, mask, OPMATH, BF16_BITS) * momentum
             buf = buf + _scalar(one_minus_dampening_bits, None, False, OPMATH) * g
-        _store(buf_ptr, offs, buf, mask, BF16_RNE)
+        _store(buf_ptr, offs, buf, mask, BF16_BITS)
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
     neg_lr = -_scalar(lr_bits, lr_ptr, LR_FROM_PTR, OPMATH)
-    _store(param_ptr, offs, p + neg_lr * g, mask, BF16_RNE)
+    _store(param_ptr, offs, p + neg_lr * g, mask, BF16_BITS)
 
 
 @triton.jit
@@ -146,24 +162,24 @@ def _adam_kernel(
     n_elements,
     LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, LERP_WEIGHT_SMALL: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    OPMATH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    p = tl.load(param_ptr + offs, mask=mask).to(OPMATH)
-    g = tl.load(grad_ptr + offs, mask=mask).to(OPMATH)
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
         g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
 
     # torch's lerp picks its formula by the weight's size; follow the same branch.
-    m = tl.load(exp_avg_ptr + offs, mask=mask).to(OPMATH)
+    m = _load(exp_avg_ptr, offs, mask, OPMATH, BF16_BITS)
     w = _scalar(lerp_weight_bits, None, False, OPMATH)
     if LERP_WEIGHT_SMALL:
         m = m + w * (g - m)
     else:
         m = g - (g - m) * (1.0 - w)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(OPMATH) * _scalar(beta2_bits, None, False, OPMATH)
+    v = _load(exp_avg_sq_ptr, offs, mask, OPMATH, BF16_BITS) * _scalar(beta2_bits, None, False, OPMATH)
     v = v + (_scalar(one_minus_beta2_bits, None, False, OPMATH) * g) * g
 
     # Bias corrections in float64, as the reference computes them on the host, then
@@ -182,26 +198,28 @@ def _adam_kernel(
 
     if AMSGRAD:
         vmax = tl.maximum(
-            tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(OPMATH), v, propagate_nan=tl.PropagateNan.ALL
+            _load(max_exp_avg_sq_ptr, offs, mask, OPMATH, BF16_BITS), v, propagate_nan=tl.PropagateNan.ALL
         )
-        _store(max_exp_avg_sq_ptr, offs, vmax, mask, BF16_RNE)
+        _store(max_exp_avg_sq_ptr, offs, vmax, mask, BF16_BITS)
         denom = _sqrt(vmax, OPMATH) / bc2_sqrt + eps
     else:
         denom = _sqrt(v, OPMATH) / bc2_sqrt + eps
     # addcdiv computes value * t1 / t2 left to right.
     p = p + (neg_step_size * m) / denom
-    _store(exp_avg_ptr, offs, m, mask, BF16_RNE)
-    _store(exp_avg_sq_ptr, offs, v, mask, BF16_RNE)
-    _store(param_ptr, offs, p, mask, BF16_RNE)
+    _store(exp_avg_ptr, offs, m, mask, BF16_BITS)
+    _store(exp_avg_sq_ptr, offs, v, mask, BF16_BITS)
+    _store(param_ptr, offs, p, mask, BF16_BITS)
 
 
 @triton.jit
-def _task_end_kernel(param_ptr, anchor_ptr, acc_ptr, n_elements, BLOCK: tl.constexpr):
+def _task_end_kernel(
+    param_ptr, anchor_ptr, acc_ptr, n_elements,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    p = tl.load(param_ptr + offs, mask=mask)
-    acc = tl.load(acc_ptr + offs, mask=mask)
-    # acc has the opmath dtype, so converting the parameter to it is exact.
-    tl.store(acc_ptr + offs, acc + p.to(acc.dtype), mask=mask)
+    # acc has the opmath dtype, so widening the parameter to it is exact.
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask) + p, mask=mask)
     tl.store(param_ptr + offs, tl.load(anchor_ptr + offs, mask=mask), mask=mask)
 
 
@@ -211,14 +229,14 @@ def _meta_update_kernel(
     meta_lr_bits, meta_lr_ptr, n_bits, n_ptr,
     n_elements,
     META_LR_FROM_PTR: tl.constexpr, N_FROM_PTR: tl.constexpr,
-    OPMATH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    a = tl.load(anchor_ptr + offs, mask=mask).to(OPMATH)
+    a = _load(anchor_ptr, offs, mask, OPMATH, BF16_BITS)
     acc = tl.load(acc_ptr + offs, mask=mask)
     meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
     n = _scalar(n_bits, n_ptr, N_FROM_PTR, OPMATH)
-    _store(param_ptr, offs, a + meta_lr * (acc / n - a), mask, BF16_RNE)
+    _store(param_ptr, offs, a + meta_lr * (acc / n - a), mask, BF16_BITS)
     tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
 
 
@@ -228,21 +246,21 @@ def _batched_meta_update_kernel(
     meta_lr_bits, meta_lr_ptr,
     n_elements, n_rows,
     META_LR_FROM_PTR: tl.constexpr, WRITE_BACK: tl.constexpr,
-    OPMATH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
     # Rows summed in order, row 0 first, as the reference does; the row pointer is
     # advanced rather than recomputed so n_rows * n_elements may exceed 2**31.
     row_ptr = tasks_ptr + offs
-    total = tl.load(row_ptr, mask=mask).to(OPMATH)
+    total = _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
     # (tl.cast, not .to: Triton passes an n_rows of 1 as a constant.)
     for _ in range(1, n_rows):
         row_ptr += n_elements
-        total += tl.load(row_ptr, mask=mask).to(OPMATH)
-    t = tl.load(theta_ptr + offs, mask=mask).to(OPMATH)
+        total += _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
+    t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
     meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
     new = t + meta_lr * (total / tl.cast(n_rows, OPMATH) - t)
-    _store(theta_ptr, offs, new, mask, BF16_RNE)
+    _store(theta_ptr, offs, new, mask, BF16_BITS)
     if WRITE_BACK:
         stored = tl.load(theta_ptr + offs, mask=mask)
         row_ptr = tasks_ptr + offs
@@ -340,7 +358,7 @@ def _opmath(t: Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def _bf16_rne(t: Tensor) -> bool:
+def _bf16_bits(t: Tensor) -> bool:
     return t.dtype == torch.bfloat16 and interpreting()
 
 
@@ -375,7 +393,7 @@ def sgd(
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
         OPMATH=_opmath(param),
-        BF16_RNE=_bf16_rne(param),
+        BF16_BITS=_bf16_bits(param),
     )
     _launch(_sgd_kernel, _sgd_tuned, n, block, args, consts)
 
@@ -428,7 +446,7 @@ def adam(
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),
         OPMATH=opmath,
-        BF16_RNE=_bf16_rne(param),
+        BF16_BITS=_bf16_bits(param),
     )
     _launch(_adam_kernel, _adam_tuned, n, block, args, consts)
 
@@ -437,7 +455,8 @@ def task_end(param: Tensor, anchor: Tensor, acc: Tensor, block: int | None = Non
     n = param.numel()
     if n == 0:
         return
-    _launch(_task_end_kernel, _task_end_tuned, n, block, (param, anchor, acc, n), {})
+    consts = dict(OPMATH=_opmath(param), BF16_BITS=_bf16_bits(param))
+    _launch(_task_end_kernel, _task_end_tuned, n, block, (param, anchor, acc, n), consts)
 
 
 def meta_update(
@@ -458,7 +477,7 @@ def meta_update(
         META_LR_FROM_PTR=meta_lr_t is not None,
         N_FROM_PTR=n_tasks_t is not None,
         OPMATH=_opmath(param),
-        BF16_RNE=_bf16_rne(param),
+        BF16_BITS=_bf16_bits(param),
     )
     _launch(_meta_update_kernel, _meta_update_tuned, n, block, args, consts)
 
@@ -479,6 +498,6 @@ def batched_meta_update(
         META_LR_FROM_PTR=meta_lr_t is not None,
         WRITE_BACK=bool(write_back),
         OPMATH=_opmath(theta),
-        BF16_RNE=_bf16_rne(theta),
+        BF16_BITS=_bf16_bits(theta),
     )
     _launch(_batched_meta_update_kernel, _batched_tuned, n, block, args, consts)

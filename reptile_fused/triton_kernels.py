@@ -354,6 +354,15 @@ def _round_f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+def _unused(param: Tensor) -> Tensor:
+    """Stand-in for an absent optional buffer the kernel will not touch.
+
+    Not None: many Triton releases' ``restore_value`` hooks call ``.clone()`` on every
+    listed argument, None included.
+    """
+    return param
+
+
 def _opmath(t: Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -381,7 +390,7 @@ def sgd(
         return
     has_momentum = momentum != 0
     args = (
-        param, grad, momentum_buffer if has_momentum else None,
+        param, grad, momentum_buffer if has_momentum else _unused(param),
         f64_bits(lr), lr_t, f64_bits(momentum), f64_bits(1 - dampening), f64_bits(weight_decay),
         n,
     )  # fmt: skip
@@ -431,7 +440,7 @@ def adam(
     opmath = _opmath(param)
     rounded_weight = lerp_weight if opmath == tl.float64 else _round_f32(lerp_weight)
     args = (
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else _unused(param),
         f64_bits(lr), lr_t, step_t,
         f64_bits(bias_correction1), f64_bits(bias_correction2_sqrt),
         f64_bits(log_beta1), f64_bits(log_beta2),

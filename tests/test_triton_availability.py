@@ -25,8 +25,7 @@ _PROBE = textwrap.dedent(
     import reptile_fused
     from reptile_fused import BackendUnavailableError, available_backends, get_backend
     from reptile_fused.backends import unavailable_reason
-    out = {{"triton_imported_by_package": "triton" in sys.modules}}
-    out["available_cpu"] = available_backends("cpu")
+    out = {{"available_cpu": available_backends("cpu")}}
     out["reason_cpu"] = unavailable_reason("triton", "cpu")
     out["reason_cuda"] = unavailable_reason("triton", "cuda")
     try:

@@ -22,8 +22,12 @@ from .._validate import ScalarLike, check_batched, check_flat, check_scalar_tens
 from . import BackendUnavailableError
 
 try:
-    from .. import triton_ops as _ops
+    from .. import triton_ops as _registration
     from ..triton_kernels import interpreting as _interpreting
+
+    # Called through torch.ops (an OpOverloadPacket), the form every torch.compile
+    # release treats as an op.
+    _ops = getattr(torch.ops, _registration.NAMESPACE)
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # noqa: BLE001 - any failure to load Triton means "unavailable", not a crash

@@ -1,0 +1,512 @@
+"""Triton kernels for the flat-buffer ops, and the launchers that feed them.
+
+This module imports Triton; only :mod:`reptile_fused.triton_ops` imports it, and only
+when Triton is installed.
+
+Every kernel is one 1-D grid over a flat buffer: program ``i`` owns elements
+``[i * BLOCK, (i + 1) * BLOCK)``, masked at the tail.  The arithmetic follows
+:mod:`reptile_fused.reference` operation by operation (same operand order), in the
+opmath dtype (float32 for 16-bit buffers), and each output is rounded once on store.
+
+Scalars reach a kernel one of two ways:
+
+* a Python number travels as the int64 bit pattern of its float64 value.  Triton
+  passes float arguments as float32, which would round float64 hyperparameters; the
+  bit pattern keeps them exact, and the kernel rounds to the opmath dtype exactly as
+  torch rounds a Python scalar for a float32 tensor.
+* a 0-dim tensor on the buffers' device travels as a pointer and is loaded by every
+  program, so a CUDA graph replays with whatever value the tensor holds.
+
+Launch configurations: on a GPU each kernel is autotuned over block size and warp
+count, keyed on the buffer length (and dtype, which Triton adds to the key); the
+autotuner caches the winner per key, so tuning costs one benchmark per buffer shape
+in a process.  Under ``TRITON_INTERPRET=1`` the kernels run with a fixed, small
+block instead: the interpreter is slow and timing it means nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+try:  # the interpreter's function type moved between Triton releases; only its identity matters
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover - very old Triton
+    _InterpretedFunction = ()
+
+# Block used when the interpreter runs the kernels.  Small, so modest test sizes
+# already span several programs.
+INTERPRET_BLOCK = 256
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _f64_from_bits(bits):
+    # The cast to int64 first: Triton types small bit patterns (0.0) as int32.
+    return tl.cast(tl.cast(bits, tl.int64), tl.float64, bitcast=True)
+
+
+@triton.jit
+def _scalar(bits, ptr, FROM_PTR: tl.constexpr, OPMATH: tl.constexpr):
+    if FROM_PTR:
+        value = tl.load(ptr).to(OPMATH)
+    else:
+        value = _f64_from_bits(bits).to(OPMATH)
+    return value
+
+
+@triton.jit
+def _scalar_f64(bits, ptr, FROM_PTR: tl.constexpr):
+    if FROM_PTR:
+        value = tl.load(ptr).to(tl.float64)
+    else:
+        value = _f64_from_bits(bits)
+    return value
+
+
+@triton.jit
+def _sqrt(x, OPMATH: tl.constexpr):
+    # tl.sqrt is an approximation for float32 on NVIDIA GPUs; torch's is correctly rounded.
+    if OPMATH == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+# Triton's interpreter converts float32 <-> bfloat16 wrongly (it truncates instead of
+# rounding to nearest even, and mangles subnormals), so under the interpreter the
+# kernels convert bfloat16 by bit manipulation (BF16_BITS).  GPUs use the hardware
+# conversions, which are exact and round to nearest even.
+
+
+@triton.jit
+def _load(ptr, offs, mask, OPMATH: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Load and widen to the opmath dtype (exact: every storage dtype fits)."""
+    x = tl.load(ptr + offs, mask=mask)
+    if BF16_BITS:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(OPMATH)
+    return y
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, BF16_BITS: tl.constexpr):
+    """Round ``x`` to the buffer's dtype once (to nearest even) and store it."""
+    if BF16_BITS:
+        b = x.to(tl.uint32, bitcast=True)
+        b = tl.where(x != x, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1)).to(tl.uint32)
+        tl.store(ptr + offs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block(n_elements, BLOCK: tl.constexpr):
+    # int64 offsets: a single buffer may hold more than 2**31 elements.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n_elements
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sgd_kernel(
+    param_ptr, grad_ptr, buf_ptr,
+    lr_bits, lr_ptr, momentum_bits, one_minus_dampening_bits, weight_decay_bits,
+    n_elements,
+    LR_FROM_PTR: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask = _block(n_elements, BLOCK)
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
+    if HAS_MOMENTUM:
+        momentum = _scalar(momentum_bits, None, False, OPMATH)
+        if FIRST_STEP:
+            buf = g
+        else:
+            buf = _load(buf_ptr, offs, mask, OPMATH, BF16_BITS) * momentum
+            buf = buf + _scalar(one_minus_dampening_bits, None, False, OPMATH) * g
+        _store(buf_ptr, offs, buf, mask, BF16_BITS)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    neg_lr = -_scalar(lr_bits, lr_ptr, LR_FROM_PTR, OPMATH)
+    _store(param_ptr, offs, p + neg_lr * g, mask, BF16_BITS)
+
+
+@triton.jit
+def _adam_kernel(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    lr_bits, lr_ptr, step_ptr,
+    bias_correction1_bits, bias_correction2_sqrt_bits,
+    log_beta1_bits, log_beta2_bits,
+    lerp_weight_bits, beta2_bits, one_minus_beta2_bits, eps_bits, weight_decay_bits,
+    n_elements,
+    LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, LERP_WEIGHT_SMALL: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask = _block(n_elements, BLOCK)
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
+
+    # torch's lerp picks its formula by the weight's size; follow the same branch.
+    m = _load(exp_avg_ptr, offs, mask, OPMATH, BF16_BITS)
+    w = _scalar(lerp_weight_bits, None, False, OPMATH)
+    if LERP_WEIGHT_SMALL:
+        m = m + w * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - w)
+    v = _load(exp_avg_sq_ptr, offs, mask, OPMATH, BF16_BITS) * _scalar(beta2_bits, None, False, OPMATH)
+    v = v + (_scalar(one_minus_beta2_bits, None, False, OPMATH) * g) * g
+
+    # Bias corrections in float64, as the reference computes them on the host, then
+    # rounded to opmath once.  With a tensor step they are computed here per program.
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr).to(tl.float64)
+        bias_correction1 = 1.0 - tl.exp(step * _f64_from_bits(log_beta1_bits))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * _f64_from_bits(log_beta2_bits)))
+    else:
+        bias_correction1 = _f64_from_bits(bias_correction1_bits)
+        bias_correction2_sqrt = _f64_from_bits(bias_correction2_sqrt_bits)
+    lr = _scalar_f64(lr_bits, lr_ptr, LR_FROM_PTR)
+    neg_step_size = (-(lr / bias_correction1)).to(OPMATH)
+    bc2_sqrt = bias_correction2_sqrt.to(OPMATH)
+    eps = _scalar(eps_bits, None, False, OPMATH)
+
+    if AMSGRAD:
+        vmax = tl.maximum(
+            _load(max_exp_avg_sq_ptr, offs, mask, OPMATH, BF16_BITS), v, propagate_nan=tl.PropagateNan.ALL
+        )
+        _store(max_exp_avg_sq_ptr, offs, vmax, mask, BF16_BITS)
+        denom = _sqrt(vmax, OPMATH) / bc2_sqrt + eps
+    else:
+        denom = _sqrt(v, OPMATH) / bc2_sqrt + eps
+    # addcdiv computes value * t1 / t2 left to right.
+    p = p + (neg_step_size * m) / denom
+    _store(exp_avg_ptr, offs, m, mask, BF16_BITS)
+    _store(exp_avg_sq_ptr, offs, v, mask, BF16_BITS)
+    _store(param_ptr, offs, p, mask, BF16_BITS)
+
+
+@triton.jit
+def _task_end_kernel(
+    param_ptr, anchor_ptr, acc_ptr, n_elements,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask = _block(n_elements, BLOCK)
+    # acc has the opmath dtype, so widening the parameter to it is exact.
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask) + p, mask=mask)
+    tl.store(param_ptr + offs, tl.load(anchor_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _meta_update_kernel(
+    param_ptr, anchor_ptr, acc_ptr,
+    meta_lr_bits, meta_lr_ptr, n_bits, n_ptr,
+    n_elements,
+    META_LR_FROM_PTR: tl.constexpr, N_FROM_PTR: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask = _block(n_elements, BLOCK)
+    a = _load(anchor_ptr, offs, mask, OPMATH, BF16_BITS)
+    acc = tl.load(acc_ptr + offs, mask=mask)
+    meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
+    n = _scalar(n_bits, n_ptr, N_FROM_PTR, OPMATH)
+    _store(param_ptr, offs, a + meta_lr * (acc / n - a), mask, BF16_BITS)
+    tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
+
+
+@triton.jit
+def _batched_meta_update_kernel(
+    theta_ptr, tasks_ptr,
+    meta_lr_bits, meta_lr_ptr,
+    n_elements, n_rows,
+    META_LR_FROM_PTR: tl.constexpr, WRITE_BACK: tl.constexpr,
+    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask = _block(n_elements, BLOCK)
+    # Rows summed in order, row 0 first, as the reference does; the row pointer is
+    # advanced rather than recomputed so n_rows * n_elements may exceed 2**31.
+    row_ptr = tasks_ptr + offs
+    total = _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
+    # (tl.cast, not .to: Triton passes an n_rows of 1 as a constant.)
+    for _ in range(1, n_rows):
+        row_ptr += n_elements
+        total += _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
+    t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
+    meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
+    new = t + meta_lr * (total / tl.cast(n_rows, OPMATH) - t)
+    _store(theta_ptr, offs, new, mask, BF16_BITS)
+    if WRITE_BACK:
+        stored = tl.load(theta_ptr + offs, mask=mask)
+        row_ptr = tasks_ptr + offs
+        for _ in range(0, n_rows):
+            tl.store(row_ptr, stored, mask=mask)
+            row_ptr += n_elements
+
+
+# --------------------------------------------------------------------------- autotuning
+
+# Block sizes / warps worth trying for a memory-bound elementwise pass; large blocks
+# amortise the per-program scalar work, more warps keep enough loads in flight.
+_TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+
+
+def _configs() -> list:
+    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _TUNE_SPACE]
+
+
+def _prune_for_size(configs, named_args, **kwargs):
+    """Blocks much larger than the buffer only waste lanes: keep those that fit."""
+    n = named_args["n_elements"]
+    limit = max(1024, triton.next_power_of_2(max(int(n), 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK"] <= limit]
+    return kept or configs[:1]
+
+
+def _autotuned(kernel, mutated: list[str], key: list[str]):
+    return triton.autotune(
+        configs=_configs(),
+        key=key,
+        prune_configs_by={"early_config_prune": _prune_for_size},
+        # Tuning launches the kernel repeatedly; these in-place kernels would apply
+        # the update once per trial without restoring their outputs.
+        restore_value=mutated,
+    )(kernel)
+
+
+_sgd_tuned = _autotuned(_sgd_kernel, ["param_ptr", "buf_ptr"], ["n_elements"])
+_adam_tuned = _autotuned(
+    _adam_kernel, ["param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr"], ["n_elements"]
+)
+_task_end_tuned = _autotuned(_task_end_kernel, ["param_ptr", "acc_ptr"], ["n_elements"])
+_meta_update_tuned = _autotuned(_meta_update_kernel, ["param_ptr", "acc_ptr"], ["n_elements"])
+_batched_tuned = _autotuned(_batched_meta_update_kernel, ["theta_ptr", "tasks_ptr"], ["n_elements", "n_rows"])
+
+AUTOTUNED = {
+    "sgd_step_": _sgd_tuned,
+    "adam_step_": _adam_tuned,
+    "task_end_": _task_end_tuned,
+    "meta_update_": _meta_update_tuned,
+    "batched_meta_update_": _batched_tuned,
+}
+
+
+def interpreting() -> bool:
+    """Whether these kernels run in Triton's interpreter (decided when Triton decorated them)."""
+    return isinstance(_sgd_kernel, _InterpretedFunction) if _InterpretedFunction else False
+
+
+def _warps_for(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+def _launch(raw, tuned, n_elements: int, block: int | None, args: tuple, consts: dict) -> None:
+    """Launch over ``n_elements``: fixed ``block`` if given (or under the interpreter), else autotuned."""
+    if interpreting():
+        # wrap_triton rejects interpreted kernels on older torch, and there is
+        # nothing for torch.compile to trace under the interpreter anyway.
+        block = block or INTERPRET_BLOCK
+        raw[(triton.cdiv(n_elements, block),)](*args, **consts, BLOCK=block)
+    elif block is not None:
+        wrap_triton(raw)[(triton.cdiv(n_elements, block),)](*args, **consts, BLOCK=block, num_warps=_warps_for(block))
+    else:
+        wrap_triton(tuned)[lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)](*args, **consts)
+
+
+# --------------------------------------------------------------------------- launchers
+#
+# Arguments are already validated (reptile_fused.backends.triton does that).  A
+# scalar arrives as ``(value, tensor)``: the tensor, if not None, lives on the
+# buffers' device and wins; the float is used otherwise.
+
+
+def f64_bits(x: float) -> int:
+    """The IEEE-754 float64 bit pattern of ``x`` as a signed int64."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _round_f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _unused(param: Tensor) -> Tensor:
+    """Stand-in for an absent optional buffer the kernel will not touch.
+
+    Not None: many Triton releases' ``restore_value`` hooks call ``.clone()`` on every
+    listed argument, None included.
+    """
+    return param
+
+
+def _opmath(t: Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _bf16_bits(t: Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and interpreting()
+
+
+def sgd(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    lr: float,
+    lr_t: Tensor | None,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    block: int | None = None,
+) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    has_momentum = momentum != 0
+    args = (
+        param, grad, momentum_buffer if has_momentum else _unused(param),
+        f64_bits(lr), lr_t, f64_bits(momentum), f64_bits(1 - dampening), f64_bits(weight_decay),
+        n,
+    )  # fmt: skip
+    consts = dict(
+        LR_FROM_PTR=lr_t is not None,
+        HAS_MOMENTUM=has_momentum,
+        HAS_WEIGHT_DECAY=weight_decay != 0,
+        NESTEROV=bool(nesterov),
+        MAXIMIZE=bool(maximize),
+        FIRST_STEP=bool(first_step),
+        OPMATH=_opmath(param),
+        BF16_BITS=_bf16_bits(param),
+    )
+    _launch(_sgd_kernel, _sgd_tuned, n, block, args, consts)
+
+
+def adam(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step: float,
+    step_t: Tensor | None,
+    lr: float,
+    lr_t: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    block: int | None = None,
+) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    if step_t is None:
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    else:  # computed in the kernel from the step tensor
+        bias_correction1 = bias_correction2_sqrt = 1.0
+    # log(0) = -inf gives beta**step = 0 in the kernel, as Python's 0.0**step does.
+    log_beta1 = math.log(beta1) if beta1 > 0 else -math.inf
+    log_beta2 = math.log(beta2) if beta2 > 0 else -math.inf
+    lerp_weight = 1 - beta1
+    opmath = _opmath(param)
+    rounded_weight = lerp_weight if opmath == tl.float64 else _round_f32(lerp_weight)
+    args = (
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else _unused(param),
+        f64_bits(lr), lr_t, step_t,
+        f64_bits(bias_correction1), f64_bits(bias_correction2_sqrt),
+        f64_bits(log_beta1), f64_bits(log_beta2),
+        f64_bits(lerp_weight), f64_bits(beta2), f64_bits(1 - beta2), f64_bits(eps), f64_bits(weight_decay),
+        n,
+    )  # fmt: skip
+    consts = dict(
+        LR_FROM_PTR=lr_t is not None,
+        STEP_FROM_PTR=step_t is not None,
+        LERP_WEIGHT_SMALL=abs(rounded_weight) < 0.5,
+        HAS_WEIGHT_DECAY=weight_decay != 0,
+        AMSGRAD=bool(amsgrad),
+        MAXIMIZE=bool(maximize),
+        OPMATH=opmath,
+        BF16_BITS=_bf16_bits(param),
+    )
+    _launch(_adam_kernel, _adam_tuned, n, block, args, consts)
+
+
+def task_end(param: Tensor, anchor: Tensor, acc: Tensor, block: int | None = None) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    consts = dict(OPMATH=_opmath(param), BF16_BITS=_bf16_bits(param))
+    _launch(_task_end_kernel, _task_end_tuned, n, block, (param, anchor, acc, n), consts)
+
+
+def meta_update(
+    param: Tensor,
+    anchor: Tensor,
+    acc: Tensor,
+    meta_lr: float,
+    meta_lr_t: Tensor | None,
+    n_tasks: float,
+    n_tasks_t: Tensor | None,
+    block: int | None = None,
+) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    args = (param, anchor, acc, f64_bits(meta_lr), meta_lr_t, f64_bits(n_tasks), n_tasks_t, n)
+    consts = dict(
+        META_LR_FROM_PTR=meta_lr_t is not None,
+        N_FROM_PTR=n_tasks_t is not None,
+        OPMATH=_opmath(param),
+        BF16_BITS=_bf16_bits(param),
+    )
+    _launch(_meta_update_kernel, _meta_update_tuned, n, block, args, consts)
+
+
+def batched_meta_update(
+    theta: Tensor,
+    tasks: Tensor,
+    meta_lr: float,
+    meta_lr_t: Tensor | None,
+    write_back: bool,
+    block: int | None = None,
+) -> None:
+    n = theta.numel()
+    if n == 0:
+        return
+    args = (theta, tasks, f64_bits(meta_lr), meta_lr_t, n, tasks.shape[0])
+    consts = dict(
+        META_LR_FROM_PTR=meta_lr_t is not None,
+        WRITE_BACK=bool(write_back),
+        OPMATH=_opmath(theta),
+        BF16_BITS=_bf16_bits(theta),
+    )
+    _launch(_batched_meta_update_kernel, _batched_tuned, n, block, args, consts)

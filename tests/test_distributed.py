@@ -90,6 +90,8 @@ def _worker_mismatch(rank, world, port, out_dir):
     _init(rank, world, port)
     try:
         model = make_model(width=8 if rank == 0 else 9)
+        import torch._dynamo  # noqa: F401  torch.optim imports it on first use: seconds on a busy machine
+
         dist.barrier()  # time the check itself, not the other rank's start-up
         start = time.monotonic()
         try:

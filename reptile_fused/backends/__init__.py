@@ -56,7 +56,10 @@ def get_backend(name: str, device: torch.device | str) -> ModuleType:
     """The backend module called ``name`` (or the best one, for ``"auto"``) for ``device``."""
     device = torch.device(device)
     if name == "auto":
-        return _load(available_backends(device)[0])[0]
+        # Stop at the first that can run: probing the others would import them (Triton is slow to import).
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return _load(candidate)[0]
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")

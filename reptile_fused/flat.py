@@ -7,6 +7,7 @@ and every optimizer update is one pass over one buffer, whatever the tensor coun
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,9 @@ class FlatBuffer:
 
     def check_layout(self) -> None:
         """Raise if a parameter no longer lives in this buffer (moved with ``.to()``, ``.half()``, ...)."""
+        # Runs every step: one C-level pass over the pointers in the common case.
+        if list(map(Tensor.data_ptr, self.params)) == self._data_ptrs:
+            return
         for i, p in enumerate(self.params):
             if p.data_ptr() != self._data_ptrs[i] or p.device != self.device or p.dtype != self.dtype:
                 raise RuntimeError(
@@ -114,11 +118,15 @@ class FlatBuffer:
                     "move the model first, then create the ReptileOptimizer."
                 )
 
-    def pending_grads(self) -> tuple[list[bool], list[tuple[int, Tensor]]]:
-        """Which parameters have a gradient this step, and the ones autograd put outside the buffer.
+    def pending_grads(self) -> tuple[list[bool] | None, list[tuple[int, Tensor]]]:
+        """Which parameters have a gradient this step (``None``: all of them, in the buffer),
+        and the ones autograd put outside the buffer.
 
         Checks only; nothing is modified, so a bad gradient anywhere leaves everything as it was.
         """
+        grads = [p.grad for p in self.params]
+        if all(map(operator.is_, grads, self.grad_views)) and list(map(Tensor.data_ptr, grads)) == self._grad_ptrs:
+            return None, []
         active = []
         foreign = []
         for i, p in enumerate(self.params):
@@ -161,7 +169,7 @@ class FlatBuffer:
         When every key is the same the single segment covers the whole buffer, so the
         common case is one kernel launch.
         """
-        if keys and keys[0] is not None and all(k == keys[0] for k in keys):
+        if keys and keys[0] is not None and keys.count(keys[0]) == len(keys):
             return [(keys[0], self._whole[0])]
         runs: list[tuple[object, Segment]] = []
         start = None

@@ -245,13 +245,34 @@ class ReptileOptimizer(Optimizer):
                 self._adam(f, group, active)
         return loss
 
-    def _sgd(self, f: _Flat, group: dict, active: list[bool]) -> None:
+    @staticmethod
+    def _step_keys(f: _Flat, active: list[bool] | None) -> list:
+        """Each parameter's step count, or ``None`` for those without a gradient this step."""
+        if active is None:
+            return f.steps
+        return [s if a else None for s, a in zip(f.steps, active)]
+
+    @staticmethod
+    def _count_steps(f: _Flat, active: list[bool] | None, cap: int | None = None) -> None:
+        """Advance the step counts of the parameters that stepped (SGD only needs 0 or ``cap=1``)."""
+
+        def bump(s: int) -> int:
+            return s + 1 if cap is None else cap
+
+        if active is None:
+            steps = f.steps
+            # The common case, every count equal, costs one C-level pass.
+            f.steps = [bump(steps[0])] * len(steps) if steps.count(steps[0]) == len(steps) else list(map(bump, steps))
+        else:
+            f.steps = [bump(s) if a else s for s, a in zip(f.steps, active)]
+
+    def _sgd(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
         momentum = group["momentum"]
         buf = f.state_buffer("momentum_buffer") if momentum != 0 else None
         b = f.buffer
-        # Params whose momentum buffer is still empty take torch's first-step rule.
-        keys = [(f.steps[i] == 0) if a else None for i, a in enumerate(active)]
-        for first, seg in b.segments(keys):
+        # Params whose momentum buffer is still empty (step count 0) take torch's first-step rule.
+        for steps, seg in b.segments(self._step_keys(f, active)):
+            first = steps == 0
             f.backend.sgd_step_(
                 b.data[seg.start : seg.end],
                 b.grad[seg.start : seg.end],
@@ -265,25 +286,22 @@ class ReptileOptimizer(Optimizer):
                 first_step=first,
             )
         if momentum != 0:
-            for i, a in enumerate(active):
-                if a:
-                    f.steps[i] = 1
+            self._count_steps(f, active, cap=1)
 
-    def _adam(self, f: _Flat, group: dict, active: list[bool]) -> None:
+    def _adam(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
         b = f.buffer
         exp_avg = f.state_buffer("exp_avg")
         exp_avg_sq = f.state_buffer("exp_avg_sq")
         max_sq = f.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None
-        keys = [(f.steps[i] + 1) if a else None for i, a in enumerate(active)]
         beta1, beta2 = group["betas"]
-        for step, seg in b.segments(keys):
+        for steps, seg in b.segments(self._step_keys(f, active)):
             f.backend.adam_step_(
                 b.data[seg.start : seg.end],
                 b.grad[seg.start : seg.end],
                 exp_avg[seg.start : seg.end],
                 exp_avg_sq[seg.start : seg.end],
                 None if max_sq is None else max_sq[seg.start : seg.end],
-                step,
+                steps + 1,
                 group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -292,9 +310,7 @@ class ReptileOptimizer(Optimizer):
                 amsgrad=group["amsgrad"],
                 maximize=group["maximize"],
             )
-        for i, a in enumerate(active):
-            if a:
-                f.steps[i] += 1
+        self._count_steps(f, active)
 
     # ------------------------------------------------------------------ outer loop
 

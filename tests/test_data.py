@@ -56,8 +56,8 @@ def test_omniglot_split_is_fixed_by_seed(omniglot_root):
 def test_omniglot_background_split(omniglot_root):
     data = load_omniglot(omniglot_root, split="background")
     assert data["train"].num_base_classes == 5 and data["test"].num_base_classes == 3
-    assert all(n.startswith("background_") for n in data["train"].names)
-    assert all(n.startswith("evaluation_") for n in data["test"].names)
+    assert all("/images_background/background_alphabet" in n for n in data["train"].names)
+    assert all("/images_evaluation/evaluation_alphabet" in n for n in data["test"].names)
 
 
 def test_omniglot_subset_with_one_folder(tmp_path):
@@ -272,13 +272,16 @@ def test_sampler_too_few_classes_or_examples():
 def test_inner_batches_follow_passes():
     g = torch.Generator().manual_seed(0)
     batches = inner_batches(5, 3, 4, g)
-    assert len(batches) == 4 and all(b.shape == (3,) for b in batches)
-    flat = torch.cat(batches)
+    assert batches.shape == (4, 3) and batches.dtype == torch.int64
+    flat = batches.flatten()
     assert sorted(flat[:5].tolist()) == list(range(5)), "first pass is a permutation"
     assert sorted(flat[5:10].tolist()) == list(range(5)), "second pass too"
     big = inner_batches(5, 25, 2, g)
     assert all(sorted(torch.bincount(b, minlength=5).tolist()) == [5] * 5 for b in big), \
         "a batch larger than the task repeats each example"
+    assert inner_batches(5, 3, 0, g).shape == (0, 3)
+    with pytest.raises(ValueError):
+        inner_batches(0, 3, 1, g)
 
 
 # ---------------------------------------------------------------- sine waves

@@ -27,7 +27,7 @@ def _classes(folder: Path) -> tuple[list[str], list[list[Path]]]:
         if not imgs:
             raise DatasetError(f"{d}: no image files; expected .png/.jpg/... images of this class")
         files.append(imgs)
-    return [d.name for d in dirs], files
+    return [str(d) for d in dirs], files
 
 
 def is_presplit(root: Path) -> bool:
@@ -46,8 +46,7 @@ def load_folder(root, image_size: int, channels: int, train_fraction: float = 0.
         for split in SPLIT_NAMES:
             if (root / split).is_dir():
                 names, files = _classes(root / split)
-                out[split] = ImageClasses.from_class_lists(files, [f"{split}/{n}" for n in names],
-                                                           image_size, channels)
+                out[split] = ImageClasses.from_class_lists(files, names, image_size, channels)
         return out
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")

@@ -92,7 +92,8 @@ def load_images(paths: list[Path], size: int, channels: int) -> Tensor:
 class ImageClasses:
     """A set of image classes ready for few-shot sampling.
 
-    ``names[b]`` is the folder (or label) of base class ``b``, used in error messages.
+    ``names[b]`` says where base class ``b`` comes from (its folder, or csv and label),
+    so error messages can name the path.
     ``rotations`` holds quarter turns; ``(0,)`` means no augmentation.
     """
 

@@ -47,5 +47,6 @@ def load_miniimagenet(root, splits=SPLITS, image_size: int = IMAGE_SIZE) -> dict
         if split not in SPLITS:
             raise ValueError(f"unknown Mini-ImageNet split {split!r}; choose from {', '.join(SPLITS)}")
         labels, files = _read_csv(root / f"{split}.csv", images)
-        out[split] = ImageClasses.from_class_lists(files, labels, image_size, 3)
+        names = [f"{root / f'{split}.csv'} (label {label})" for label in labels]
+        out[split] = ImageClasses.from_class_lists(files, names, image_size, 3)
     return out

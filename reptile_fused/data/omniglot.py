@@ -26,8 +26,8 @@ IMAGE_SIZE = 28
 SPLITS = ("authors", "background")
 
 
-def _characters(folder: Path) -> list[tuple[str, list[Path]]]:
-    """(``alphabet/character``, sorted png paths) for every character under ``folder``."""
+def _characters(folder: Path) -> list[tuple[str, str, list[Path]]]:
+    """(``alphabet/character``, folder path, sorted png paths) for every character under ``folder``."""
     alphabets = list_subdirs(folder)
     if not alphabets:
         raise DatasetError(f"{folder}: no alphabet folders; expected {folder.name}/<alphabet>/<character>/*.png")
@@ -40,7 +40,7 @@ def _characters(folder: Path) -> list[tuple[str, list[Path]]]:
             pngs = list_images(char, suffixes=(".png",))
             if not pngs:
                 raise DatasetError(f"{char}: no .png images; expected one image per drawing of this character")
-            found.append((f"{alphabet.name}/{char.name}", pngs))
+            found.append((f"{alphabet.name}/{char.name}", str(char), pngs))
     return found
 
 
@@ -78,8 +78,8 @@ def load_omniglot(root, split: str = "authors", split_seed: int = 0, image_size:
         test_chars = [merged[i] for i in order[n_train:]]
     rotations = (0, 1, 2, 3) if augment else (0,)
     return {
-        "train": ImageClasses.from_class_lists([c[1] for c in train_chars], [c[0] for c in train_chars],
+        "train": ImageClasses.from_class_lists([c[2] for c in train_chars], [c[1] for c in train_chars],
                                                image_size, 1, rotations),
-        "test": ImageClasses.from_class_lists([c[1] for c in test_chars], [c[0] for c in test_chars],
+        "test": ImageClasses.from_class_lists([c[2] for c in test_chars], [c[1] for c in test_chars],
                                               image_size, 1),
     }

@@ -92,15 +92,18 @@ class TaskSampler:
         )
 
 
-def inner_batches(n: int, batch_size: int, num_batches: int, generator: torch.Generator) -> list[Tensor]:
-    """Indices of ``num_batches`` mini-batches over ``n`` examples, as the authors draw them.
+def inner_batches(n: int, batch_size: int, num_batches: int, generator: torch.Generator) -> Tensor:
+    """Indices ``[num_batches, batch_size]`` of mini-batches over ``n`` examples, as the authors draw them.
 
     The examples are reshuffled every pass and a batch may straddle two passes, so a
-    batch larger than ``n`` simply holds some examples twice.
+    batch larger than ``n`` simply holds some examples twice.  One tensor, so it
+    reaches the device in one copy.
     """
     if n < 1 or batch_size < 1 or num_batches < 0:
         raise ValueError(f"need n >= 1, batch_size >= 1, num_batches >= 0; got {n}, {batch_size}, {num_batches}")
     total = batch_size * num_batches
     passes = -(-total // n)
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)]) if passes else torch.zeros(0, dtype=torch.int64)
-    return list(order[:total].view(num_batches, batch_size)) if num_batches else []
+    if passes == 0:
+        return torch.zeros((0, batch_size), dtype=torch.int64)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+    return order[:total].view(num_batches, batch_size)

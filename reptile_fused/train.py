@@ -1,0 +1,287 @@
+"""Meta-training with checkpoints that resume bit-exactly.
+
+One iteration is the authors' train step: ``meta_batch`` tasks of
+``classes x train_shots`` examples, each adapted for ``inner_iters`` mini-batches of
+``inner_batch``, then one meta step whose size is annealed linearly from
+``meta_step`` to ``meta_step_final``.  Every ``eval_interval`` iterations one task
+per evaluation split is scored with the evaluation protocol and a row is appended to
+``RUN_DIR/metrics.csv``.
+
+Everything that decides the future of a run (weights, inner-optimizer state, both
+task generators, the iteration, the running loss) is in the checkpoint, so a run
+resumed from ``RUN_DIR/checkpoint.pt`` ends with exactly the weights of one that
+never stopped (on the same device and backend).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig
+from .evaluate import Restorer, adapt, evaluate_task
+from .models import build_model
+from .optimizer import ReptileOptimizer
+from .problems import build_problem
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+# Evaluation tasks come from their own generator so that changing --eval-interval
+# does not change which training tasks a run sees.
+EVAL_SEED_OFFSET = 0x5EED
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "auto") -> ReptileOptimizer:
+    return ReptileOptimizer(
+        model.parameters(),
+        inner_optimizer=config.inner_optimizer,
+        lr=config.learning_rate,
+        meta_lr=config.meta_step,
+        betas=(config.adam_beta1, config.adam_beta2),
+        backend=backend,
+    )
+
+
+def init_model(spec: dict, seed: int, device) -> torch.nn.Module:
+    """The model with weights drawn on the CPU from ``seed`` (same init on every device),
+    leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(spec)
+    return model.to(device)
+
+
+class Trainer:
+    """A run: model, optimizer, task source and the state needed to resume it."""
+
+    def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
+                 problem=None, spec=None, progress: bool = True, log: Callable[[str], None] = print):
+        config.validate()
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.backend = backend
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.log = log
+        if problem is None:
+            problem, spec = build_problem(config, self.device)
+        self.problem = problem
+        self.spec = spec
+        self.model = init_model(spec, config.seed, self.device)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.opt = make_optimizer(self.model, config, backend)
+        self.train_gen = torch.Generator().manual_seed(config.seed)
+        self.eval_gen = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET)
+        self.iteration = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.elapsed = 0.0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / CHECKPOINT_NAME
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / METRICS_NAME
+
+    def state(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT,
+            "version": ckpt_io.VERSION,
+            "config": self.config.to_dict(),
+            "model_spec": dict(self.spec),
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "iteration": self.iteration,
+            "rng": {"train": self.train_gen.get_state(), "eval": self.eval_gen.get_state()},
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "elapsed_s": self.elapsed,
+            "device": str(self.device),
+            "backend": self.opt.backends[0] if self.opt.backends else self.backend,
+        }
+
+    def save(self) -> None:
+        if self.checkpoint_path is not None:
+            ckpt_io.save_atomic(self.state(), self.checkpoint_path)
+
+    def load_state(self, ckpt: dict) -> None:
+        """Continue from a checkpoint of this same config."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.train_gen.set_state(ckpt["rng"]["train"])
+        self.eval_gen.set_state(ckpt["rng"]["eval"])
+        self.iteration = int(ckpt["iteration"])
+        self.loss_sum = float(ckpt["loss_sum"])
+        self.loss_count = int(ckpt["loss_count"])
+        self.elapsed = float(ckpt["elapsed_s"])
+
+    # ------------------------------------------------------------------ metrics
+
+    def metric_columns(self) -> list[str]:
+        p = self.problem
+        return ["iteration", "meta_step", "loss"] + [f"{s}_{p.metric}" for s in p.eval_splits] + ["wall_s"]
+
+    def _prepare_csv(self) -> None:
+        """Create the CSV, or on resume drop the rows written after the checkpoint."""
+        path = self.metrics_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = self.metric_columns()
+        kept = []
+        if self.iteration > 0 and path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [row for row in reader if int(row["iteration"]) < self.iteration]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def _append_row(self, row: dict) -> None:
+        if self.metrics_path is None:
+            return
+        with open(self.metrics_path, "a", newline="") as f:
+            csv.DictWriter(f, self.metric_columns()).writerow(row)
+
+    # ------------------------------------------------------------------ training
+
+    def train_iteration(self):
+        """One meta-iteration; returns the summed inner loss (device tensor) and the step count."""
+        c = self.config
+        meta_lr = c.meta_step_at(self.iteration)
+        for group in self.opt.param_groups:
+            group["meta_lr"] = meta_lr
+        total, steps = None, 0
+        for _ in range(c.meta_batch):
+            x, y = self.problem.train_task(self.train_gen)
+            with self.opt.task():
+                loss = adapt(self.model, self.opt, self.problem.loss, x, y, c.inner_batch, c.inner_iters,
+                             self.train_gen)
+            if loss is not None:
+                total = loss if total is None else total + loss
+                steps += c.inner_iters
+        self.opt.meta_step()
+        return total, steps, meta_lr
+
+    def evaluate_now(self) -> dict[str, float]:
+        c = self.config
+        restorer = Restorer(self.opt)
+        return {
+            split: evaluate_task(self.model, self.opt, self.problem, self.problem.eval_task(split, self.eval_gen),
+                                 c.eval_batch, c.eval_iters, c.transductive, self.eval_gen, restorer)
+            for split in self.problem.eval_splits
+        }
+
+    def _iteration_done(self) -> None:
+        """Called after every iteration, before its checkpoint (a seam for tests to interrupt a run)."""
+
+    def run(self) -> torch.nn.Module:
+        c = self.config
+        self.model.train()
+        self._prepare_csv()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.meta_iters, initial=self.iteration, desc="meta-train", dynamic_ncols=True)
+        running: dict[str, float] = {}
+        pending = None  # device tensor: summed loss since the last row, read only at rows
+        start = time.perf_counter() - self.elapsed
+        try:
+            while self.iteration < c.meta_iters:
+                i = self.iteration
+                loss, steps, meta_lr = self.train_iteration()
+                if loss is not None:
+                    pending = loss if pending is None else pending + loss
+                    self.loss_count += steps
+                if i % c.eval_interval == 0:
+                    if pending is not None:
+                        self.loss_sum += float(pending)
+                        pending = None
+                    scores = self.evaluate_now()
+                    mean_loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
+                    self.elapsed = time.perf_counter() - start
+                    row = {"iteration": i, "meta_step": f"{meta_lr:.6g}", "loss": f"{mean_loss:.6g}",
+                           "wall_s": f"{self.elapsed:.2f}"}
+                    row.update({f"{s}_{self.problem.metric}": f"{v:.6g}" for s, v in scores.items()})
+                    self._append_row(row)
+                    self.loss_sum, self.loss_count = 0.0, 0
+                    for k, v in [("loss", mean_loss), *scores.items()]:
+                        if not math.isnan(v):
+                            # Smooth over ~20 evaluations: one task's score is very noisy.
+                            running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+                self.iteration += 1
+                if bar is not None:
+                    bar.update(1)
+                self._iteration_done()
+                due = self.iteration % c.checkpoint_interval == 0 or self.iteration == c.meta_iters
+                if due or self.stop_requested:
+                    if pending is not None:  # the checkpoint carries the running loss exactly
+                        self.loss_sum += float(pending)
+                        pending = None
+                    self.elapsed = time.perf_counter() - start
+                    self.save()
+                if self.stop_requested:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        self.elapsed = time.perf_counter() - start
+        return self.model
+
+
+def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None = None, **kwargs) -> Trainer:
+    """A trainer continuing ``RUN_DIR/checkpoint.pt``.
+
+    The run's settings come from the checkpoint; ``overrides`` may only move the data
+    (``data_root``) or change how often checkpoints are written, since anything else
+    would change the run's result.
+    """
+    run_dir = Path(run_dir)
+    ckpt = ckpt_io.load(run_dir / CHECKPOINT_NAME)
+    settings = dict(ckpt["config"])
+    for key, value in (overrides or {}).items():
+        if value is None or settings.get(key) == value:
+            continue
+        if key not in ("data_root", "checkpoint_interval"):
+            raise ValueError(
+                f"--{key.replace('_', '-')} {value} differs from the checkpoint's {settings.get(key)}; "
+                "a resumed run keeps its settings (start a new run to change them)"
+            )
+        settings[key] = value
+    config = TrainConfig.from_dict(settings)
+    trainer = Trainer(config, device=device, backend=backend, run_dir=run_dir, **kwargs)
+    if dict(trainer.spec) != dict(ckpt["model_spec"]):
+        raise ValueError(f"the data gives model {trainer.spec}, the checkpoint holds {ckpt['model_spec']}")
+    trainer.load_state(ckpt)
+    return trainer
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "waves from the meta-learned and from a random initialisation.")
     d.add_argument("--out", default="runs/demo/sine_demo.png", help="where to write the PNG (default %(default)s)")
     d.add_argument("--iters", "--meta-iters", dest="iters", type=int, default=None,
-                   help="meta-training iterations (default 15000, about two minutes on a laptop CPU)")
+                   help="meta-training iterations (default 10000: about a minute on one CPU core)")
     d.add_argument("--test-tasks", type=int, default=200, help="new waves to average the MSE over (default %(default)s)")
     d.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the MLP is too small to gain from more)")

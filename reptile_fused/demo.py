@@ -21,7 +21,7 @@ from .models import build_model
 from .train import Trainer, make_optimizer
 
 DEFAULT_OUT = Path("runs/demo/sine_demo.png")
-DEFAULT_ITERS = 15_000
+DEFAULT_ITERS = 10_000
 PLOT_STEPS = (0, 1, 32)
 # Test waves come from their own seed, so both inits are scored on the same waves
 # whatever the training seed.
@@ -48,38 +48,43 @@ def adaptation_snapshots(model, opt, problem, task: Task, xs: torch.Tensor, step
 
 
 def plot(path: Path, task: Task, xs, curves: dict[str, dict[int, torch.Tensor]], mse: dict[str, tuple],
-         iterations: int) -> None:
+         iterations: int, test_tasks: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {0: "#9e9e9e", 1: "#f28e2b", 32: "#1f77b4"}
+    colors = {0: "#a0a0a0", 1: "#f28e2b", 32: "#1f77b4"}
     styles = {0: ":", 1: "--", 32: "-"}
     x = xs.squeeze(1).cpu().numpy()
     truth = task.query_y.squeeze(1).cpu().numpy()
     sx = task.support_x.squeeze(1).cpu().numpy()
     sy = task.support_y.squeeze(1).cpu().numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, constrained_layout=True)
-    titles = {"random": "Random initialisation", "meta": f"Reptile meta-learned ({iterations:,} iterations)"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    titles = {"random": "Random initialisation", "meta": f"Reptile meta-learned initialisation ({iterations:,} iterations)"}
     ymax = max(5.5, float(abs(truth).max()) + 1.0)
     for ax, key in zip(axes, ("random", "meta")):
         ax.plot(x, truth, color="black", lw=2.2, label="true function", zorder=3)
         for k, pred in curves[key].items():
-            ax.plot(x, pred.numpy(), color=colors.get(k, None), ls=styles.get(k, "-"), lw=2.0,
-                    label=f"after {k} step{'s' if k != 1 else ''}", zorder=4)
-        ax.scatter(sx, sy, s=46, color="#d62728", edgecolor="white", linewidth=0.8, zorder=5,
-                   label=f"{len(sx)} training points")
+            ax.plot(x, pred.numpy(), color=colors.get(k), ls=styles.get(k, "-"), lw=2.0,
+                    label=f"after {k} step{'' if k == 1 else 's'}", zorder=4)
+        ax.scatter(sx, sy, s=48, color="#d62728", edgecolor="white", linewidth=0.8, zorder=5,
+                   label=f"the {len(sx)} training points")
         m, ci = mse[key]
-        ax.set_title(f"{titles[key]}\nMSE after 32 steps: {m:.3f} ± {ci:.3f} (mean of new waves)", fontsize=10.5)
+        ax.set_title(titles[key], fontsize=11, fontweight="bold")
+        ax.text(0.02, 0.97, f"MSE after {max(curves[key])} steps, {test_tasks} new waves:\n{m:.3f} ± {ci:.3f} (95% CI)",
+                transform=ax.transAxes, va="top", ha="left", fontsize=9.5,
+                bbox=dict(boxstyle="round,pad=0.35", facecolor="white", edgecolor="#cccccc", alpha=0.9))
         ax.set_xlim(-5, 5)
         ax.set_ylim(-ymax, ymax)
         ax.axhline(0, color="#dddddd", lw=0.8, zorder=0)
         ax.grid(alpha=0.25)
         ax.set_xlabel("x")
     axes[0].set_ylabel("y")
-    axes[1].legend(loc="lower right", fontsize=9, framealpha=0.9)
-    fig.suptitle("Few-shot regression on a new sine wave: 10 points, SGD from each initialisation", fontsize=12)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9.5, frameon=False)
+    fig.suptitle("Fitting a new sine wave from 10 points with SGD", fontsize=12.5)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -112,7 +117,7 @@ def run_demo(out=DEFAULT_OUT, iterations: int = DEFAULT_ITERS, seed: int = 0, de
     xs = task.query_x
     curves = {key: adaptation_snapshots(model, opt, problem, task, xs) for key, (model, opt) in models.items()}
     out = Path(out)
-    plot(out, task, xs, curves, mse, iterations)
+    plot(out, task, xs, curves, mse, iterations, test_tasks)
 
     log(f"Meta-training took {train_s:.1f} s.")
     log(f"Post-adaptation MSE on {test_tasks} new sine waves (10 points, {config.eval_iters} SGD steps, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -76,3 +78,13 @@ def make_folder(root: Path, classes: int = 6, per_class: int = 4, size: int = 20
                 color_image(label, k, size).save(d / f"img{k}.png")
             label += 1
     return root
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: extra threads only add contention.  CPU
+    kernels may also sum in a thread-count-dependent order, so every run compared for
+    bit-exactness must use the same count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

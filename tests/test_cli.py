@@ -8,22 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fewshot_fixtures import make_folder, make_miniimagenet, make_omniglot
+from fewshot_fixtures import make_folder, make_miniimagenet, make_omniglot, one_thread  # noqa: F401
 from reptile_fused import checkpoint as ckpt_io
 from reptile_fused import train as train_mod
 from reptile_fused.cli import main
 from reptile_fused.config import PRESETS, resolve
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: more threads only add contention.  CPU
-    # kernels may also sum in a thread-count-dependent order, so every run of a
-    # resume comparison must use the same count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +116,7 @@ def _assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(_one_thread, folder_root, tmp_path_factory):
+def uninterrupted(one_thread, folder_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert _train(folder_root, run) == 0
     return run
@@ -226,7 +215,7 @@ def test_presets_carry_the_authors_settings():
 
 def test_demo_writes_png_and_meta_init_wins(tmp_path, capsys):
     out = tmp_path / "fig" / "demo.png"
-    assert main(["demo", "--iters", "400", "--out", str(out), "--test-tasks", "40", "--quiet"]) == 0
+    assert main(["demo", "--iters", "600", "--out", str(out), "--test-tasks", "40", "--quiet"]) == 0
     with Image.open(out) as img:
         img.verify()
     with Image.open(out) as img:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fewshot_fixtures import make_folder, make_miniimagenet, make_omniglot
+from fewshot_fixtures import make_folder, make_miniimagenet, make_omniglot, one_thread  # noqa: F401
 from reptile_fused.data import (
     DatasetError,
     ImageClasses,

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from fewshot_fixtures import one_thread  # noqa: F401
+
 from reptile_fused.models import (
     MiniImageNetNet,
     OmniglotNet,

@@ -32,12 +32,14 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------- shared flags
 
 
-def _add_runtime(p: argparse.ArgumentParser, seed_default=None) -> None:
+def _add_runtime(p: argparse.ArgumentParser, seed_default=None, threads_help=None) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
                    help="kernel backend of the optimizer (default: auto, the fastest available)")
     g.add_argument("--seed", type=int, default=seed_default, help="random seed: same seed, same result")
+    g.add_argument("--threads", type=int, default=1 if threads_help else None,
+                   help=threads_help or "CPU threads for torch (default: torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -87,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", "--meta-iters", dest="iters", type=int, default=None,
                    help="meta-training iterations (default 10000: about a minute on one CPU core)")
     d.add_argument("--test-tasks", type=int, default=200, help="new waves to average the MSE over (default %(default)s)")
-    d.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the MLP is too small to gain from more)")
-    _add_runtime(d, seed_default=0)
+    _add_runtime(d, seed_default=0, threads_help="CPU threads (default 1: the MLP is too small to gain from more)")
 
     t = sub.add_parser("train", help="meta-train on a dataset, with checkpoints and a metrics CSV",
                        description="Meta-train with Reptile. Unset flags come from --preset, else from the "
@@ -305,9 +305,6 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DEFAULT_ITERS, run_demo
 
-    if args.threads < 1:
-        raise CLIError("--threads must be >= 1")
-    torch.set_num_threads(args.threads)
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
         raise CLIError("--iters must be >= 1 and --test-tasks >= 2")
@@ -333,6 +330,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise CLIError("--threads must be >= 1")
+            torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
     except (CLIError, DatasetError) as exc:
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)

@@ -94,7 +94,7 @@ def run_demo(out=DEFAULT_OUT, iterations: int = DEFAULT_ITERS, seed: int = 0, de
              test_tasks: int = 200, progress: bool = True, log=print) -> dict:
     """Train, compare, draw; returns the numbers it printed."""
     config = resolve({"dataset": "sine", "meta_iters": iterations, "seed": seed}, preset="sine")
-    trainer = Trainer(config, device=device, backend=backend, progress=progress, log=log)
+    trainer = Trainer(config, device=device, backend=backend, progress=progress)
     log(f"Meta-training a 1-64-64-1 MLP on sine waves for {iterations:,} iterations "
         f"({config.inner_iters} SGD steps of {config.inner_batch} points per task) on {trainer.device} ...")
     t0 = time.perf_counter()

@@ -19,8 +19,6 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from . import checkpoint as ckpt_io
@@ -65,14 +63,13 @@ class Trainer:
     """A run: model, optimizer, task source and the state needed to resume it."""
 
     def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
-                 problem=None, spec=None, progress: bool = True, log: Callable[[str], None] = print):
+                 problem=None, spec=None, progress: bool = True):
         config.validate()
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.backend = backend
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
-        self.log = log
         if problem is None:
             problem, spec = build_problem(config, self.device)
         self.problem = problem
@@ -222,7 +219,8 @@ class Trainer:
                     row.update({f"{s}_{self.problem.metric}": f"{v:.6g}" for s, v in scores.items()})
                     self._append_row(row)
                     self.loss_sum, self.loss_count = 0.0, 0
-                    for k, v in [("loss", mean_loss), *scores.items()]:
+                    named = [(f"{s}_{self.problem.metric}", v) for s, v in scores.items()]
+                    for k, v in [("loss", mean_loss), *named]:
                         if not math.isnan(v):
                             # Smooth over ~20 evaluations: one task's score is very noisy.
                             running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v

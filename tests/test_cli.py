@@ -224,3 +224,26 @@ def test_demo_writes_png_and_meta_init_wins(tmp_path, capsys):
     meta = float(re.search(r"meta-learned init: ([\d.]+)", text).group(1))
     rand = float(re.search(r"random init:\s+([\d.]+)", text).group(1))
     assert meta < rand, text
+
+
+# ---------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_run_sees_the_same_tasks_and_writes_its_files(folder_root, tmp_path):
+    from reptile_fused.data import TaskSampler, load_folder
+
+    splits = load_folder(folder_root, image_size=8, channels=1, train_fraction=0.6)
+    cpu = TaskSampler(splits["train"], 3, 2, 1, generator=torch.Generator().manual_seed(3)).sample()
+    gpu = TaskSampler(splits["train"].to("cuda"), 3, 2, 1, generator=torch.Generator().manual_seed(3)).sample()
+    assert gpu.support_x.is_cuda
+    assert torch.equal(cpu.support_x, gpu.support_x.cpu()) and torch.equal(cpu.query_y, gpu.query_y.cpu())
+
+    run = tmp_path / "cuda"
+    assert _train(folder_root, run, "--device", "cuda") == 0
+    ckpt = ckpt_io.load(run / "checkpoint.pt")
+    assert ckpt["device"].startswith("cuda") and ckpt["iteration"] == 10
+    out = tmp_path / "cuda.json"
+    assert main(["eval", "--checkpoint", str(run), "--device", "cuda", "--eval-samples", "5", "--json", str(out),
+                 "--quiet"]) == 0
+    assert json.loads(out.read_text())["settings"]["device"].startswith("cuda")

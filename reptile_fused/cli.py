@@ -214,8 +214,11 @@ def cmd_train(args) -> int:
             raise CLIError(str(exc)) from exc
         trainer = Trainer(config, device=device, backend=args.backend, run_dir=run_dir, progress=not args.quiet)
         c = config
-        print(f"Training {c.dataset} {c.classes}-way {c.shots}-shot (train shots {c.effective_train_shots}) "
-              f"for {c.meta_iters:,} iterations on {trainer.device}, backend {trainer.opt.backends[0]}; run dir {run_dir}")
+        what = (f"sine waves ({c.effective_train_shots} points per training task, {c.shots}-shot evaluation)"
+                if c.dataset == "sine" else
+                f"{c.dataset} {c.classes}-way {c.shots}-shot (train shots {c.effective_train_shots})")
+        print(f"Training {what} for {c.meta_iters:,} iterations on {trainer.device}, "
+              f"backend {trainer.opt.backends[0]}; run dir {run_dir}")
     with _StopOnSignal(trainer):
         trainer.run()
     if trainer.iteration < trainer.config.meta_iters:
@@ -308,6 +311,10 @@ def cmd_demo(args) -> int:
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
         raise CLIError("--iters must be >= 1 and --test-tasks >= 2")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
     run_demo(out=args.out, iterations=iters, seed=args.seed, device=_device(args.device), backend=args.backend,
              test_tasks=args.test_tasks, progress=not args.quiet)
     return 0

@@ -93,6 +93,10 @@ def plot(path: Path, task: Task, xs, curves: dict[str, dict[int, torch.Tensor]],
 def run_demo(out=DEFAULT_OUT, iterations: int = DEFAULT_ITERS, seed: int = 0, device=None, backend: str = "auto",
              test_tasks: int = 200, progress: bool = True, log=print) -> dict:
     """Train, compare, draw; returns the numbers it printed."""
+    try:  # fail before minutes of training, not after
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
     config = resolve({"dataset": "sine", "meta_iters": iterations, "seed": seed}, preset="sine")
     trainer = Trainer(config, device=device, backend=backend, progress=progress)
     log(f"Meta-training a 1-64-64-1 MLP on sine waves for {iterations:,} iterations "

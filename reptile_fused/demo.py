@@ -8,7 +8,6 @@ MSEs (averaged over many new waves) and draws a picture like the paper's Figure 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from .config import resolve
 from .data import Task
-from .evaluate import Restorer, evaluate, mean_ci95
+from .evaluate import Restorer, evaluate
 from .models import build_model
 from .train import Trainer, make_optimizer
 

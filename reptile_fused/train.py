@@ -19,6 +19,7 @@ import csv
 import math
 import time
 from pathlib import Path
+
 import torch
 
 from . import checkpoint as ckpt_io

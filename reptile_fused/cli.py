@@ -11,7 +11,10 @@ so their commands carry over: ``--classes`` (alias ``--ways``), ``--shots``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -193,11 +196,31 @@ class _StopOnSignal:
 
 
 def cmd_train(args) -> int:
+    from .distributed import init_from_environment
+
+    device = _device(args.device)
+    # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
+    if not init_from_environment(device.type):
+        return _train(args, device)
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.get_rank() != 0:
+        args.quiet = True
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() != 0 else contextlib.nullcontext():
+            return _train(args, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args, device) -> int:
     from .train import CHECKPOINT_NAME, Trainer, resume
 
     run_dir = Path(args.out)
     explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
-    device = _device(args.device)
     if args.resume:
         if args.preset is not None:
             raise CLIError("--resume takes the run's settings from its checkpoint; drop --preset")

@@ -68,6 +68,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def init_from_environment(device_type: str) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Returns ``True`` when running distributed (``WORLD_SIZE`` > 1): NCCL for CUDA
+    devices, gloo otherwise.  A no-op (``False``) for a plain single-process run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def layout_fingerprint(description: Sequence) -> Tensor:
     """A fixed-size int64 tensor summarising a layout description (shapes, dtypes, options)."""
     digest = hashlib.sha256(repr(list(description)).encode()).digest()

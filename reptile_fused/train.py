@@ -11,6 +11,11 @@ Everything that decides the future of a run (weights, inner-optimizer state, bot
 task generators, the iteration, the running loss) is in the checkpoint, so a run
 resumed from ``RUN_DIR/checkpoint.pt`` ends with exactly the weights of one that
 never stopped (on the same device and backend).
+
+Under ``torchrun`` every rank draws the same meta-batch from the same generator and
+adapts its own contiguous share of it (:func:`reptile_fused.distributed.shard`); the
+meta step averages over all ranks.  So the tasks do not depend on the world size, and
+rank 0 alone evaluates, logs and writes checkpoints, which any world size can resume.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
+from .distributed import rank_and_world, shard
 from .evaluate import Restorer, adapt, evaluate_task
 from .models import build_model
 from .optimizer import ReptileOptimizer
@@ -70,7 +76,9 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         self.backend = backend
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.progress = progress
+        self.rank, self.world_size = rank_and_world()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
         if problem is None:
             problem, spec = build_problem(config, self.device)
         self.problem = problem
@@ -114,7 +122,7 @@ class Trainer:
         }
 
     def save(self) -> None:
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and self.is_main:
             ckpt_io.save_atomic(self.state(), self.checkpoint_path)
 
     def load_state(self, ckpt: dict) -> None:
@@ -137,7 +145,7 @@ class Trainer:
     def _prepare_csv(self) -> None:
         """Create the CSV, or on resume drop the rows written after the checkpoint."""
         path = self.metrics_path
-        if path is None:
+        if path is None or not self.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = self.metric_columns()
@@ -152,7 +160,7 @@ class Trainer:
             writer.writerows(kept)
 
     def _append_row(self, row: dict) -> None:
-        if self.metrics_path is None:
+        if self.metrics_path is None or not self.is_main:
             return
         with open(self.metrics_path, "a", newline="") as f:
             csv.DictWriter(f, self.metric_columns()).writerow(row)
@@ -166,11 +174,16 @@ class Trainer:
         for group in self.opt.param_groups:
             group["meta_lr"] = meta_lr
         total, steps = None, 0
-        for _ in range(c.meta_batch):
-            x, y = self.problem.train_task(self.train_gen)
+        # Every rank draws the whole meta-batch, and a seed per task for its inner
+        # mini-batches, from the same generator: the tasks and the generator state
+        # are the same whatever the world size; each rank adapts its own share.
+        tasks = [self.problem.train_task(self.train_gen) for _ in range(c.meta_batch)]
+        seeds = torch.randint(0, 2**62, (c.meta_batch,), generator=self.train_gen).tolist()
+        for t in shard(range(c.meta_batch), self.rank, self.world_size):
+            x, y = tasks[t]
             with self.opt.task():
                 loss = adapt(self.model, self.opt, self.problem.loss, x, y, c.inner_batch, c.inner_iters,
-                             self.train_gen)
+                             torch.Generator().manual_seed(seeds[t]))
             if loss is not None:
                 total = loss if total is None else total + loss
                 steps += c.inner_iters
@@ -208,7 +221,7 @@ class Trainer:
                 if loss is not None:
                     pending = loss if pending is None else pending + loss
                     self.loss_count += steps
-                if i % c.eval_interval == 0:
+                if i % c.eval_interval == 0 and self.is_main:
                     if pending is not None:
                         self.loss_sum += float(pending)
                         pending = None

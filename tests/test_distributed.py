@@ -159,3 +159,32 @@ def test_shard_and_rank_generator():
     a = torch.rand(3, generator=rank_generator(5, 0))
     assert torch.equal(a, torch.rand(3, generator=rank_generator(5, 0)))
     assert not torch.equal(a, torch.rand(3, generator=rank_generator(5, 1)))
+
+
+def _run_train(out, *launcher):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, *launcher, "-m", "reptile_fused", "train", "--dataset", "sine", "--out", str(out),
+           "--meta-iters", "4", "--meta-batch", "4", "--inner-iters", "3", "--inner-optimizer", "sgd",
+           "--eval-interval", "2", "--checkpoint-interval", "2", "--threads", "1", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_cli_train_under_torchrun_equals_one_process(tmp_path):
+    port = free_port()
+    two = _run_train(tmp_path / "two", "-m", "torch.distributed.run", "--nproc_per_node=2",
+                     "--master_addr=127.0.0.1", f"--master_port={port}")
+    _run_train(tmp_path / "one")
+    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 4
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # Rank 0 alone logs: one header and one row per evaluation, no duplicates.
+    rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2, rows
+    assert two.stdout.count("Training sine waves") == 1, two.stdout

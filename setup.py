@@ -72,7 +72,7 @@ def _extension():
     import torch
     from torch.utils import cpp_extension
 
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu_kernels.cpp"]
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu_kernels.cpp", f"{CSRC}/cpu_kernels_avx2.cpp"]
     cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     info = {"torch_version": torch.__version__, "with_cuda": False, "cuda_version": None, "cuda_arch_list": None}
@@ -113,7 +113,7 @@ def _extension():
         extra_compile_args=args,
         extra_link_args=link,
         py_limited_api=True,
-        depends=[f"{CSRC}/element_math.h", f"{CSRC}/checks.h"],
+        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "cpu_kernels.h", "cpu_kernels_impl.h")],
     )
     return ext, info
 

@@ -387,3 +387,29 @@ def test_unavailable_reason_names_how_to_build():
     assert reason is not None
     if not BUILT:
         assert "pip install" in reason or "setup.py" in reason
+
+
+@needs_ext
+def test_baseline_cpu_kernels_match_reference():
+    """The kernels are compiled twice (baseline x86-64 and AVX2) and picked at run time
+    as torch picks its own; this process runs the AVX2 copy on AVX2 machines, so the
+    baseline copy is checked in a child process told to avoid AVX2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    script = (
+        "import torch\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT', torch.backends.cpu.get_cpu_capability()\n"
+        "from cpp_cases import DTYPES, RUNNERS\n"
+        "for op, run in RUNNERS.items():\n"
+        "    for dtype in DTYPES:\n"
+        "        for size, offset in ((0, 0), (1, 0), (17, 1), (4099, 3), (65537, 0)):\n"
+        "            run(size, dtype, 'cpu', offset=offset, seed=size)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

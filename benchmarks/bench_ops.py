@@ -382,8 +382,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 9 CPU, 15 CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and rounds (a smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--tag", default=None, help="file name tag (default: the machine)")
+    ap.add_argument("--tag", default=None, help="file name tag (default: the machine and thread count)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's).  On a loaded machine 1 thread is the stable "
+                         "measurement: a parallel region waits for its slowest, possibly descheduled, thread")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     reason = cpp.unavailable_reason(torch.device(args.device))
     if reason is not None:
@@ -431,7 +436,8 @@ def main(argv=None) -> int:
     meta["load_average_at_end"] = os.getloadavg()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"ops_{args.tag or meta['machine']}_{meta['date']}"
+    tag = args.tag or (meta["machine"] if device == "cuda" else f"{meta['machine']}-{torch.get_num_threads()}thread")
+    stem = f"ops_{tag}_{meta['date']}"
     write_csv(args.out / f"{stem}.csv", rows, meta)
     text = summary(rows, copy_bw, device, meta, launches)
     (args.out / f"{stem}.md").write_text(text)

@@ -34,6 +34,7 @@ struct Math<at::vec::Vectorized<T>> {
   static inline V sqrt(const V& x) { return x.sqrt(); }
   static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static inline V neg(const V& x) { return x.neg(); }
+  static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
 };
 
 namespace {

@@ -120,7 +120,7 @@ struct SgdOp {
 
   __device__ SgdCoef<opmath_t> prepare() const {
     SgdCoef<double> c = coef;
-    c.lr = load_scalar(lr);
+    c.minus_lr = -load_scalar(lr);
     return cast_coef<opmath_t, opmath_t>(c);
   }
 

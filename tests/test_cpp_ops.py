@@ -413,3 +413,21 @@ def test_baseline_cpu_kernels_match_reference():
     env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@needs_ext
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="torch's baseline CPU kernels do not fuse multiply-adds; exactness is only promised against AVX2 ones",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sgd_bit_exact_with_torch_cpu(config, dtype):
+    """SGD computes each add-with-alpha as the fused multiply-add torch's vectorised
+    CPU kernel computes, so ReptileOptimizer's inner SGD equals torch.optim.SGD exactly."""
+    gen = torch.Generator().manual_seed(11)
+    p, g, b = (torch.randn(70_001, generator=gen, dtype=dtype) for _ in range(3))
+    want, got = [p.clone(), g, b.clone()], [p.clone(), g, b.clone()]
+    ref.sgd_step_(*want, 0.05, **config)
+    cpp.sgd_step_(*got, 0.05, **config)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])

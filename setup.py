@@ -1,3 +1,167 @@
+"""Build of reptile_fused._C, the C++/CUDA extension (metadata lives in pyproject.toml).
+
+One shared library holds every op: CPU kernels always, CUDA kernels when a CUDA
+toolkit is found.  It registers its ops with the PyTorch dispatcher and uses only
+the limited Python C API, so one binary serves every Python >= 3.10 of a given torch.
+
+Environment switches:
+
+* ``REPTILE_FUSED_CUDA``: ``auto`` (default: CUDA kernels when a toolkit is found via
+  ``CUDA_HOME``/``CUDA_PATH``, ``nvcc`` on ``PATH`` or ``/usr/local/cuda``, and torch
+  is a CUDA build), ``1`` (require them: fail without a toolkit) or ``0`` (CPU only).
+* ``REPTILE_FUSED_NO_EXTENSION=1``: install the pure-Python package only (the
+  reference backend), for machines without a C++ compiler.
+* ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for.  Unset, torch's
+  default applies when a GPU is visible (that GPU's architecture); with no GPU
+  visible (wheel builders, CI) a fat list from Volta/Turing to the newest GPUs the
+  toolkit knows, plus PTX, is used.
+* ``MAX_JOBS``: parallel compile jobs (ninja).
+
+Every build writes ``reptile_fused/_build_info.py`` beside the library: the torch
+and CUDA versions it was compiled against, the architectures and the build time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+
+
+def _env_switch(name: str) -> str:
+    value = os.environ.get(name, "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("1", "true", "yes", "on"):
+        return "on"
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    raise SystemExit(f"{name}={value!r}: use 1, 0 or auto")
+
+
+def _nvcc_version(cuda_home: str) -> tuple[int, int] | None:
+    nvcc = Path(cuda_home) / "bin" / "nvcc"
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _default_arch_list(nvcc: tuple[int, int]) -> str:
+    """Every architecture this toolkit can target that torch also supports, plus PTX
+    of the newest for GPUs that come later.  CUDA 13 dropped Volta (7.0)."""
+    archs = ["7.5", "8.0", "8.6", "8.9", "9.0"]
+    if nvcc < (13, 0):
+        archs.insert(0, "7.0")
+    if nvcc >= (12, 8):
+        archs += ["10.0", "12.0"]
+    return ";".join(archs) + "+PTX"
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu_kernels.cpp", f"{CSRC}/cpu_kernels_avx2.cpp"]
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+    link = ["-fopenmp"]
+    info = {"torch_version": torch.__version__, "with_cuda": False, "cuda_version": None, "cuda_arch_list": None}
+
+    want = _env_switch("REPTILE_FUSED_CUDA")
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = False
+    if want != "off":
+        missing = None
+        if cuda_home is None:
+            missing = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+        elif torch.version.cuda is None:
+            missing = f"torch {torch.__version__} is a CPU-only build"
+        if missing and want == "on":
+            raise SystemExit(f"REPTILE_FUSED_CUDA=1 but {missing}")
+        if missing:
+            print(f"reptile_fused: building CPU kernels only: {missing}")
+        with_cuda = missing is None
+    if with_cuda:
+        nvcc = _nvcc_version(cuda_home)
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(nvcc or (12, 0))
+        info.update(
+            with_cuda=True,
+            cuda_version=torch.version.cuda,
+            cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "torch default (visible GPUs)"),
+        )
+        sources.append(f"{CSRC}/cuda_kernels.cu")
+        print(f"reptile_fused: building CPU + CUDA kernels (nvcc {nvcc}, archs {info['cuda_arch_list']})")
+    make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    args = {"cxx": cxx}
+    if with_cuda:
+        # No --use_fast_math: it would change the rounding the tests compare against.
+        args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    ext = make(
+        "reptile_fused._C",
+        sources,
+        extra_compile_args=args,
+        extra_link_args=link,
+        py_limited_api=True,
+        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "cpu_kernels.h", "cpu_kernels_impl.h")],
+    )
+    return ext, info
+
+
+def _build_ext_class(info: dict):
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        """BuildExtension (ninja, MAX_JOBS) that also records what the library was built against."""
+
+        def build_extensions(self) -> None:
+            start = time.perf_counter()
+            super().build_extensions()
+            seconds = time.perf_counter() - start
+            print(f"reptile_fused: extension built in {seconds:.1f} s")
+            for ext in self.extensions:
+                target = Path(self.get_ext_fullpath(ext.name)).parent / "_build_info.py"
+                target.write_text(
+                    '"""Written by setup.py when reptile_fused._C was built: what it was built against."""\n\n'
+                    f"TORCH_VERSION = {info['torch_version']!r}\n"
+                    f"WITH_CUDA = {info['with_cuda']!r}\n"
+                    f"CUDA_VERSION = {info['cuda_version']!r}\n"
+                    f"CUDA_ARCH_LIST = {info['cuda_arch_list']!r}\n"
+                    f"BUILD_SECONDS = {seconds:.1f}\n"
+                )
+
+        def copy_extensions_to_source(self) -> None:
+            # --inplace and editable installs copy the library into the source tree;
+            # its build record must travel with it.
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                self.copy_file(
+                    str(Path(regular_file).parent / "_build_info.py"),
+                    str(Path(inplace_file).parent / "_build_info.py"),
+                    level=self.verbose,
+                )
+
+    return Build.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+if _env_switch("REPTILE_FUSED_NO_EXTENSION") == "on":
+    setup()
+else:
+    extension, build_info = _extension()
+    setup(
+        ext_modules=[extension],
+        cmdclass={"build_ext": _build_ext_class(build_info)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

@@ -1,0 +1,329 @@
+// CPU kernels: one at::parallel_for pass per op, vectorised with at::vec.
+//
+// Each thread walks its chunk in blocks of kBlock elements, loaded into opmath
+// Vectorized registers (16-bit values widened to float once), runs the shared
+// element rule from element_math.h on whole vectors, and stores each output once.
+// The few elements after the last full block run the same rule on scalars.
+//
+// This header is compiled once per CPU capability (cpu_kernels.cpp: baseline
+// x86-64 / any CPU; cpu_kernels_avx2.cpp: AVX2+FMA+F16C), as ATen does with its own
+// kernels: at::vec::Vectorized maps onto the instruction set the translation unit
+// is compiled for, and the baseline build leaves most arithmetic scalar.  Everything
+// here is in an anonymous namespace, so the two copies never clash; the including
+// file names the function that returns this copy's kernel table (RF_CPU_TABLE).
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+#include "element_math.h"
+
+namespace reptile_fused {
+
+template <typename T>
+struct Math<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static inline V sqrt(const V& x) { return x.sqrt(); }
+  static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static inline V neg(const V& x) { return x.neg(); }
+  static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+};
+
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores of one block of kBlock elements as K opmath vectors, for buffers
+// of the storage type scalar_t or of the opmath type (the task accumulator).
+template <typename scalar_t>
+struct Block {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
+  static constexpr int K = 2;  // two vectors per block: enough independent work to hide latency
+  static constexpr int64_t kBlock = K * Vec::size();
+
+  template <typename T>
+  static inline void load(const T* p, Vec (&out)[K]) {
+    if constexpr (std::is_same_v<T, opmath_t>) {
+      for (int k = 0; k < K; ++k) out[k] = Vec::loadu(p + k * Vec::size());
+    } else {
+      static_assert(Vectorized<T>::size() == 2 * Vec::size(), "a 16-bit vector widens into two float vectors");
+      for (int k = 0; k < K; k += 2) {
+        auto [lo, hi] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p + k * Vec::size()));
+        out[k] = lo;
+        out[k + 1] = hi;
+      }
+    }
+  }
+
+  template <typename T>
+  static inline void store(T* p, const Vec (&in)[K]) {
+    if constexpr (std::is_same_v<T, opmath_t>) {
+      for (int k = 0; k < K; ++k) in[k].store(p + k * Vec::size());
+    } else {
+      for (int k = 0; k < K; k += 2) at::vec::convert_from_float<T>(in[k], in[k + 1]).store(p + k * Vec::size());
+    }
+  }
+};
+
+// Runs block(i) for every full block and element(i) for the rest, over [0, numel)
+// split across threads.  grain_div lowers the grain for ops that touch many streams
+// per element, so a medium buffer still uses every thread.
+// Elements per thread below which splitting costs more than it saves (ATen's value).
+constexpr int64_t kGrain = 32768;
+
+template <int64_t kBlock, typename BlockFn, typename ElemFn>
+void parallel_blocks(int64_t numel, int64_t grain_div, const BlockFn& block, const ElemFn& element) {
+  if (numel == 0) return;
+  const int64_t grain = std::max<int64_t>(kGrain / grain_div, kBlock);
+  at::parallel_for(0, numel, grain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) block(i);
+    for (; i < end; ++i) element(i);
+  });
+}
+
+template <typename V, typename S>
+inline V broadcast(double x) {
+  return V(static_cast<S>(x));
+}
+
+// ---------------------------------------------------------------- sgd_step_
+void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+                  double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  check_param(param, "param", c10::DeviceType::CPU);
+  check_like(grad, param, param.scalar_type(), "grad");
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_step_: momentum != 0 needs a momentum_buffer");
+  if (has_momentum) check_like(*momentum_buffer, param, param.scalar_type(), "momentum_buffer");
+  const double lr_value = make_scalar(lr, lr_tensor, param, "lr").value;
+  const SgdCoef<double> coef = sgd_coef(lr_value, momentum, dampening, weight_decay, nesterov, maximize, first_step);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sgd_step_cpu", [&] {
+    using B = Block<scalar_t>;
+    using opmath_t = typename B::opmath_t;
+    using Vec = typename B::Vec;
+    const auto cv = cast_coef<Vec, opmath_t>(coef);
+    const auto cs = cast_coef<opmath_t, opmath_t>(coef);
+    scalar_t* p_ptr = param.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
+    scalar_t* buf_ptr = has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    parallel_blocks<B::kBlock>(
+        param.numel(), 3,
+        [&](int64_t i) {
+          Vec p[B::K], g[B::K], buf[B::K];
+          B::load(p_ptr + i, p);
+          B::load(g_ptr + i, g);
+          // On a first step the buffer holds nothing yet (maybe uninitialised memory).
+          if (has_momentum && !first_step) B::load(buf_ptr + i, buf);
+          for (int k = 0; k < B::K; ++k) sgd_element(p[k], g[k], buf[k], cv);
+          B::store(p_ptr + i, p);
+          if (has_momentum) B::store(buf_ptr + i, buf);
+        },
+        [&](int64_t i) {
+          opmath_t p = p_ptr[i];
+          opmath_t buf = (has_momentum && !first_step) ? opmath_t(buf_ptr[i]) : opmath_t(0);
+          sgd_element<opmath_t>(p, opmath_t(g_ptr[i]), buf, cs);
+          p_ptr[i] = static_cast<scalar_t>(p);
+          if (has_momentum) buf_ptr[i] = static_cast<scalar_t>(buf);
+        });
+  });
+}
+
+// ---------------------------------------------------------------- adam_step_
+void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
+                   const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
+  check_param(param, "param", c10::DeviceType::CPU);
+  const auto dt = param.scalar_type();
+  check_like(grad, param, dt, "grad");
+  check_like(exp_avg, param, dt, "exp_avg");
+  check_like(exp_avg_sq, param, dt, "exp_avg_sq");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "adam_step_: amsgrad=True needs max_exp_avg_sq");
+  if (amsgrad) check_like(*max_exp_avg_sq, param, dt, "max_exp_avg_sq");
+  const double step_value = make_scalar(step, step_tensor, param, "step").value;
+  TORCH_CHECK(step_value >= 1, "adam_step_: step must be >= 1 (the count after this step), got ", step_value);
+  const double lr_value = make_scalar(lr, lr_tensor, param, "lr").value;
+  const AdamCoef<double> coef =
+      adam_coef(lr_value, step_value, beta1, beta2, eps, weight_decay, amsgrad, maximize);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adam_step_cpu", [&] {
+    using B = Block<scalar_t>;
+    using opmath_t = typename B::opmath_t;
+    using Vec = typename B::Vec;
+    const auto cv = cast_coef<Vec, opmath_t>(coef);
+    const auto cs = cast_coef<opmath_t, opmath_t>(coef);
+    const Vec one_v(opmath_t(1));
+    scalar_t* p_ptr = param.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
+    scalar_t* m_ptr = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v_ptr = exp_avg_sq.data_ptr<scalar_t>();
+    scalar_t* vmax_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+    parallel_blocks<B::kBlock>(
+        param.numel(), 6,
+        [&](int64_t i) {
+          Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K];
+          B::load(p_ptr + i, p);
+          B::load(g_ptr + i, g);
+          B::load(m_ptr + i, m);
+          B::load(v_ptr + i, v);
+          if (amsgrad) B::load(vmax_ptr + i, vmax);
+          for (int k = 0; k < B::K; ++k) adam_element(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
+          B::store(p_ptr + i, p);
+          B::store(m_ptr + i, m);
+          B::store(v_ptr + i, v);
+          if (amsgrad) B::store(vmax_ptr + i, vmax);
+        },
+        [&](int64_t i) {
+          opmath_t p = p_ptr[i], m = m_ptr[i], v = v_ptr[i];
+          opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
+          adam_element<opmath_t>(p, opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
+          p_ptr[i] = static_cast<scalar_t>(p);
+          m_ptr[i] = static_cast<scalar_t>(m);
+          v_ptr[i] = static_cast<scalar_t>(v);
+          if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
+        });
+  });
+}
+
+// ---------------------------------------------------------------- task_end_
+void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
+  check_param(param, "param", c10::DeviceType::CPU);
+  check_like(anchor, param, param.scalar_type(), "anchor");
+  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "task_end_cpu", [&] {
+    using B = Block<scalar_t>;
+    using opmath_t = typename B::opmath_t;
+    using Vec = typename B::Vec;
+    scalar_t* p_ptr = param.data_ptr<scalar_t>();
+    const scalar_t* a_ptr = anchor.const_data_ptr<scalar_t>();
+    opmath_t* acc_ptr = acc.data_ptr<opmath_t>();
+    parallel_blocks<B::kBlock>(
+        param.numel(), 3,
+        [&](int64_t i) {
+          Vec p[B::K], s[B::K];
+          B::load(p_ptr + i, p);
+          B::load(acc_ptr + i, s);
+          for (int k = 0; k < B::K; ++k) task_end_element(s[k], p[k]);
+          B::store(acc_ptr + i, s);
+          std::copy_n(a_ptr + i, B::kBlock, p_ptr + i);
+        },
+        [&](int64_t i) {
+          opmath_t s = acc_ptr[i];
+          task_end_element<opmath_t>(s, opmath_t(p_ptr[i]));
+          acc_ptr[i] = s;
+          p_ptr[i] = a_ptr[i];
+        });
+  });
+}
+
+// ---------------------------------------------------------------- meta_update_
+void meta_update_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc, double meta_lr,
+                     const std::optional<at::Tensor>& meta_lr_tensor, double n,
+                     const std::optional<at::Tensor>& n_tensor) {
+  check_param(param, "param", c10::DeviceType::CPU);
+  check_like(anchor, param, param.scalar_type(), "anchor");
+  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+  const double lr_value = make_scalar(meta_lr, meta_lr_tensor, param, "meta_lr").value;
+  const double n_value = make_scalar(n, n_tensor, param, "n").value;
+  TORCH_CHECK(n_value > 0, "meta_update_: n (the number of finished tasks) must be > 0, got ", n_value);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "meta_update_cpu", [&] {
+    using B = Block<scalar_t>;
+    using opmath_t = typename B::opmath_t;
+    using Vec = typename B::Vec;
+    const Vec lr_v = broadcast<Vec, opmath_t>(lr_value), n_v = broadcast<Vec, opmath_t>(n_value);
+    const opmath_t lr_s = static_cast<opmath_t>(lr_value), n_s = static_cast<opmath_t>(n_value);
+    scalar_t* p_ptr = param.data_ptr<scalar_t>();
+    const scalar_t* a_ptr = anchor.const_data_ptr<scalar_t>();
+    opmath_t* acc_ptr = acc.data_ptr<opmath_t>();
+    parallel_blocks<B::kBlock>(
+        param.numel(), 3,
+        [&](int64_t i) {
+          Vec a[B::K], s[B::K], out[B::K];
+          B::load(a_ptr + i, a);
+          B::load(acc_ptr + i, s);
+          for (int k = 0; k < B::K; ++k) {
+            out[k] = meta_element(a[k], s[k], lr_v, n_v);
+            s[k] = Vec(opmath_t(0));
+          }
+          B::store(p_ptr + i, out);
+          B::store(acc_ptr + i, s);
+        },
+        [&](int64_t i) {
+          p_ptr[i] = static_cast<scalar_t>(meta_element<opmath_t>(a_ptr[i], acc_ptr[i], lr_s, n_s));
+          acc_ptr[i] = opmath_t(0);
+        });
+  });
+}
+
+// ---------------------------------------------------------------- batched_meta_update_
+void batched_meta_update_cpu(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
+                             const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
+  check_param(theta, "theta", c10::DeviceType::CPU);
+  TORCH_CHECK(tasks.device() == theta.device(), "tasks is on ", tasks.device(), " but theta is on ", theta.device());
+  TORCH_CHECK(tasks.scalar_type() == theta.scalar_type(), "tasks has dtype ", tasks.scalar_type(), " but theta has ",
+              theta.scalar_type());
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == theta.numel() && tasks.is_contiguous(),
+              "tasks must be a contiguous [n, P] buffer with P = ", theta.numel(), ", got shape ", tasks.sizes());
+  TORCH_CHECK(tasks.size(0) >= 1, "tasks must hold at least one task row (n >= 1)");
+  const double lr_value = make_scalar(meta_lr, meta_lr_tensor, theta, "meta_lr").value;
+  const int64_t rows = tasks.size(0);
+  const int64_t P = theta.numel();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, theta.scalar_type(), "batched_meta_update_cpu", [&] {
+    using B = Block<scalar_t>;
+    using opmath_t = typename B::opmath_t;
+    using Vec = typename B::Vec;
+    const Vec lr_v = broadcast<Vec, opmath_t>(lr_value), n_v = broadcast<Vec, opmath_t>(double(rows));
+    const opmath_t lr_s = static_cast<opmath_t>(lr_value), n_s = static_cast<opmath_t>(rows);
+    scalar_t* t_ptr = theta.data_ptr<scalar_t>();
+    scalar_t* rows_ptr = tasks.data_ptr<scalar_t>();
+    parallel_blocks<B::kBlock>(
+        P, rows + 1,
+        [&](int64_t i) {
+          Vec total[B::K], row[B::K], t[B::K];
+          // Row 0 first, then each later row in order: the summation order of the contract.
+          B::load(rows_ptr + i, total);
+          for (int64_t r = 1; r < rows; ++r) {
+            B::load(rows_ptr + r * P + i, row);
+            for (int k = 0; k < B::K; ++k) total[k] = total[k] + row[k];
+          }
+          B::load(t_ptr + i, t);
+          for (int k = 0; k < B::K; ++k) t[k] = meta_element(t[k], total[k], lr_v, n_v);
+          B::store(t_ptr + i, t);
+          // The rows get the stored (rounded) theta, as the reference's copy does.
+          if (write_back)
+            for (int64_t r = 0; r < rows; ++r) std::copy_n(t_ptr + i, B::kBlock, rows_ptr + r * P + i);
+        },
+        [&](int64_t i) {
+          opmath_t total = rows_ptr[i];
+          for (int64_t r = 1; r < rows; ++r) total = total + opmath_t(rows_ptr[r * P + i]);
+          const scalar_t out = static_cast<scalar_t>(meta_element<opmath_t>(t_ptr[i], total, lr_s, n_s));
+          t_ptr[i] = out;
+          if (write_back)
+            for (int64_t r = 0; r < rows; ++r) rows_ptr[r * P + i] = out;
+        });
+  });
+}
+
+}  // namespace
+
+const CpuKernels* RF_CPU_TABLE() {
+  static const CpuKernels table{&sgd_step_cpu, &adam_step_cpu, &task_end_cpu, &meta_update_cpu,
+                                &batched_meta_update_cpu};
+  return &table;
+}
+
+}  // namespace reptile_fused

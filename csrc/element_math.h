@@ -1,0 +1,155 @@
+// Per-element update rules shared by the CPU loop and the CUDA kernel.
+//
+// Every rule is a template over the value type V it computes in: the opmath
+// scalar (float for float/half/bfloat16 buffers, double for double) in the CUDA
+// kernel and in the CPU loop's tail, and at::vec::Vectorized<opmath> in the CPU
+// loop's body.  Writing each rule once is what makes the CPU tests a check of the
+// arithmetic the GPU runs.  The rules only use + - * / and the few functions in
+// Math<V>, so the CPU file adds a Math specialisation for Vectorized.
+//
+// The operation order follows reptile_fused/reference.py (torch.optim's
+// foreach=False arithmetic), and each `x.add(y, alpha=a)` / `lerp` is the fused
+// multiply-add that torch's vectorised CPU kernels and its CUDA kernels compute for
+// it, so float32/float64 SGD steps match torch.optim.SGD bit for bit on AVX2 CPUs
+// and the other rules agree with the reference to rounding.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RF_HD __host__ __device__
+#else
+#define RF_HD
+#endif
+
+namespace reptile_fused {
+
+// Functions beyond arithmetic operators, per value type.  NaN-propagating max,
+// like torch.maximum (amsgrad).
+template <typename V>
+struct Math;
+
+template <>
+struct Math<float> {
+  static RF_HD inline float sqrt(float x) { return ::sqrtf(x); }
+  static RF_HD inline float max(float a, float b) { return (a != a || a > b) ? a : b; }
+  static RF_HD inline float neg(float x) { return -x; }
+  static RF_HD inline float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+};
+
+template <>
+struct Math<double> {
+  static RF_HD inline double sqrt(double x) { return ::sqrt(x); }
+  static RF_HD inline double max(double a, double b) { return (a != a || a > b) ? a : b; }
+  static RF_HD inline double neg(double x) { return -x; }
+  static RF_HD inline double fma(double a, double b, double c) { return ::fma(a, b, c); }
+};
+
+// ---------------------------------------------------------------- SGD
+// Coefficients in the value type; flags decide branches that are uniform over a
+// buffer, so they never diverge within a warp or a vector.
+template <typename V>
+struct SgdCoef {
+  V minus_lr, momentum, one_minus_dampening, weight_decay;
+  bool has_momentum, has_weight_decay, nesterov, maximize, first_step;
+};
+
+RF_HD inline SgdCoef<double> sgd_coef(double lr, double momentum, double dampening, double weight_decay,
+                                      bool nesterov, bool maximize, bool first_step) {
+  return {-lr, momentum, 1.0 - dampening, weight_decay, momentum != 0.0, weight_decay != 0.0, nesterov, maximize,
+          first_step};
+}
+
+// param p, gradient g (by value: the decayed/negated gradient is local), momentum
+// buffer buf (unused when has_momentum is false).
+template <typename V>
+RF_HD inline void sgd_element(V& p, V g, V& buf, const SgdCoef<V>& c) {
+  if (c.maximize) g = Math<V>::neg(g);
+  if (c.has_weight_decay) g = Math<V>::fma(p, c.weight_decay, g);  // g.add(p, alpha=wd)
+  if (c.has_momentum) {
+    if (c.first_step) {
+      buf = g;
+    } else {
+      buf = Math<V>::fma(g, c.one_minus_dampening, buf * c.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+    }
+    g = c.nesterov ? Math<V>::fma(buf, c.momentum, g) : buf;  // g.add(buf, alpha=m)
+  }
+  p = Math<V>::fma(g, c.minus_lr, p);  // p.add_(g, alpha=-lr)
+}
+
+// The coefficients in value type V (scalar type S), rounded from the double the
+// caller holds exactly as torch rounds a Python scalar to the opmath type.
+template <typename V, typename S>
+RF_HD inline SgdCoef<V> cast_coef(const SgdCoef<double>& c) {
+  return {V(S(c.minus_lr)), V(S(c.momentum)), V(S(c.one_minus_dampening)), V(S(c.weight_decay)),
+          c.has_momentum, c.has_weight_decay, c.nesterov, c.maximize, c.first_step};
+}
+
+// ---------------------------------------------------------------- Adam
+template <typename V>
+struct AdamCoef {
+  V one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
+  V step_size;  // lr / (1 - beta1^step)
+  V bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  bool lerp_low;  // which of torch.lerp's two formulas the weight 1 - beta1 selects
+  bool has_weight_decay, amsgrad, maximize;
+};
+
+template <typename V, typename S>
+RF_HD inline AdamCoef<V> cast_coef(const AdamCoef<double>& c) {
+  return {V(S(c.one_minus_beta1)), V(S(c.beta2)), V(S(c.one_minus_beta2)), V(S(c.eps)), V(S(c.weight_decay)),
+          V(S(c.step_size)), V(S(c.bias_correction2_sqrt)), c.lerp_low, c.has_weight_decay, c.amsgrad, c.maximize};
+}
+
+// All Adam coefficients from the op's arguments, in double as the reference computes
+// them in Python.  The CUDA kernel calls this once per thread when lr or step are
+// device tensors, so a replayed CUDA graph picks up their new values.
+RF_HD inline AdamCoef<double> adam_coef(double lr, double step, double beta1, double beta2, double eps,
+                                        double weight_decay, bool amsgrad, bool maximize) {
+  const double bias_correction1 = 1.0 - ::pow(beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(beta2, step);
+  const double w = 1.0 - beta1;
+  return {w,       beta2,        1.0 - beta2, eps, weight_decay, lr / bias_correction1, ::sqrt(bias_correction2),
+          ::fabs(w) < 0.5, weight_decay != 0.0, amsgrad, maximize};
+}
+
+// torch.lerp(start, end, w) in the form of torch's vectorised kernel: one fused
+// multiply-add from whichever end the weight is closer to.
+template <typename V>
+RF_HD inline V lerp_element(V start, V end, V w, bool low, V one) {
+  return low ? Math<V>::fma(w, end - start, start) : Math<V>::fma(w - one, end - start, end);
+}
+
+// vmax is read and written only when amsgrad is set.
+template <typename V>
+RF_HD inline void adam_element(V& p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
+  if (c.maximize) g = Math<V>::neg(g);
+  if (c.has_weight_decay) g = g + c.weight_decay * p;
+  m = lerp_element(m, g, c.one_minus_beta1, c.lerp_low, one);
+  v = v * c.beta2;
+  v = v + c.one_minus_beta2 * g * g;
+  V second = v;
+  if (c.amsgrad) {
+    vmax = Math<V>::max(vmax, v);
+    second = vmax;
+  }
+  const V denom = Math<V>::sqrt(second) / c.bias_correction2_sqrt + c.eps;
+  p = p - c.step_size * m / denom;
+}
+
+// ---------------------------------------------------------------- Reptile
+// End of a task: the accumulator (opmath) gains the adapted weights; the caller
+// stores the anchor back into the parameter.
+template <typename V>
+RF_HD inline void task_end_element(V& acc, V p) {
+  acc = acc + p;
+}
+
+// anchor + meta_lr * (total / n - anchor): the meta step for meta_update_ (total
+// is the task accumulator) and batched_meta_update_ (total is the row sum).
+template <typename V>
+RF_HD inline V meta_element(V anchor, V total, V meta_lr, V n) {
+  return anchor + meta_lr * (total / n - anchor);
+}
+
+}  // namespace reptile_fused

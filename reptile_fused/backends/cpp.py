@@ -1,0 +1,242 @@
+"""The C++/CUDA backend: the fused kernels of the compiled extension ``reptile_fused._C``.
+
+The extension registers ``torch.ops.reptile_fused.*`` (CPU kernels always, CUDA
+kernels when it was built with a CUDA toolkit).  The functions here have the
+signatures of :mod:`reptile_fused.reference`, run the shared argument checks, and
+map each scalar that may be a tensor (``lr``, ``meta_lr``, ``n``, ``step``) onto the
+op's ``float`` + ``Tensor?`` pair: a tensor on the buffers' device is passed through
+and read by the kernel (so a CUDA graph replays with its current value); a number,
+or a CPU tensor with CUDA buffers, is passed as a float.
+
+When the extension is missing or was built against another torch, this module still
+imports: :func:`unavailable_reason` says why and how to build it, and a single
+warning announces that the reference ops are used instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+from torch import Tensor
+
+from .._validate import ScalarLike, check_batched, check_flat, check_scalar_tensor, opmath_dtype
+
+__all__ = [
+    "sgd_step_",
+    "adam_step_",
+    "task_end_",
+    "meta_update_",
+    "batched_meta_update_",
+    "unavailable_reason",
+    "build_info",
+]
+
+OPS = ("sgd_step_", "adam_step_", "task_end_", "meta_update_", "batched_meta_update_")
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "
+    "in the source tree, with a C++ compiler and, for CUDA kernels, a CUDA toolkit (CUDA_HOME or nvcc on PATH)"
+)
+
+
+def _base_version(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def _load() -> tuple[object | None, str | None]:
+    """(the build record, None) once the library is loaded, else (record or None, why not)."""
+    try:
+        info = importlib.import_module("reptile_fused._build_info")
+    except ImportError:
+        info = None
+    if info is not None and _base_version(info.TORCH_VERSION) != _base_version(torch.__version__):
+        # Loading a library built against another torch can crash the interpreter
+        # (C++ ABI), so it is not even attempted.
+        return info, (
+            f"the C++/CUDA extension was built against torch {info.TORCH_VERSION} but torch "
+            f"{torch.__version__} is installed; rebuild it: {BUILD_HINT}"
+        )
+    try:
+        importlib.import_module("reptile_fused._C")
+    except ImportError as exc:  # not built, or built for another platform
+        return info, f"the C++/CUDA extension reptile_fused._C is not built ({exc}); {BUILD_HINT}"
+    except OSError as exc:  # a dependency of the library is missing
+        return info, f"the C++/CUDA extension reptile_fused._C failed to load ({exc}); {BUILD_HINT}"
+    return info, None
+
+
+_BUILD_INFO, _LOAD_ERROR = _load()
+if _LOAD_ERROR is not None:
+    # This module is imported once (the backend seam caches it), so this fires once.
+    warnings.warn(f"reptile_fused: using the reference PyTorch ops: {_LOAD_ERROR}", RuntimeWarning, stacklevel=2)
+
+
+def build_info() -> dict[str, object] | None:
+    """What the loaded extension was built against (torch/CUDA versions, archs), or None."""
+    if _BUILD_INFO is None:
+        return None
+    return {k: v for k, v in vars(_BUILD_INFO).items() if k.isupper()}
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded library registered a kernel of every op for ``device_type`` (``"cpu"``/``"cuda"``)."""
+    if _LOAD_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"reptile_fused::{op}", key) for op in OPS
+    )
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if has_kernel(device.type):
+        return None
+    if device.type == "cuda":
+        return f"the C++/CUDA extension was built without CUDA kernels (no CUDA toolkit at build time); {BUILD_HINT}"
+    return f"the C++/CUDA extension has no kernels for {device.type} devices (only CPU and CUDA)"
+
+
+def _scalar(x: ScalarLike, name: str, device: torch.device) -> tuple[float, Tensor | None]:
+    check_scalar_tensor(x, name, device)
+    if isinstance(x, Tensor):
+        if x.device == device:
+            return 0.0, x
+        return float(x.item()), None  # a CPU tensor with device buffers: host memory, no sync
+    return float(x), None
+
+
+def _host_value(value: float, tensor: Tensor | None) -> float | None:
+    """The scalar's value if it can be read without a device synchronisation."""
+    if tensor is None:
+        return value
+    if tensor.device.type == "cpu":
+        return float(tensor.item())
+    return None
+
+
+@torch.no_grad()
+def sgd_step_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    lr: ScalarLike,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> None:
+    """``reference.sgd_step_``, one fused pass."""
+    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
+    lr_f, lr_t = _scalar(lr, "lr", param.device)
+    torch.ops.reptile_fused.sgd_step_(
+        param,
+        grad,
+        momentum_buffer if momentum != 0 else None,
+        lr_f,
+        lr_t,
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
+    )
+
+
+@torch.no_grad()
+def adam_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step: ScalarLike,
+    lr: ScalarLike,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """``reference.adam_step_``, one fused pass.  A device-tensor ``step`` is not
+    range-checked (that would synchronise); it must be >= 1."""
+    check_flat(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
+    step_f, step_t = _scalar(step, "step", param.device)
+    host_step = _host_value(step_f, step_t)
+    if host_step is not None and host_step < 1:
+        raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {host_step}")
+    lr_f, lr_t = _scalar(lr, "lr", param.device)
+    torch.ops.reptile_fused.adam_step_(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq if amsgrad else None,
+        step_f,
+        step_t,
+        lr_f,
+        lr_t,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(amsgrad),
+        bool(maximize),
+    )
+
+
+@torch.no_grad()
+def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
+    """``reference.task_end_``, one fused pass."""
+    check_flat(param, anchor=anchor)
+    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    torch.ops.reptile_fused.task_end_(param, anchor, acc)
+
+
+@torch.no_grad()
+def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
+    """``reference.meta_update_``, one fused pass.  A device-tensor ``n`` is not
+    range-checked (that would synchronise); it must be > 0."""
+    check_flat(param, anchor=anchor)
+    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    lr_f, lr_t = _scalar(meta_lr, "meta_lr", param.device)
+    n_f, n_t = _scalar(n, "n", param.device)
+    host_n = _host_value(n_f, n_t)
+    if host_n is not None and host_n <= 0:
+        raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {host_n}")
+    torch.ops.reptile_fused.meta_update_(param, anchor, acc, lr_f, lr_t, n_f, n_t)
+
+
+@torch.no_grad()
+def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
+    """``reference.batched_meta_update_``, one fused pass over the n + 1 inputs."""
+    check_batched(theta, tasks)
+    lr_f, lr_t = _scalar(meta_lr, "meta_lr", theta.device)
+    torch.ops.reptile_fused.batched_meta_update_(theta, tasks, lr_f, lr_t, bool(write_back))
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so the ops trace under torch.compile / FakeTensor.
+    Every op mutates its buffers in place and returns nothing."""
+
+    def _nothing(*args, **kwargs) -> None:
+        return None
+
+    for op in OPS:
+        torch.library.register_fake(f"reptile_fused::{op}")(_nothing)
+
+
+if _LOAD_ERROR is None:
+    _register_fakes()

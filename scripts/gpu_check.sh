@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU validation for issue 3 (`make gpu-check`): on a machine with a CUDA GPU and
+# torch already installed (no downloads), build the extension in place for the local
+# GPU only, run every gpu-marked test, then the op benchmark with reduced repeats.
+# Logs, CSV, chart and summary go to OUTDIR (default benchmarks/results).
+# Budget: about 8 minutes (build ~1-3 min, tests ~1-2 min, benchmark ~2 min).
+#
+#   scripts/gpu_check.sh [OUTDIR]        PYTHON=python3 by default
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+"$PY" - <<'PY' 2>&1 | tee "$OUT/gpu_env.txt"
+import torch
+assert torch.cuda.is_available(), "gpu_check: no CUDA device visible"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+
+# Local GPU only: its compute capability, unless the caller chose.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+fi
+export TORCH_CUDA_ARCH_LIST REPTILE_FUSED_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+
+start=$(date +%s)
+if ! "$PY" setup.py build_ext --inplace >"$OUT/gpu_build.log" 2>&1; then
+  echo "gpu_check: build failed, see $OUT/gpu_build.log"; tail -30 "$OUT/gpu_build.log"; exit 3
+fi
+echo "build: $(( $(date +%s) - start )) s for arch $TORCH_CUDA_ARCH_LIST" | tee -a "$OUT/gpu_env.txt"
+
+# Every gpu-marked test (op cases on CUDA, CUDA-graph replay, opcheck on CUDA, launches).
+timeout 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests -rfE 2>&1 | tee "$OUT/gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=4
+
+timeout 240 "$PY" benchmarks/bench_ops.py --device cuda --quick --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=5
+echo "gpu_check: exit $status (0 = all passed)"
+exit $status

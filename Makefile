@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 PROJECT_STAMP := $(VENV)/.project-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_reference.py
+	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_distributed.py
+
+# On a lent GPU machine: uses the torch already installed there (no venv, no
+# downloads), builds in place for the local GPU, runs every gpu-marked test and the
+# benchmarks with reduced repeats, and writes logs/CSV/charts to $(OUT).
+OUT ?= benchmarks/results
+gpu-check:
+	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(OUT)
 
 clean:
-	rm -rf build dist *.egg-info reptile_fused/*.so
+	rm -rf build dist *.egg-info reptile_fused/*.so reptile_fused/_build_info.py

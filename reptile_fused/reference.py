@@ -28,6 +28,7 @@ from ._validate import (
     ScalarLike,
     check_batched,
     check_flat,
+    check_scalar_tensor,
     opmath_dtype,
     scalar_value,
 )
@@ -73,6 +74,7 @@ def sgd_step_(
     check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
+    check_scalar_tensor(lr, "lr", param.device)
     lr = scalar_value(lr)
     p = _opmath(param)
     g = _opmath(grad)
@@ -123,6 +125,8 @@ def adam_step_(
     )
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
+    check_scalar_tensor(step, "step", param.device)
+    check_scalar_tensor(lr, "lr", param.device)
     step = scalar_value(step)
     if step < 1:
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
@@ -169,6 +173,8 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
     """Reptile's meta step: ``param <- anchor + meta_lr * (acc / n - anchor)``, then ``acc <- 0``."""
     check_flat(param, anchor=anchor)
     check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    check_scalar_tensor(meta_lr, "meta_lr", param.device)
+    check_scalar_tensor(n, "n", param.device)
     meta_lr = scalar_value(meta_lr)
     n = scalar_value(n)
     if n <= 0:
@@ -189,6 +195,7 @@ def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, writ
     row, ready for the next meta-iteration.
     """
     check_batched(theta, tasks)
+    check_scalar_tensor(meta_lr, "meta_lr", theta.device)
     meta_lr = scalar_value(meta_lr)
     n = tasks.shape[0]
     total = _opmath(tasks[0]).clone()

@@ -83,7 +83,7 @@ def _worker_train(rank, world, port, out_dir):
             path = os.path.join(out_dir, f"{config_name}_{rank}.pt")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _worker_mismatch(rank, world, port, out_dir):
@@ -100,7 +100,14 @@ def _worker_mismatch(rank, world, port, out_dir):
             with open(os.path.join(out_dir, f"mismatch_{rank}.txt"), "w") as f:
                 f.write(f"{time.monotonic() - start:.3f}\n{exc}")
     finally:
-        dist.destroy_process_group()
+        _finish()
+
+
+def _finish():
+    # Let every rank finish its collectives before any tears the group down: a rank
+    # leaving early can abort its peer's gloo threads.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(fn, world, *args):

@@ -102,11 +102,17 @@ class _Group:
             leaf = self.tasks[:, off : off + numel].view(n, *shape).detach().requires_grad_()
             self.leaves.append(leaf)
             self.grad_views.append(self.grad[:, off : off + numel].view(n, *shape))
-        self.theta_version = self.theta.data._version
+        self.theta_version = self.version()
         # Device scalars for capture mode (created on demand).
         self.lr_t: Tensor | None = None
         self.meta_lr_t: Tensor | None = None
         self.step_t: Tensor | None = None
+
+    def version(self) -> tuple[int, ...]:
+        # A parameter's ``.data`` was swapped for a view of the buffer, which leaves it
+        # its own version counter: writes through the parameter (load_state_dict) bump
+        # that one, writes to the buffer bump the buffer's.
+        return (self.theta.data._version, *(p._version for p in self.theta.params))
 
     def state_buffer(self, key: str) -> Tensor:
         if key not in self.state:
@@ -115,7 +121,7 @@ class _Group:
 
     def rows_from_theta(self) -> None:
         self.tasks.copy_(self.theta.data.unsqueeze(0).expand_as(self.tasks))
-        self.theta_version = self.theta.data._version
+        self.theta_version = self.version()
 
 
 class BatchedReptile:
@@ -329,7 +335,7 @@ class BatchedReptile:
     def _sync_rows(self) -> None:
         # θ changed outside meta_step() (load_state_dict, manual edits): start the rows from it.
         for g in self._groups:
-            if g.theta.data._version != g.theta_version:
+            if g.version() != g.theta_version:
                 g.rows_from_theta()
 
     def _gradients(self, xs: Tensor, ys: Tensor) -> Tensor:
@@ -409,7 +415,7 @@ class BatchedReptile:
         for g in self._groups:
             meta_lr = g.meta_lr_t if g.meta_lr_t is not None else self.hyper["meta_lr"]
             g.backend.batched_meta_update_(g.theta.data, g.tasks, meta_lr, write_back=True)
-            g.theta_version = g.theta.data._version
+            g.theta_version = g.version()
         if self.reset_inner_state == "task":
             self._reset_inner_state()
         self._steps_pending = 0
@@ -504,7 +510,7 @@ class BatchedReptile:
         # Capturing records without running: the warm-up already did this call's work.
         self._graph, self._graph_key, self._static = graph, key, (static_x, static_y)
         for g in self._groups:
-            g.theta_version = g.theta.data._version
+            g.theta_version = g.version()
 
     def __repr__(self) -> str:
         return (

@@ -9,13 +9,19 @@ from __future__ import annotations
 from torch import nn
 
 
-def omniglot_net(ways: int = 5, channels: int = 64, track_running_stats: bool = False) -> nn.Sequential:
-    """4 × [conv 3×3 stride 2 padding 1, BatchNorm2d, ReLU] + linear, for 1×28×28 inputs."""
+def omniglot_net(
+    ways: int = 5, channels: int = 64, track_running_stats: bool = False, conv_bias: bool = True
+) -> nn.Sequential:
+    """4 × [conv 3×3 stride 2 padding 1, BatchNorm2d, ReLU] + linear, for 1×28×28 inputs.
+
+    ``conv_bias=False`` drops the conv biases, whose gradient BatchNorm makes exactly zero
+    (in exact arithmetic: what remains is rounding noise, which Adam would amplify to ±lr).
+    """
     layers: list[nn.Module] = []
     c = 1
     for _ in range(4):
         layers += [
-            nn.Conv2d(c, channels, 3, stride=2, padding=1),
+            nn.Conv2d(c, channels, 3, stride=2, padding=1, bias=conv_bias),
             nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
             nn.ReLU(),
         ]

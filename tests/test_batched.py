@@ -353,6 +353,92 @@ def test_capture_on_the_cpu_is_a_clear_error_or_an_announced_eager_run():
     assert_same_params(br.model, a, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- reptile_train
+
+
+def regression_tasks(count, batch=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 3, generator=g), torch.randn(batch, 2, generator=g),
+         torch.randn(batch, 3, generator=g), torch.randn(batch, 2, generator=g))
+        for _ in range(count)
+    ]
+
+
+class CountingBatched(BatchedReptile):
+    made = 0
+
+    def __init__(self, *args, **kwargs):
+        CountingBatched.made += 1
+        super().__init__(*args, **kwargs)
+
+
+def train(model, monkeypatch, batched, n=4, iters=3, **kwargs):
+    import reptile_fused.functional as functional
+
+    monkeypatch.setattr(functional, "BatchedReptile", CountingBatched)
+    CountingBatched.made = 0
+    logs = []
+    train_kwargs = dict(meta_lr=0.5, inner_lr=0.1, inner_steps=3, num_iterations=iters, device="cpu",
+                                meta_batch_size=n, loss_fn=F.mse_loss, log_interval=2, log=lambda i, m: logs.append((i, m)))
+    train_kwargs.update(kwargs)
+    functional.reptile_train(model, regression_tasks(n * iters), batched=batched, **train_kwargs)
+    return CountingBatched.made, logs
+
+
+def test_reptile_train_batched_equals_sequential(monkeypatch):
+    auto, forced, sequential = mlp(), mlp(), mlp()
+    made_auto, logs_auto = train(auto, monkeypatch, None)
+    made_forced, _ = train(forced, monkeypatch, True)
+    made_seq, logs_seq = train(sequential, monkeypatch, False)
+    assert (made_auto, made_forced, made_seq) == (1, 1, 0)
+    assert_same_params(auto, sequential, **SGD_TOL)
+    assert_same_params(forced, auto, rtol=0, atol=0)
+    # Logged after adapting to the first task of the meta-batch, in both modes.
+    assert [i for i, _ in logs_auto] == [i for i, _ in logs_seq] == [0, 2]
+    for (_, a), (_, b) in zip(logs_auto, logs_seq):
+        assert a["query_loss"] == pytest.approx(b["query_loss"], rel=1e-5)
+
+
+def test_reptile_train_keeps_carried_state_sequential(monkeypatch):
+    model = mlp()
+    made, _ = train(model, monkeypatch, None, inner_optimizer="adam")
+    assert made == 0  # Adam's state carried from task to task: batched would change the result
+    with pytest.raises(ValueError, match="reset_inner_state='task'"):
+        train(mlp(), monkeypatch, True, inner_optimizer="adam")
+    made, _ = train(mlp(), monkeypatch, None, inner_optimizer="adam", reset_inner_state="task")
+    assert made == 1
+    made, _ = train(mlp(), monkeypatch, None, n=1)
+    assert made == 0
+
+
+class Flip(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_reptile_train_falls_back_with_a_warning_when_vmap_cannot_batch(monkeypatch):
+    model = nn.Sequential(nn.Linear(3, 4), Flip(), nn.Linear(4, 2))
+    twin = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"runs sequentially: batched mode could not run.*'1' \(Flip\)"):
+        train(model, monkeypatch, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(twin, monkeypatch, False)
+    assert_same_params(model, twin, rtol=0, atol=0)
+    with pytest.raises(NotBatchableError, match="Flip"):
+        train(copy.deepcopy(twin), monkeypatch, True)
+
+
+def test_reptile_train_running_stat_batch_norm(monkeypatch):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"runs sequentially: layer '1' \(BatchNorm1d\)"):
+        made, _ = train(model, monkeypatch, None)
+    assert made == 0
+    with pytest.raises(NotBatchableError, match="track_running_stats=False"):
+        train(model, monkeypatch, True)
+
+
 # ---------------------------------------------------------------- GPU: CUDA graphs
 
 

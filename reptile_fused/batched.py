@@ -122,15 +122,49 @@ def _fold_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     return _functorch._add_batch_dim(out.view(batch, n, channels, *x.shape[3:]), 1, level)
 
 
-class _FoldedBatchNorm(TorchFunctionMode):
-    """Routes ``F.batch_norm`` calls on vmapped tasks to :func:`_fold_batch_norm`."""
+def _fold_channelwise(func, logical_rank: int, input, *args, **kwargs):
+    """A per-channel op (pooling) on n tasks as one op over n·C channels.
+
+    vmap's pooling rules fold the task dimension into the *batch* dimension, which
+    needs the [n, B, ...] layout, while vmapped convolutions produce [B, n·C, ...]:
+    every pooling layer then cost two full copies of its input.  Pooling treats each
+    channel independently, so folding the tasks into the channels is exact and free.
+    """
+    if kwargs.get("return_indices") or any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
+        return NotImplemented
+    level = _functorch.maybe_current_level()
+    if level is None or not _functorch.is_batchedtensor(input) or _functorch.maybe_get_level(input) != level:
+        return NotImplemented
+    x, x_dim = _functorch._unwrap_batched(input, level)
+    if x.dim() != logical_rank + 1:  # an unbatched [C, ...] input has no batch dimension to keep
+        return NotImplemented
+    x = x.movedim(x_dim, 1)
+    batch, n, channels = x.shape[:3]
+    out = func(x.reshape(batch, n * channels, *x.shape[3:]), *args, **kwargs)
+    return _functorch._add_batch_dim(out.view(batch, n, channels, *out.shape[2:]), 1, level)
+
+
+_CHANNELWISE = {
+    F.max_pool1d: 3, F.max_pool2d: 4, F.max_pool3d: 5,
+    F.avg_pool1d: 3, F.avg_pool2d: 4, F.avg_pool3d: 5,
+    F.adaptive_avg_pool1d: 3, F.adaptive_avg_pool2d: 4, F.adaptive_avg_pool3d: 5,
+}
+
+
+class _FoldTasksIntoChannels(TorchFunctionMode):
+    """Routes batch norm and pooling calls on vmapped tasks to the folded versions above,
+    keeping the [B, n·C, ...] layout of vmapped convolutions from layer to layer."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             out = _fold_batch_norm(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
+        elif func in _CHANNELWISE and args:
+            out = _fold_channelwise(func, _CHANNELWISE[func], *args, **kwargs)
+        else:
+            out = NotImplemented
+        if out is not NotImplemented:
+            return out
         return func(*args, **kwargs)
 
 
@@ -397,7 +431,7 @@ class BatchedReptile:
         with torch.enable_grad():
             try:
                 if _CAN_FOLD:
-                    with _FoldedBatchNorm():
+                    with _FoldTasksIntoChannels():
                         losses = self._task_losses(self._params, xs, ys)
                 else:
                     losses = self._task_losses(self._params, xs, ys)

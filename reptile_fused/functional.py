@@ -40,6 +40,12 @@ def _query_metrics(model: nn.Module, x: Tensor, y: Tensor, loss_fn, forward=None
     return metrics
 
 
+# Where batched=None picks batched mode.  On the CPU it measured no faster than
+# sequential on the Omniglot-style net and slower on the Mini-ImageNet-style one
+# (n task activations at once leave the caches; benchmarks/results/meta_iteration_cpu.csv).
+AUTO_BATCHED_DEVICES = ("cuda",)
+
+
 def _batched_reason(meta_batch_size: int, inner_optimizer: str, optimizer_kwargs: dict) -> str | None:
     """Why batched mode would not reproduce the sequential run, or None if it would."""
     if meta_batch_size < 2:
@@ -96,11 +102,12 @@ def reptile_train(
     ``batched`` chooses how the tasks of a meta-batch adapt: ``False``: one after
     another (:class:`ReptileOptimizer`); ``True``: all at once
     (:class:`~reptile_fused.batched.BatchedReptile`), or an error saying why not;
-    ``None`` (default): batched when it gives the sequential result — meta_batch_size
-    > 1, an inner optimizer without state carried between tasks (plain SGD, or
-    ``reset_inner_state="task"``), a model vmap can batch, tasks of equal shapes —
-    else sequential (with a warning when only the model or the task shapes stand in
-    the way).  Both modes draw the tasks from ``task_sampler`` in the same order.
+    ``None`` (default): batched on CUDA when it gives the sequential result —
+    meta_batch_size > 1, an inner optimizer without state carried between tasks
+    (plain SGD, or ``reset_inner_state="task"``), a model vmap can batch, tasks of
+    equal shapes — else sequential (with a warning when only the model or the task
+    shapes stand in the way); on the CPU sequential, which measured as fast or faster.
+    Both modes draw the tasks from ``task_sampler`` in the same order.
     """
     if meta_batch_size < 1:
         raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
@@ -117,6 +124,8 @@ def reptile_train(
     meta_batches = ([next(sampler) for _ in range(meta_batch_size)] for _ in range(num_iterations))
     log = log or (lambda it, m: print(f"Iteration {it}: " + ", ".join(f"{k} = {v:.4f}" for k, v in m.items())))
     common = (model, meta_lr, inner_lr, inner_steps, device, meta_batch_size, loss_fn, inner_optimizer, backend)
+    if batched is None and device.type not in AUTO_BATCHED_DEVICES:
+        batched = False
     if batched is not False and reason is None and num_iterations > 0:
         first = next(meta_batches)
         if batched is None:

@@ -377,6 +377,8 @@ def train(model, monkeypatch, batched, n=4, iters=3, **kwargs):
     import reptile_fused.functional as functional
 
     monkeypatch.setattr(functional, "BatchedReptile", CountingBatched)
+    # batched=None picks batched mode on CUDA only; let it choose on this CPU too.
+    monkeypatch.setattr(functional, "AUTO_BATCHED_DEVICES", ("cuda", "cpu"))
     CountingBatched.made = 0
     logs = []
     train_kwargs = dict(meta_lr=0.5, inner_lr=0.1, inner_steps=3, num_iterations=iters, device="cpu",
@@ -398,6 +400,17 @@ def test_reptile_train_batched_equals_sequential(monkeypatch):
     assert [i for i, _ in logs_auto] == [i for i, _ in logs_seq] == [0, 2]
     for (_, a), (_, b) in zip(logs_auto, logs_seq):
         assert a["query_loss"] == pytest.approx(b["query_loss"], rel=1e-5)
+
+
+def test_reptile_train_auto_is_sequential_on_the_cpu(monkeypatch):
+    import reptile_fused.functional as functional
+
+    assert functional.AUTO_BATCHED_DEVICES == ("cuda",)
+    monkeypatch.setattr(functional, "BatchedReptile", CountingBatched)
+    CountingBatched.made = 0
+    functional.reptile_train(mlp(), regression_tasks(8), inner_lr=0.1, inner_steps=2, num_iterations=2, device="cpu",
+                             meta_batch_size=4, loss_fn=F.mse_loss, log_interval=0)
+    assert CountingBatched.made == 0
 
 
 def test_reptile_train_keeps_carried_state_sequential(monkeypatch):

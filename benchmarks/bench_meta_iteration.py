@@ -13,6 +13,9 @@ nets of the Reptile paper.  Modes:
   batched       BatchedReptile, eager (vmap over the tasks, one fused step per inner step)
   graph         BatchedReptile(capture=True): one CUDA-graph replay per meta-iteration
                 (CUDA only, and only with a device-reading backend; else "not measured")
+  floor         (diagnostic, not Reptile) forward + backward of the n·k task steps alone:
+                what any task-after-task loop costs at least; the gap to it is the
+                overhead batching can remove
 
 Timing: every mode sees the same pre-generated device data (no data loading is timed);
 rounds run the modes round-robin so machine noise hits all of them alike, and the
@@ -61,6 +64,8 @@ except ImportError:
     from batched_nets import miniimagenet_net, omniglot_net  # noqa: E402
 
 MODES = ("seed", "l2l", "sequential", "batched", "graph")
+# Not a way to run Reptile: the forward/backward work alone, for reading the others.
+DIAGNOSTICS = ("floor",)
 
 
 # ---------------------------------------------------------------- the five loops
@@ -120,6 +125,21 @@ class L2LStyle:
         self.outer.step()
 
 
+class Floor:
+    """Forward and backward of the n·k task steps only, no optimizer at all: a lower
+    bound for the time of any loop that runs the tasks one after another."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+
+    def __call__(self, xs, ys):
+        model, c = self.model, self.cfg
+        for i in range(c.n):
+            for step in range(c.k):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xs[step, i]), ys[step, i]).backward()
+
+
 class Sequential:
     def __init__(self, model, cfg):
         self.model, self.cfg = model, cfg
@@ -167,6 +187,8 @@ def make_mode(mode, model, cfg):
         return Batched(model, cfg)
     if mode == "graph":
         return Batched(model, cfg, capture=True)
+    if mode == "floor":
+        return Floor(model, cfg)
     raise ValueError(mode)
 
 
@@ -198,6 +220,8 @@ def check_agreement(net, cfg, device, modes):
     """One meta-iteration of each mode from the same θ: the largest parameter difference to seed."""
     results = {}
     for mode in modes:
+        if mode in DIAGNOSTICS:
+            continue
         model, xs, ys, _ = build(net, cfg, device)
         run = make_mode(mode, model, cfg)
         run(xs, ys)
@@ -223,8 +247,10 @@ def time_modes(net, cfg, device, modes):
             runs[mode][0](xs, ys)
         sync(device)
     times = {m: [] for m in modes}
-    for _ in range(cfg.rounds):
-        for mode in modes:
+    for r in range(cfg.rounds):
+        # Rotate the order every round: whichever mode runs first after another one
+        # meets different cache and frequency state.
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             run, xs, ys = runs[mode]
             sync(device)
             t0 = time.perf_counter()
@@ -297,7 +323,9 @@ def chart(rows, path, device):
         sub = [r for r in rows if r["net"] == net]
         names = [r["mode"] for r in sub]
         vals = [float(r["meta_it_per_s"]) if r["meta_it_per_s"] not in ("", "not measured") else 0.0 for r in sub]
-        bars = ax.bar(names, vals, color=["#999999", "#bbbbbb", "#6b8ec7", "#2a5caa", "#143d7a"][: len(names)])
+        palette = {"seed": "#999999", "l2l": "#bbbbbb", "sequential": "#6b8ec7", "batched": "#2a5caa",
+                   "graph": "#143d7a", "floor": "#e0c080"}
+        bars = ax.bar(names, vals, color=[palette.get(m, "#777777") for m in names])
         for bar, r in zip(bars, sub):
             label = "not measured" if r["meta_it_per_s"] == "not measured" else f"{float(r['speedup_vs_seed']):.2f}×"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
@@ -312,7 +340,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--nets", default="omniglot,miniimagenet")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES + DIAGNOSTICS))
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--batch", type=int, default=10)
@@ -333,8 +361,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    if args.rounds is None:
-        args.rounds = (5 if args.quick else 15) if cuda else (3 if args.quick else 7)
+    rounds_given = args.rounds
     if args.iters is None:
         args.iters = (5 if args.quick else 20) if cuda else 1
     if args.memory_of:
@@ -350,6 +377,13 @@ def main(argv=None):
     backend = available_backends(device)[0] if args.backend == "auto" else args.backend
     rows = []
     for net in args.nets.split(","):
+        if rounds_given is None:
+            # The CPU is shared and noisy: many short rounds for the small net, fewer
+            # for the one that takes seconds per meta-iteration.
+            if cuda:
+                args.rounds = 5 if args.quick else 15
+            else:
+                args.rounds = (3 if args.quick else 25) if net == "omniglot" else (3 if args.quick else 7)
         _, _, _, shape = build(net, args, device)
         agree = check_agreement(net, args, device, timed)
         times = time_modes(net, args, device, timed)
@@ -371,7 +405,7 @@ def main(argv=None):
                     meta_it_per_s=f"{1 / med:.4f}", median_s=f"{med:.5f}",
                     min_s=f"{min(times[mode]):.5f}",
                     speedup_vs_seed=f"{seed_s / med:.3f}" if seed_s else "",
-                    max_abs_diff_vs_seed=f"{agree[mode]:.2e}",
+                    max_abs_diff_vs_seed=f"{agree[mode]:.2e}" if mode in agree else "",
                     peak_mib=f"{mem['peak_mib']:.1f}", memory_kind=mem["kind"],
                 )
             rows.append(row)

@@ -57,11 +57,7 @@ sys.path.insert(0, str(ROOT))
 from reptile_fused import ReptileOptimizer, available_backends  # noqa: E402
 from reptile_fused.batched import BatchedReptile  # noqa: E402
 
-try:  # issue 6 ships the nets; until then the stand-ins next to the tests
-    from reptile_fused.models import miniimagenet_net, omniglot_net  # type: ignore[attr-defined]
-except ImportError:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from batched_nets import miniimagenet_net, omniglot_net  # noqa: E402
+from reptile_fused.models import MiniImageNetNet, OmniglotNet  # noqa: E402
 
 MODES = ("seed", "l2l", "sequential", "batched", "graph")
 # Not a way to run Reptile: the forward/backward work alone, for reading the others.
@@ -202,9 +198,9 @@ class Config(argparse.Namespace):
 def build(net, cfg, device, seed=0):
     torch.manual_seed(seed)
     if net == "omniglot":
-        model, shape = omniglot_net(cfg.ways), (1, 28, 28)
+        model, shape = OmniglotNet(cfg.ways), (1, 28, 28)
     else:
-        model, shape = miniimagenet_net(cfg.ways, size=cfg.mini_size), (3, cfg.mini_size, cfg.mini_size)
+        model, shape = MiniImageNetNet(cfg.ways, image_size=cfg.mini_size), (3, cfg.mini_size, cfg.mini_size)
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(cfg.k, cfg.n, cfg.batch, *shape, generator=g).to(device)
     ys = torch.randint(0, cfg.ways, (cfg.k, cfg.n, cfg.batch), generator=g).to(device)

@@ -374,11 +374,16 @@ class BatchedReptile:
         self._static: tuple[Tensor, Tensor] | None = None
         self._warned_shapes = False
         if self.capture:
-            for g in self._groups:
-                kind = opmath_dtype(g.dtype)
-                g.lr_t = torch.tensor(float(lr), device=g.device, dtype=kind)
-                g.meta_lr_t = torch.tensor(float(meta_lr), device=g.device, dtype=kind)
-                g.step_t = torch.zeros((), device=g.device, dtype=kind)
+            self._use_device_scalars()
+
+    def _use_device_scalars(self) -> None:
+        """Keep lr, meta_lr and Adam's step in 0-dim tensors on the buffers' device, read
+        by the kernels: what a captured graph needs to see new values without re-capture."""
+        for g in self._groups:
+            kind = opmath_dtype(g.dtype)
+            g.lr_t = torch.tensor(self.hyper["lr"], device=g.device, dtype=kind)
+            g.meta_lr_t = torch.tensor(self.hyper["meta_lr"], device=g.device, dtype=kind)
+            g.step_t = torch.tensor(float(self._adam_step), device=g.device, dtype=kind)
 
     # ------------------------------------------------------------------ configuration
 

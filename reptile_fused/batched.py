@@ -12,7 +12,6 @@ interpolation, and the new θ written back into every row, in one pass).  With
 
 from __future__ import annotations
 
-import math
 import traceback
 import warnings
 from typing import Callable

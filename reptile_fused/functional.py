@@ -121,7 +121,7 @@ def reptile_train(
     device = torch.device(device or default_device())
     model = model.to(device)
     sampler = iter(task_sampler)
-    meta_batches = ([next(sampler) for _ in range(meta_batch_size)] for _ in range(num_iterations))
+    meta_batches = _meta_batches(sampler, meta_batch_size, num_iterations)
     log = log or (lambda it, m: print(f"Iteration {it}: " + ", ".join(f"{k} = {v:.4f}" for k, v in m.items())))
     common = (model, meta_lr, inner_lr, inner_steps, device, meta_batch_size, loss_fn, inner_optimizer, backend)
     if batched is None and device.type not in AUTO_BATCHED_DEVICES:
@@ -142,6 +142,21 @@ def reptile_train(
         return model
     _train_sequential(*common, meta_batches, log_interval, log, optimizer_kwargs)
     return model
+
+
+def _meta_batches(sampler: Iterator[Task], n: int, iterations: int) -> Iterator[list[Task]]:
+    for iteration in range(iterations):
+        tasks = []
+        for _ in range(n):
+            try:
+                tasks.append(next(sampler))
+            except StopIteration:
+                # A generator may not let StopIteration out (PEP 479); say what ran out instead.
+                raise ValueError(
+                    f"task_sampler ran out in iteration {iteration}: reptile_train needs "
+                    f"num_iterations x meta_batch_size = {iterations * n} tasks"
+                ) from None
+        yield tasks
 
 
 def _batched_blocker(model: nn.Module, meta_batch: list[Task]) -> str | None:

@@ -459,6 +459,15 @@ def test_reptile_train_keeps_carried_state_sequential(monkeypatch):
     assert made == 0
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_reptile_train_says_when_the_sampler_runs_out(batched):
+    from reptile_fused import reptile_train
+
+    with pytest.raises(ValueError, match="task_sampler ran out in iteration 1: .* = 12 tasks"):
+        reptile_train(mlp(), regression_tasks(7), inner_steps=1, num_iterations=3, device="cpu",
+                      meta_batch_size=4, loss_fn=F.mse_loss, log_interval=0, batched=batched)
+
+
 class Flip(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x

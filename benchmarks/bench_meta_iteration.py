@@ -1,0 +1,422 @@
+"""Meta-iterations per second and peak memory of five ways to run Reptile.
+
+One meta-iteration = n tasks × k inner SGD steps (inner batch B, `ways`-way
+cross-entropy) + the meta update, on the Omniglot-style and the Mini-ImageNet-style
+nets of the Reptile paper.  Modes:
+
+  seed          the original sketch's loop (docs: /work/shared/reference/reptile-seed.md),
+                extended to a meta-batch: per-parameter clones of θ, a new torch.optim.SGD
+                per task, the per-parameter interpolation at the end
+  l2l           a learn2learn-style loop: copy.deepcopy(model) per task, the meta-gradient
+                θ - mean(θ̃ᵢ) accumulated into p.grad, an outer torch.optim.SGD(lr=ε)
+  sequential    ReptileOptimizer (flat buffers, backend "auto")
+  batched       BatchedReptile, eager (vmap over the tasks, one fused step per inner step)
+  graph         BatchedReptile(capture=True): one CUDA-graph replay per meta-iteration
+                (CUDA only, and only with a device-reading backend; else "not measured")
+  floor         (diagnostic, not Reptile) forward + backward of the n·k task steps alone:
+                what any task-after-task loop costs at least; the gap to it is the
+                overhead batching can remove
+
+Timing: every mode sees the same pre-generated device data (no data loading is timed);
+rounds run the modes round-robin so machine noise hits all of them alike, and the
+median over rounds is reported.  Memory: each mode runs in a fresh process; on CUDA
+the peak of torch.cuda.max_memory_allocated() above what the model and data take, on
+the CPU the peak running sum, in time order, of the profiler's tensor allocation and
+free events from the same point (tensors only: no allocator caching, no oneDNN scratch).  Before timing, one meta-iteration of every
+mode from the same θ is checked to give the same θ.
+
+    python benchmarks/bench_meta_iteration.py                      # both nets, this machine
+    python benchmarks/bench_meta_iteration.py --quick              # reduced repeats (make gpu-check)
+    python benchmarks/bench_meta_iteration.py --mini-size 42       # a smaller Mini-ImageNet image
+
+Writes benchmarks/results/meta_iteration_<device>.csv and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from reptile_fused import ReptileOptimizer, available_backends  # noqa: E402
+from reptile_fused.batched import BatchedReptile  # noqa: E402
+
+from reptile_fused.models import MiniImageNetNet, OmniglotNet  # noqa: E402
+
+MODES = ("seed", "l2l", "sequential", "batched", "graph")
+# Not a way to run Reptile: the forward/backward work alone, for reading the others.
+DIAGNOSTICS = ("floor",)
+
+
+# ---------------------------------------------------------------- the five loops
+
+
+class Seed:
+    """The sketch's loop, per parameter, with a meta-batch of n tasks."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+
+    def __call__(self, xs, ys):
+        model, c = self.model, self.cfg
+        original = {name: param.clone() for name, param in model.named_parameters()}
+        adapted_sum = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
+        for i in range(c.n):
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(original[name])
+            inner_optimizer = torch.optim.SGD(model.parameters(), lr=c.inner_lr)
+            for step in range(c.k):
+                logits = model(xs[step, i])
+                loss = F.cross_entropy(logits, ys[step, i])
+                inner_optimizer.zero_grad()
+                loss.backward()
+                inner_optimizer.step()
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    adapted_sum[name] += param
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.data = original[name] + c.meta_lr * (adapted_sum[name] / c.n - original[name])
+
+
+class L2LStyle:
+    """Deep copy per task; the meta-gradient θ - mean(θ̃ᵢ) goes to p.grad for an outer SGD."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        self.outer = torch.optim.SGD(model.parameters(), lr=cfg.meta_lr)
+
+    def __call__(self, xs, ys):
+        model, c = self.model, self.cfg
+        self.outer.zero_grad()
+        for p in model.parameters():
+            p.grad = p.detach().clone()
+        for i in range(c.n):
+            learner = copy.deepcopy(model)
+            opt = torch.optim.SGD(learner.parameters(), lr=c.inner_lr)
+            for step in range(c.k):
+                opt.zero_grad()
+                F.cross_entropy(learner(xs[step, i]), ys[step, i]).backward()
+                opt.step()
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), learner.parameters()):
+                    p.grad.add_(q, alpha=-1.0 / c.n)
+        self.outer.step()
+
+
+class Floor:
+    """Forward and backward of the n·k task steps only, no optimizer at all: a lower
+    bound for the time of any loop that runs the tasks one after another."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+
+    def __call__(self, xs, ys):
+        model, c = self.model, self.cfg
+        for i in range(c.n):
+            for step in range(c.k):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xs[step, i]), ys[step, i]).backward()
+
+
+class Sequential:
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        self.opt = ReptileOptimizer(model.parameters(), lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend)
+
+    def __call__(self, xs, ys):
+        model, opt, c = self.model, self.opt, self.cfg
+        for i in range(c.n):
+            with opt.task():
+                for step in range(c.k):
+                    opt.zero_grad()
+                    F.cross_entropy(model(xs[step, i]), ys[step, i]).backward()
+                    opt.step()
+        opt.meta_step()
+
+
+class Batched:
+    def __init__(self, model, cfg, capture=False):
+        self.br = BatchedReptile(
+            model, cfg.n, lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend, capture=capture
+        )
+
+    def __call__(self, xs, ys):
+        self.br.meta_iteration(xs, ys)
+
+
+def graph_unavailable(device: torch.device, backend: str) -> str | None:
+    if device.type != "cuda":
+        return "CUDA graphs need a GPU"
+    names = available_backends(device)
+    resolved = names[0] if backend == "auto" else backend
+    if resolved not in ("cpp", "triton"):
+        return f"backend {resolved!r} cannot be captured (needs cpp or triton on CUDA)"
+    return None
+
+
+def make_mode(mode, model, cfg):
+    if mode == "seed":
+        return Seed(model, cfg)
+    if mode == "l2l":
+        return L2LStyle(model, cfg)
+    if mode == "sequential":
+        return Sequential(model, cfg)
+    if mode == "batched":
+        return Batched(model, cfg)
+    if mode == "graph":
+        return Batched(model, cfg, capture=True)
+    if mode == "floor":
+        return Floor(model, cfg)
+    raise ValueError(mode)
+
+
+# ---------------------------------------------------------------- setup
+
+
+class Config(argparse.Namespace):
+    pass
+
+
+def build(net, cfg, device, seed=0):
+    torch.manual_seed(seed)
+    if net == "omniglot":
+        model, shape = OmniglotNet(cfg.ways), (1, 28, 28)
+    else:
+        model, shape = MiniImageNetNet(cfg.ways, image_size=cfg.mini_size), (3, cfg.mini_size, cfg.mini_size)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(cfg.k, cfg.n, cfg.batch, *shape, generator=g).to(device)
+    ys = torch.randint(0, cfg.ways, (cfg.k, cfg.n, cfg.batch), generator=g).to(device)
+    return model.to(device), xs, ys, shape
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_agreement(net, cfg, device, modes):
+    """One meta-iteration of each mode from the same θ: the largest parameter difference to seed."""
+    results = {}
+    for mode in modes:
+        if mode in DIAGNOSTICS:
+            continue
+        model, xs, ys, _ = build(net, cfg, device)
+        run = make_mode(mode, model, cfg)
+        run(xs, ys)
+        if mode == "graph":
+            run(xs, ys)  # the first call records; compare two iterations against two
+        sync(device)
+        results[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ref_model, xs, ys, _ = build(net, cfg, device)
+    seed_run = Seed(ref_model, cfg)
+    seed_run(xs, ys)
+    one = torch.cat([p.detach().flatten() for p in ref_model.parameters()])
+    seed_run(xs, ys)
+    two = torch.cat([p.detach().flatten() for p in ref_model.parameters()])
+    return {m: float((v - (two if m == "graph" else one)).abs().max()) for m, v in results.items()}
+
+
+def time_modes(net, cfg, device, modes):
+    runs = {}
+    for mode in modes:
+        model, xs, ys, _ = build(net, cfg, device)
+        runs[mode] = (make_mode(mode, model, cfg), xs, ys)
+        for _ in range(cfg.warmup):
+            runs[mode][0](xs, ys)
+        sync(device)
+    times = {m: [] for m in modes}
+    for r in range(cfg.rounds):
+        # Rotate the order every round: whichever mode runs first after another one
+        # meets different cache and frequency state.
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            run, xs, ys = runs[mode]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(cfg.iters):
+                run(xs, ys)
+            sync(device)
+            times[mode].append((time.perf_counter() - t0) / cfg.iters)
+    return times
+
+
+def measure_memory(net, mode, cfg, device) -> dict:
+    """Run in a fresh process: the peak tensor memory one mode adds on top of model and data."""
+    torch.set_num_threads(cfg.threads)
+    model, xs, ys, _ = build(net, cfg, device)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run = make_mode(mode, model, cfg)
+        for _ in range(3):
+            run(xs, ys)
+        sync(device)
+        return {"peak_mib": (torch.cuda.max_memory_allocated(device) - base) / 2**20, "kind": "cuda max_memory_allocated"}
+    # The CPU allocator keeps no peak statistics; the profiler records every tensor
+    # allocation and free, so their running sum in time order is exact for tensors.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run = make_mode(mode, model, cfg)
+        for _ in range(2):
+            run(xs, ys)
+    changes = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None:
+            changes.append((node.start_time_ns, size))
+    current = peak = 0
+    for _, nbytes in sorted(changes):
+        current += nbytes
+        peak = max(peak, current)
+    return {"peak_mib": peak / 2**20, "kind": "cpu tensor memory (profiler allocation events)"}
+
+
+def memory_in_subprocess(net, mode, args) -> dict:
+    cmd = [sys.executable, __file__, "--memory-of", mode, "--nets", net, "--device", args.device,
+           "--n", str(args.n), "--k", str(args.k), "--batch", str(args.batch), "--ways", str(args.ways),
+           "--mini-size", str(args.mini_size), "--threads", str(args.threads), "--backend", args.backend]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"peak_mib": float("nan"), "kind": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+
+
+def chart(rows, path, device):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = list(dict.fromkeys(r["net"] for r in rows))
+    fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        sub = [r for r in rows if r["net"] == net]
+        names = [r["mode"] for r in sub]
+        vals = [float(r["meta_it_per_s"]) if r["meta_it_per_s"] not in ("", "not measured") else 0.0 for r in sub]
+        palette = {"seed": "#999999", "l2l": "#bbbbbb", "sequential": "#6b8ec7", "batched": "#2a5caa",
+                   "graph": "#143d7a", "floor": "#e0c080"}
+        bars = ax.bar(names, vals, color=[palette.get(m, "#777777") for m in names])
+        for bar, r in zip(bars, sub):
+            label = "not measured" if r["meta_it_per_s"] == "not measured" else f"{float(r['speedup_vs_seed']):.2f}×"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{net} ({sub[0]['image']}), n={sub[0]['n']}, k={sub[0]['k']}, B={sub[0]['batch']}")
+        ax.set_ylabel("meta-iterations / s (median)")
+    fig.suptitle(f"Reptile meta-iteration throughput on {device} ({rows[0]['machine']}); × = vs seed loop")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--nets", default="omniglot,miniimagenet")
+    p.add_argument("--modes", default=",".join(MODES + DIAGNOSTICS))
+    p.add_argument("--n", type=int, default=5)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--mini-size", type=int, default=84)
+    p.add_argument("--inner-lr", type=float, default=0.01)
+    p.add_argument("--meta-lr", type=float, default=0.5)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (median over them)")
+    p.add_argument("--iters", type=int, default=None, help="meta-iterations per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
+    p.add_argument("--quick", action="store_true", help="reduced repeats")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default=None, help="CSV path (default results/meta_iteration_<device>.csv)")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv, namespace=Config())
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    rounds_given = args.rounds
+    if args.iters is None:
+        args.iters = (5 if args.quick else 20) if cuda else 1
+    if args.memory_of:
+        print(json.dumps(measure_memory(args.nets, args.memory_of, args, device)))
+        return
+
+    modes = [m for m in args.modes.split(",") if m]
+    graph_reason = graph_unavailable(device, args.backend) if "graph" in modes else None
+    timed = [m for m in modes if not (m == "graph" and graph_reason)]
+    machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores"
+    if cuda:
+        machine = f"{torch.cuda.get_device_name(device)}, {machine}"
+    backend = available_backends(device)[0] if args.backend == "auto" else args.backend
+    rows = []
+    for net in args.nets.split(","):
+        if rounds_given is None:
+            # The CPU is shared and noisy: many short rounds for the small net, fewer
+            # for the one that takes seconds per meta-iteration.
+            if cuda:
+                args.rounds = 5 if args.quick else 15
+            else:
+                args.rounds = (3 if args.quick else 25) if net == "omniglot" else (3 if args.quick else 7)
+        _, _, _, shape = build(net, args, device)
+        agree = check_agreement(net, args, device, timed)
+        times = time_modes(net, args, device, timed)
+        seed_s = statistics.median(times["seed"]) if "seed" in times else None
+        for mode in modes:
+            row = dict(
+                net=net, mode=mode, n=args.n, k=args.k, batch=args.batch, ways=args.ways,
+                image="x".join(map(str, shape)), device=device.type, backend=backend,
+                threads=torch.get_num_threads(), rounds=args.rounds, iters_per_round=args.iters,
+                machine=machine, torch=torch.__version__,
+            )
+            if mode not in times:
+                row.update(meta_it_per_s="not measured", median_s=graph_reason, speedup_vs_seed="",
+                           max_abs_diff_vs_seed="", peak_mib="", memory_kind="")
+            else:
+                med = statistics.median(times[mode])
+                mem = {"peak_mib": float("nan"), "kind": "not measured"} if args.no_memory else memory_in_subprocess(net, mode, args)
+                row.update(
+                    meta_it_per_s=f"{1 / med:.4f}", median_s=f"{med:.5f}",
+                    min_s=f"{min(times[mode]):.5f}",
+                    speedup_vs_seed=f"{seed_s / med:.3f}" if seed_s else "",
+                    max_abs_diff_vs_seed=f"{agree[mode]:.2e}" if mode in agree else "",
+                    peak_mib=f"{mem['peak_mib']:.1f}", memory_kind=mem["kind"],
+                )
+            rows.append(row)
+            print(f"{net:13s} {mode:11s} {row['meta_it_per_s']:>12s} it/s  x{row['speedup_vs_seed'] or '-':>6s}  "
+                  f"peak {row['peak_mib'] or '-':>8s} MiB  diff {row['max_abs_diff_vs_seed'] or '-'}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"meta_iteration_{device.type}.csv"
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    chart(rows, out.with_suffix(".png"), device.type)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends, get_backend
+from .batched import BatchedReptile, NotBatchableError
 from .flat import FlatBuffer
 from .functional import reptile_adapt, reptile_train
 from .optimizer import MetaStepView, ReptileOptimizer
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ReptileOptimizer",
     "MetaStepView",
+    "BatchedReptile",
+    "NotBatchableError",
     "FlatBuffer",
     "reptile_train",
     "reptile_adapt",

@@ -97,3 +97,73 @@ def check_batched(theta: Tensor, tasks: Tensor) -> None:
         raise ValueError(f"tasks is on {tasks.device} but theta is on {theta.device}")
     if tasks.dtype != theta.dtype:
         raise TypeError(f"tasks has dtype {tasks.dtype} but theta has {theta.dtype}")
+
+
+# ---------------------------------------------------------------------- per-op checks
+# Every backend calls these before touching memory, so all reject the same input with
+# the same message, and a rejected call changes nothing.
+
+
+def split_scalar(x: ScalarLike, name: str, device: torch.device) -> tuple[float, Tensor | None]:
+    """A checked scalar as ``(value, tensor)`` for a kernel: a tensor on the buffers' device
+    is handed over to be read there (CUDA-graph safe); numbers and CPU tensors are read on
+    the host, which needs no device synchronisation."""
+    check_scalar_tensor(x, name, device)
+    if isinstance(x, Tensor) and x.device == device:
+        return 0.0, x
+    return scalar_value(x), None
+
+
+def host_value(x: ScalarLike) -> float | None:
+    """The scalar's value if reading it needs no device synchronisation, else ``None``."""
+    if isinstance(x, Tensor) and x.device.type != "cpu":
+        return None
+    return scalar_value(x)
+
+
+def check_sgd_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, lr: ScalarLike, momentum: float) -> None:
+    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
+    check_scalar_tensor(lr, "lr", param.device)
+
+
+def check_adam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step: ScalarLike,
+    lr: ScalarLike,
+    amsgrad: bool,
+) -> None:
+    """Also ``step >= 1`` where the step can be read without a device synchronisation."""
+    check_flat(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
+    check_scalar_tensor(step, "step", param.device)
+    check_scalar_tensor(lr, "lr", param.device)
+    value = host_value(step)
+    if value is not None and value < 1:
+        raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {value}")
+
+
+def check_task_end(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
+    check_flat(param, anchor=anchor)
+    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+
+
+def check_meta_update(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
+    """Also ``n > 0`` where n can be read without a device synchronisation."""
+    check_task_end(param, anchor, acc)
+    check_scalar_tensor(meta_lr, "meta_lr", param.device)
+    check_scalar_tensor(n, "n", param.device)
+    value = host_value(n)
+    if value is not None and value <= 0:
+        raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {value}")
+
+
+def check_batched_meta_update(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike) -> None:
+    check_batched(theta, tasks)
+    check_scalar_tensor(meta_lr, "meta_lr", theta.device)

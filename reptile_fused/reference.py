@@ -26,9 +26,11 @@ from torch import Tensor
 
 from ._validate import (
     ScalarLike,
-    check_batched,
-    check_flat,
-    check_scalar_tensor,
+    check_adam_step,
+    check_batched_meta_update,
+    check_meta_update,
+    check_sgd_step,
+    check_task_end,
     opmath_dtype,
     scalar_value,
 )
@@ -71,10 +73,7 @@ def sgd_step_(
     (weight-decayed) gradient, with no dampening, as torch does on a param's first step.
     ``momentum_buffer`` may be ``None`` only when ``momentum == 0``.
     """
-    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
-    if momentum != 0 and momentum_buffer is None:
-        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
-    check_scalar_tensor(lr, "lr", param.device)
+    check_sgd_step(param, grad, momentum_buffer, lr, momentum)
     lr = scalar_value(lr)
     p = _opmath(param)
     g = _opmath(grad)
@@ -116,19 +115,9 @@ def adam_step_(
     ``step`` is the step count *after* this step is counted (1 on the first step), as
     torch computes its bias corrections; the caller increments it.
     """
-    check_flat(
-        param,
-        grad=grad,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        max_exp_avg_sq=max_exp_avg_sq,
-    )
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
-    check_scalar_tensor(step, "step", param.device)
-    check_scalar_tensor(lr, "lr", param.device)
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad)
     step = scalar_value(step)
-    if step < 1:
+    if step < 1:  # a device tensor is not range-checked by the shared check; here it is read anyway
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
     lr = scalar_value(lr)
     p = _opmath(param)
@@ -162,8 +151,7 @@ def adam_step_(
 @torch.no_grad()
 def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
     """Finish a task: ``acc += param`` (the adapted weights), then ``param <- anchor``."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    check_task_end(param, anchor, acc)
     acc.add_(_opmath(param))
     param.copy_(anchor)
 
@@ -171,13 +159,10 @@ def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
 @torch.no_grad()
 def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
     """Reptile's meta step: ``param <- anchor + meta_lr * (acc / n - anchor)``, then ``acc <- 0``."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
-    check_scalar_tensor(meta_lr, "meta_lr", param.device)
-    check_scalar_tensor(n, "n", param.device)
+    check_meta_update(param, anchor, acc, meta_lr, n)
     meta_lr = scalar_value(meta_lr)
     n = scalar_value(n)
-    if n <= 0:
+    if n <= 0:  # as for step above
         raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n}")
     a = _opmath(anchor)
     new = a + meta_lr * (acc / n - a)
@@ -194,8 +179,7 @@ def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, writ
     kernel follows.  With ``write_back`` the new ``theta`` is also copied into every
     row, ready for the next meta-iteration.
     """
-    check_batched(theta, tasks)
-    check_scalar_tensor(meta_lr, "meta_lr", theta.device)
+    check_batched_meta_update(theta, tasks, meta_lr)
     meta_lr = scalar_value(meta_lr)
     n = tasks.shape[0]
     total = _opmath(tasks[0]).clone()

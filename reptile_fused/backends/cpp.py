@@ -21,7 +21,15 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._validate import ScalarLike, check_batched, check_flat, check_scalar_tensor, opmath_dtype
+from .._validate import (
+    ScalarLike,
+    check_adam_step,
+    check_batched_meta_update,
+    check_meta_update,
+    check_sgd_step,
+    check_task_end,
+    split_scalar,
+)
 
 __all__ = [
     "sgd_step_",
@@ -101,24 +109,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the C++/CUDA extension has no kernels for {device.type} devices (only CPU and CUDA)"
 
 
-def _scalar(x: ScalarLike, name: str, device: torch.device) -> tuple[float, Tensor | None]:
-    check_scalar_tensor(x, name, device)
-    if isinstance(x, Tensor):
-        if x.device == device:
-            return 0.0, x
-        return float(x.item()), None  # a CPU tensor with device buffers: host memory, no sync
-    return float(x), None
-
-
-def _host_value(value: float, tensor: Tensor | None) -> float | None:
-    """The scalar's value if it can be read without a device synchronisation."""
-    if tensor is None:
-        return value
-    if tensor.device.type == "cpu":
-        return float(tensor.item())
-    return None
-
-
 @torch.no_grad()
 def sgd_step_(
     param: Tensor,
@@ -133,10 +123,8 @@ def sgd_step_(
     first_step: bool = False,
 ) -> None:
     """``reference.sgd_step_``, one fused pass."""
-    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
-    if momentum != 0 and momentum_buffer is None:
-        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
-    lr_f, lr_t = _scalar(lr, "lr", param.device)
+    check_sgd_step(param, grad, momentum_buffer, lr, momentum)
+    lr_f, lr_t = split_scalar(lr, "lr", param.device)
     torch.ops.reptile_fused.sgd_step_(
         param,
         grad,
@@ -170,14 +158,9 @@ def adam_step_(
 ) -> None:
     """``reference.adam_step_``, one fused pass.  A device-tensor ``step`` is not
     range-checked (that would synchronise); it must be >= 1."""
-    check_flat(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
-    step_f, step_t = _scalar(step, "step", param.device)
-    host_step = _host_value(step_f, step_t)
-    if host_step is not None and host_step < 1:
-        raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {host_step}")
-    lr_f, lr_t = _scalar(lr, "lr", param.device)
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad)
+    step_f, step_t = split_scalar(step, "step", param.device)
+    lr_f, lr_t = split_scalar(lr, "lr", param.device)
     torch.ops.reptile_fused.adam_step_(
         param,
         grad,
@@ -200,8 +183,7 @@ def adam_step_(
 @torch.no_grad()
 def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
     """``reference.task_end_``, one fused pass."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    check_task_end(param, anchor, acc)
     torch.ops.reptile_fused.task_end_(param, anchor, acc)
 
 
@@ -209,21 +191,17 @@ def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
 def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
     """``reference.meta_update_``, one fused pass.  A device-tensor ``n`` is not
     range-checked (that would synchronise); it must be > 0."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
-    lr_f, lr_t = _scalar(meta_lr, "meta_lr", param.device)
-    n_f, n_t = _scalar(n, "n", param.device)
-    host_n = _host_value(n_f, n_t)
-    if host_n is not None and host_n <= 0:
-        raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {host_n}")
+    check_meta_update(param, anchor, acc, meta_lr, n)
+    lr_f, lr_t = split_scalar(meta_lr, "meta_lr", param.device)
+    n_f, n_t = split_scalar(n, "n", param.device)
     torch.ops.reptile_fused.meta_update_(param, anchor, acc, lr_f, lr_t, n_f, n_t)
 
 
 @torch.no_grad()
 def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
     """``reference.batched_meta_update_``, one fused pass over the n + 1 inputs."""
-    check_batched(theta, tasks)
-    lr_f, lr_t = _scalar(meta_lr, "meta_lr", theta.device)
+    check_batched_meta_update(theta, tasks, meta_lr)
+    lr_f, lr_t = split_scalar(meta_lr, "meta_lr", theta.device)
     torch.ops.reptile_fused.batched_meta_update_(theta, tasks, lr_f, lr_t, bool(write_back))
 
 

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validate import ScalarLike, check_batched, check_flat, check_scalar_tensor, opmath_dtype, scalar_value
+from .._validate import (
+    ScalarLike,
+    check_adam_step,
+    check_batched_meta_update,
+    check_meta_update,
+    check_sgd_step,
+    check_task_end,
+    split_scalar,
+)
 from . import BackendUnavailableError
 
 try:
@@ -65,22 +73,6 @@ def _require(device: torch.device, op: str) -> None:
         raise BackendUnavailableError(f"{op}: backend 'triton' cannot run on {device}: {reason}")
 
 
-def _split(x: ScalarLike, device: torch.device) -> tuple[float, Tensor | None]:
-    """A scalar as (value, tensor): a tensor on the buffers' device is handed to the kernel."""
-    if isinstance(x, Tensor):
-        if x.device == device:
-            return 0.0, x
-        return scalar_value(x), None  # a CPU tensor beside device buffers: reading it costs no sync
-    return float(x), None
-
-
-def _host_value(x: ScalarLike) -> float | None:
-    """The scalar's value if reading it needs no device synchronisation, else None."""
-    if isinstance(x, Tensor) and x.device.type != "cpu":
-        return None
-    return scalar_value(x)
-
-
 @torch.no_grad()
 def sgd_step_(
     param: Tensor,
@@ -95,12 +87,9 @@ def sgd_step_(
     first_step: bool = False,
 ) -> None:
     """One ``torch.optim.SGD`` step over a flat buffer (see :func:`reptile_fused.reference.sgd_step_`)."""
-    check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
-    if momentum != 0 and momentum_buffer is None:
-        raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
-    check_scalar_tensor(lr, "lr", param.device)
+    check_sgd_step(param, grad, momentum_buffer, lr, momentum)
     _require(param.device, "sgd_step_")
-    lr_value, lr_t = _split(lr, param.device)
+    lr_value, lr_t = split_scalar(lr, "lr", param.device)
     _ops.sgd_step_(
         param, grad, momentum_buffer, lr_value, lr_t,
         float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
@@ -124,23 +113,10 @@ def adam_step_(
     maximize: bool = False,
 ) -> None:
     """One ``torch.optim.Adam`` step over a flat buffer (see :func:`reptile_fused.reference.adam_step_`)."""
-    check_flat(
-        param,
-        grad=grad,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        max_exp_avg_sq=max_exp_avg_sq,
-    )
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
-    check_scalar_tensor(step, "step", param.device)
-    check_scalar_tensor(lr, "lr", param.device)
-    step_value = _host_value(step)
-    if step_value is not None and step_value < 1:
-        raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step_value}")
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad)
     _require(param.device, "adam_step_")
-    step_value, step_t = _split(step, param.device)
-    lr_value, lr_t = _split(lr, param.device)
+    step_value, step_t = split_scalar(step, "step", param.device)
+    lr_value, lr_t = split_scalar(lr, "lr", param.device)
     _ops.adam_step_(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
         step_value, step_t, lr_value, lr_t,
@@ -151,8 +127,7 @@ def adam_step_(
 @torch.no_grad()
 def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
     """Finish a task: ``acc += param``, then ``param <- anchor``."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    check_task_end(param, anchor, acc)
     _require(param.device, "task_end_")
     _ops.task_end_(param, anchor, acc)
 
@@ -160,24 +135,17 @@ def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
 @torch.no_grad()
 def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
     """Reptile's meta step: ``param <- anchor + meta_lr * (acc / n - anchor)``, then ``acc <- 0``."""
-    check_flat(param, anchor=anchor)
-    check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
-    check_scalar_tensor(meta_lr, "meta_lr", param.device)
-    check_scalar_tensor(n, "n", param.device)
-    n_value = _host_value(n)
-    if n_value is not None and n_value <= 0:
-        raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n_value}")
+    check_meta_update(param, anchor, acc, meta_lr, n)
     _require(param.device, "meta_update_")
-    meta_lr_value, meta_lr_t = _split(meta_lr, param.device)
-    n_value, n_t = _split(n, param.device)
+    meta_lr_value, meta_lr_t = split_scalar(meta_lr, "meta_lr", param.device)
+    n_value, n_t = split_scalar(n, "n", param.device)
     _ops.meta_update_(param, anchor, acc, meta_lr_value, meta_lr_t, n_value, n_t)
 
 
 @torch.no_grad()
 def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
     """``theta <- theta + meta_lr * (mean over the rows of tasks - theta)``; optionally copy it into every row."""
-    check_batched(theta, tasks)
-    check_scalar_tensor(meta_lr, "meta_lr", theta.device)
+    check_batched_meta_update(theta, tasks, meta_lr)
     _require(theta.device, "batched_meta_update_")
-    meta_lr_value, meta_lr_t = _split(meta_lr, theta.device)
+    meta_lr_value, meta_lr_t = split_scalar(meta_lr, "meta_lr", theta.device)
     _ops.batched_meta_update_(theta, tasks, meta_lr_value, meta_lr_t, bool(write_back))

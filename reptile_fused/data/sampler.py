@@ -85,7 +85,7 @@ class TaskSampler:
             if k:
                 x[label] = torch.rot90(x[label], k, dims=(-2, -1))
         y = torch.arange(self.ways, device=c.device).unsqueeze(1).expand(self.ways, per)
-        s, q = self.shots, self.queries
+        s = self.shots
         return Task(
             x[:, :s].reshape(-1, *x.shape[2:]), y[:, :s].reshape(-1),
             x[:, s:].reshape(-1, *x.shape[2:]), y[:, s:].reshape(-1),

@@ -1,11 +1,12 @@
 """Baseline: the seed sketch's per-parameter loops vs the flat reference path.
 
 Times (a) the meta update and (b) one inner SGD step on a model with many parameter
-tensors, for the seed's code and for ``ReptileOptimizer(backend="reference")``.
+tensors, for the seed's code and for ``ReptileOptimizer(backend="reference")`` (and the
+fused backend, when the extension is built, to show the kernels beat this baseline).
 Medians over repeats; prints a table and writes ``benchmarks/results/reference_<device>.csv``.
 This is the baseline the fused kernels must beat.
 
-    python benchmarks/bench_reference.py [--layers 60] [--width 256] [--repeats 50]
+    python benchmarks/bench_reference.py [--layers 60] [--width 256] [--repeats 50] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reptile_fused import ReptileOptimizer
+from reptile_fused import ReptileOptimizer, available_backends, get_backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,6 +54,12 @@ def fill_grads(model):
         p.grad = torch.randn_like(p)
 
 
+def fused_backend(device):
+    """The fastest non-reference backend for ``device``, or None (the extension not built)."""
+    name = available_backends(device)[0]
+    return None if name == "reference" else get_backend(name, device)
+
+
 def bench(layers, width, repeats, device):
     rows = []
     n_tensors = 2 * layers
@@ -82,6 +89,12 @@ def bench(layers, width, repeats, device):
     flat_meta = median_ms(flat_meta_update, device, repeats)
     rows.append(("meta_update", "seed per-parameter loop", seed_meta))
     rows.append(("meta_update", "flat reference", flat_meta))
+    fused = fused_backend(device)
+    if fused is not None:
+        def fused_meta_update():
+            fused.meta_update_(flat.buffer.data, flat.anchor, flat.acc, 0.1, 1)
+
+        rows.append(("meta_update", f"flat {fused.__name__.rsplit('.', 1)[-1]} (fused)", median_ms(fused_meta_update, device, repeats)))
 
     # (b) inner SGD step with momentum.
     model = make_model(layers, width, device)
@@ -94,6 +107,11 @@ def bench(layers, width, repeats, device):
     opt = ReptileOptimizer(model.parameters(), lr=0.01, momentum=0.9, backend="reference")
     fill_grads(model)
     rows.append(("sgd_step", "ReptileOptimizer reference", median_ms(opt.step, device, repeats)))
+    if fused is not None:
+        model = make_model(layers, width, device)
+        opt = ReptileOptimizer(model.parameters(), lr=0.01, momentum=0.9, backend="auto")
+        fill_grads(model)
+        rows.append(("sgd_step", f"ReptileOptimizer {opt.backends[0]} (fused)", median_ms(opt.step, device, repeats)))
     return [(op, impl, ms, n_tensors, n_params) for op, impl, ms in rows]
 
 
@@ -103,7 +121,10 @@ def main():
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = bench(args.layers, args.width, args.repeats, device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -165,8 +165,11 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
     if n <= 0:  # as for step above
         raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n}")
     a = _opmath(anchor)
-    new = a + meta_lr * (acc / n - a)
-    param.copy_(new)
+    # a + meta_lr * (acc / n - a), rounded step by step in that order, in one buffer.
+    out = param if param.dtype == acc.dtype else torch.empty_like(acc)
+    torch.div(acc, n, out=out)
+    out.sub_(a).mul_(meta_lr).add_(a)
+    _store(param, out)
     acc.zero_()
 
 

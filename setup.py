@@ -144,6 +144,12 @@ def _extension():
     if with_cuda:
         # No --use_fast_math: it would change the rounding the tests compare against.
         args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        # nvcc compiles a fat list one architecture after another, on one core, after
+        # ninja has finished the quick .cpp files; --threads compiles them side by side.
+        n_archs = len(re.findall(r"\d+\.\d+", info["cuda_arch_list"]))
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        if n_archs > 1 and jobs > 1:
+            args["nvcc"].append(f"--threads={min(jobs, n_archs)}")
     ext = make(
         "reptile_fused._C",
         sources,

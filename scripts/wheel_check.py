@@ -98,10 +98,13 @@ def check_zip(wheel: Path, source: Path | None, torch_version: str) -> dict:
     name, version, python_tag, abi_tag, platform = match.groups()
     require(name == DIST, f"distribution {name!r}, expected {DIST!r}")
     require((python_tag, abi_tag) == ("cp310", "abi3"), f"tag {python_tag}-{abi_tag}, expected cp310-abi3")
+    dist_info = f"{DIST}-{version}.dist-info/"
     with zipfile.ZipFile(wheel) as zf:
         members = [i.filename for i in zf.infolist() if not i.is_dir()]
+        missing = [m for m in [*REQUIRED, f"{dist_info}METADATA"] if m not in members]
+        require(not missing, f"wheel lacks {missing}")
         info = read_build_info(zf.read(f"{PACKAGE}/_build_info.py").decode())
-        metadata = zf.read(f"{DIST}-{version}.dist-info/METADATA").decode()
+        metadata = zf.read(f"{dist_info}METADATA").decode()
         library_size = zf.getinfo(LIBRARY).file_size
 
     release = torch_version.split("+", 1)[0]
@@ -114,9 +117,6 @@ def check_zip(wheel: Path, source: Path | None, torch_version: str) -> dict:
     requires = re.findall(r"^Requires-Dist: (.+)$", metadata, re.M)
     require(f"torch=={release}" in requires, f"metadata does not pin torch=={release}: {requires}")
 
-    missing = [m for m in REQUIRED if m not in members]
-    require(not missing, f"wheel lacks {missing}")
-    dist_info = f"{DIST}-{version}.dist-info/"
     strays = [
         m for m in members
         if not m.startswith(dist_info) and not (m.startswith(f"{PACKAGE}/") and (m.endswith(".py") or m == LIBRARY))
@@ -155,11 +155,16 @@ def make_venv(root: Path) -> Path:
 
 
 def install(python: Path, wheel: Path) -> None:
-    # pip of this interpreter, installing into the new venv (pip >= 22.3); --no-deps
-    # because torch & co. come through the .pth file and must not be fetched.
+    """pip of this interpreter (same Python version as the venv) unpacks the wheel into
+    the venv's site-packages; ``--target`` works with any pip, unlike ``--python``.
+    ``--no-deps --no-index``: torch & co. come through the .pth file, nothing is fetched."""
+    site = subprocess.run(
+        [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('platlib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index",
-         "--disable-pip-version-check", str(wheel)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-compile",
+         "--disable-pip-version-check", "--target", site, str(wheel)],
         check=True,
     )
 

@@ -95,7 +95,7 @@ def check_zip(wheel: Path, source: Path | None, torch_version: str) -> dict:
     """The wheel's name, metadata and members; returns its build record."""
     match = re.fullmatch(r"(\w+)-([^-]+)-(\w+)-(\w+)-(\w+)\.whl", wheel.name)
     require(match is not None, f"not a wheel file name: {wheel.name}")
-    name, version, python_tag, abi_tag, platform = match.groups()
+    name, version, python_tag, abi_tag, _platform = match.groups()
     require(name == DIST, f"distribution {name!r}, expected {DIST!r}")
     require((python_tag, abi_tag) == ("cp310", "abi3"), f"tag {python_tag}-{abi_tag}, expected cp310-abi3")
     dist_info = f"{DIST}-{version}.dist-info/"
@@ -136,12 +136,25 @@ def check_zip(wheel: Path, source: Path | None, torch_version: str) -> dict:
 # ------------------------------------------------------------- 2. a fresh virtual env
 
 
+def host_site_dirs() -> list[str]:
+    """The folders this interpreter imports torch, numpy, triton, pytest... from:
+    torch's own first, then every site-packages (a distribution Python may keep them
+    in several)."""
+    import site
+
+    dirs = [str(Path(importlib.util.find_spec("torch").origin).parent.parent)]
+    dirs += site.getsitepackages()
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
 def make_venv(root: Path) -> Path:
-    """A venv with no torch of its own: a ``.pth`` line puts the site-packages holding
-    this interpreter's torch (and numpy, triton, pytest...) *after* the venv's own, so
-    the installed wheel wins over any copy of the package there, and nothing is
-    downloaded.  A bare path line adds that one folder only; its own ``.pth`` files
-    (an editable install of this project, for one) are not processed."""
+    """A venv with no torch of its own: ``.pth`` lines put the folders holding this
+    interpreter's torch (and numpy, triton, pytest...) *after* the venv's own
+    site-packages, so the installed wheel wins over any copy of the package there, and
+    nothing is downloaded.  A bare path line adds that one folder only; its own
+    ``.pth`` files (an editable install of this project, for one) are not processed."""
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -149,8 +162,7 @@ def make_venv(root: Path) -> Path:
         [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
-    torch_site = Path(importlib.util.find_spec("torch").origin).parent.parent
-    (Path(site) / "_reptile_fused_check_torch.pth").write_text(f"{torch_site}\n")
+    (Path(site) / "_reptile_fused_check_torch.pth").write_text("".join(f"{d}\n" for d in host_site_dirs()))
     return python
 
 

@@ -127,3 +127,31 @@ def test_requested_arch_list_parsing():
     assert elf == {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"}
     assert ptx == {"sm_120"}
     assert checker.requested_archs("8.0 9.0a+PTX") == ({"sm_80", "sm_90a"}, {"sm_90a"})
+
+
+def test_arch_check_reads_real_gpu_code(tmp_path):
+    """The cuobjdump side of the architecture check, on a tiny library nvcc builds for
+    8.0 and 9.0+PTX in seconds (the real fat wheel: ``make wheel-check-cuda``)."""
+    checker = load_checker()
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    homes = (os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda")
+    nvcc = next((Path(h) / "bin" / "nvcc" for h in homes if h and (Path(h) / "bin" / "nvcc").is_file()), None)
+    cuobjdump = checker.find_cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    (tmp_path / "k.cu").write_text("__global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n")
+    library = tmp_path / "libk.so"
+    subprocess.run(
+        [str(nvcc), "-shared", "-Xcompiler", "-fPIC", "-o", str(library), str(tmp_path / "k.cu"),
+         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"],
+        check=True, capture_output=True, timeout=300,
+    )
+    info = {"WITH_CUDA": True, "CUDA_ARCH_LIST": "8.0;9.0+PTX"}
+    assert checker.gpu_code(cuobjdump, library) == ({"sm_80", "sm_90"}, {"sm_90"})
+    checker.check_archs(cuobjdump, library, info, None)
+    for wrong in ("8.0;9.0", "8.0;8.6;9.0+PTX", "9.0+PTX"):
+        with pytest.raises(checker.CheckFailed, match="the library has"):
+            checker.check_archs(cuobjdump, library, info, wrong)
+    with pytest.raises(checker.CheckFailed, match="CPU-only wheel holds GPU code"):
+        checker.check_archs(cuobjdump, library, {"WITH_CUDA": False}, None)

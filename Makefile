@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
+# `make wheel` compiles for TORCH_CUDA_ARCH_LIST when you set it (environment or
+# command line), else for setup.py's fat default list; never for the 9.0 below.
+WHEEL_ARCHS := $(if $(filter environment% command%,$(origin TORCH_CUDA_ARCH_LIST)),$(TORCH_CUDA_ARCH_LIST))
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
@@ -17,7 +20,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 PROJECT_STAMP := $(VENV)/.project-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench gpu-check gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +56,26 @@ OUT ?= benchmarks/results
 gpu-check:
 	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(OUT)
 
+# Same machine, the GPU tests run from an installed CUDA wheel instead (issue 8).
+gpu-check-wheel:
+	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh --wheel $(OUT)
+
+# Wheels (docs/wheels.md), built against the venv's torch, into $(WHEEL_DIR).
+# `make test` builds and checks the CPU wheel itself (tests/test_wheel.py).
+WHEEL_DIR ?= dist
+wheel: $(DEPS_STAMP)
+	$(if $(WHEEL_ARCHS),TORCH_CUDA_ARCH_LIST='$(WHEEL_ARCHS)',env -u TORCH_CUDA_ARCH_LIST) REPTILE_FUSED_CUDA=1 \
+		$(PY) -m build --wheel --no-isolation --outdir $(WHEEL_DIR)
+
+wheel-cpu: $(DEPS_STAMP)
+	REPTILE_FUSED_CUDA=0 $(PY) -m build --wheel --no-isolation --outdir $(WHEEL_DIR)
+
+wheel-check: wheel-cpu
+	$(PY) scripts/wheel_check.py $(WHEEL_DIR) --flavour cpu --source .
+
+# Slow on a small builder (every architecture is compiled): not part of `make test`.
+wheel-check-cuda: wheel
+	$(PY) scripts/wheel_check.py $(WHEEL_DIR) --flavour cuda --source . $(if $(WHEEL_ARCHS),--archs '$(WHEEL_ARCHS)')
+
 clean:
-	rm -rf build dist *.egg-info reptile_fused/*.so reptile_fused/_build_info.py
+	rm -rf build dist wheelhouse *.egg-info reptile_fused/*.so reptile_fused/_build_info.py

@@ -17,6 +17,15 @@ Environment switches:
   toolkit knows, plus PTX, is used.
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 
+A build with the extension gets a version with a local label naming what the binary
+was built for, ``0.1.0+torch2.14.1.cu130`` or ``0.1.0+torch2.14.1.cpu``, and
+requires exactly that torch release (``torch==2.14.1``): the library uses torch's
+C++ ABI, which changes between releases.  Wheel builds (``bdist_wheel``: ``python -m
+build --wheel``, ``pip wheel``) also default to the fat architecture list even when a
+GPU is visible, strip debug info from the library, and build in their own
+``build/wheel-<cpu|cuXYZ>`` folder, emptied of earlier packaging output first, so
+nothing stale from another build reaches the wheel.
+
 Every build writes ``reptile_fused/_build_info.py`` beside the library: the torch
 and CUDA versions it was compiled against, the architectures and the build time.
 """
@@ -27,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +44,31 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
+# Runtime dependencies (pyproject.toml declares them dynamic so that a build with the
+# extension can pin the exact torch it was compiled against).
+DEPENDENCIES = ["numpy", "tqdm", "pillow"]
+MIN_TORCH = "torch>=2.6"
+BUILDING_WHEEL = "bdist_wheel" in sys.argv[1:]
+
+
+def _base_version() -> str:
+    """The package version, kept in one place: ``reptile_fused.__version__``."""
+    text = (ROOT / "reptile_fused" / "__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    if match is None:
+        raise SystemExit("setup.py: no __version__ in reptile_fused/__init__.py")
+    return match.group(1)
+
+
+def _public(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def _flavour(info: dict) -> str:
+    """``cu130`` for kernels built with CUDA 13.0, ``cpu`` for CPU kernels only."""
+    if not info["with_cuda"]:
+        return "cpu"
+    return "cu" + "".join(info["cuda_version"].split(".")[:2])
 
 
 def _env_switch(name: str) -> str:
@@ -93,7 +128,9 @@ def _extension():
         with_cuda = missing is None
     if with_cuda:
         nvcc = _nvcc_version(cuda_home)
-        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # A wheel is for other people's GPUs, so it gets the fat list even when the
+        # builder has a GPU (torch's default would compile for that one only).
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and (BUILDING_WHEEL or not torch.cuda.is_available()):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(nvcc or (12, 0))
         info.update(
             with_cuda=True,
@@ -107,6 +144,12 @@ def _extension():
     if with_cuda:
         # No --use_fast_math: it would change the rounding the tests compare against.
         args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        # nvcc compiles a fat list one architecture after another, on one core, after
+        # ninja has finished the quick .cpp files; --threads compiles them side by side.
+        n_archs = len(re.findall(r"\d+\.\d+", info["cuda_arch_list"]))
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        if n_archs > 1 and jobs > 1:
+            args["nvcc"].append(f"--threads={min(jobs, n_archs)}")
     ext = make(
         "reptile_fused._C",
         sources,
@@ -130,6 +173,8 @@ def _build_ext_class(info: dict):
             seconds = time.perf_counter() - start
             print(f"reptile_fused: extension built in {seconds:.1f} s")
             for ext in self.extensions:
+                if BUILDING_WHEEL:
+                    _strip_debug_info(Path(self.get_ext_fullpath(ext.name)))
                 target = Path(self.get_ext_fullpath(ext.name)).parent / "_build_info.py"
                 target.write_text(
                     '"""Written by setup.py when reptile_fused._C was built: what it was built against."""\n\n'
@@ -156,12 +201,45 @@ def _build_ext_class(info: dict):
     return Build.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
+def _strip_debug_info(library: Path) -> None:
+    """Debug sections (from Python's default ``-g``) are most of an unstripped
+    library and of no use to people installing a wheel."""
+    strip = shutil.which("strip")
+    before = library.stat().st_size
+    if strip is None:
+        print(f"reptile_fused: no `strip` on PATH: {library.name} ships with debug info ({before / 2**20:.1f} MiB)")
+        return
+    subprocess.run([strip, "--strip-debug", str(library)], check=True)
+    after = library.stat().st_size
+    print(f"reptile_fused: stripped debug info from {library.name}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+
+
+def _wheel_build_base(flavour: str) -> str:
+    """A build folder per wheel flavour, with its packaging output (``lib*``, what
+    goes into the wheel) removed: a module deleted from the source tree, or the
+    library of the other flavour, must not ship.  Compiled objects (``temp*``) stay,
+    so ninja rebuilds only what changed."""
+    base = ROOT / "build" / f"wheel-{flavour}"
+    for stale in list(base.glob("lib*")) + list(base.glob("bdist*")):
+        shutil.rmtree(stale)
+    return str(base.relative_to(ROOT))
+
+
 if _env_switch("REPTILE_FUSED_NO_EXTENSION") == "on":
-    setup()
+    # Pure Python: no binary, so any supported torch will do.
+    setup(version=_base_version(), install_requires=[MIN_TORCH, *DEPENDENCIES])
 else:
     extension, build_info = _extension()
+    torch_release = _public(build_info["torch_version"])
+    flavour = _flavour(build_info)
+    options = {"bdist_wheel": {"py_limited_api": "cp310"}}
+    if BUILDING_WHEEL:
+        options["build"] = {"build_base": _wheel_build_base(flavour)}
     setup(
+        # PEP 440 local label: pip shows it, and the wheel's file name carries it.
+        version=f"{_base_version()}+torch{torch_release}.{flavour}",
+        install_requires=[f"torch=={torch_release}", *DEPENDENCIES],
         ext_modules=[extension],
         cmdclass={"build_ext": _build_ext_class(build_info)},
-        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+        options=options,
     )

@@ -6,8 +6,19 @@
 # Budget: about 8 minutes (build ~1-3 min, tests <= 200 s, benchmarks <= 270 s).
 #
 #   scripts/gpu_check.sh [OUTDIR]        PYTHON=python3 by default
+#
+# With --wheel (issue 8; `make gpu-check-wheel`), the GPU tests run from an installed
+# wheel instead of the source tree: build the CUDA wheel for the local GPU (or for
+# TORCH_CUDA_ARCH_LIST) with `pip wheel --no-build-isolation --no-deps`, then
+# scripts/wheel_check.py installs it into a new venv that reuses this machine's torch,
+# checks it (kernels, ops vs reference on CPU and GPU, cuobjdump arch list) and runs
+# `pytest -m gpu` on a copy of tests/ against it.  No benchmark.  Budget: about 6 minutes.
+#
+#   scripts/gpu_check.sh --wheel [OUTDIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+WHEEL_MODE=0
+if [ "${1:-}" = "--wheel" ]; then WHEEL_MODE=1; shift; fi
 OUT="${1:-benchmarks/results}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
@@ -27,6 +38,20 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export TORCH_CUDA_ARCH_LIST REPTILE_FUSED_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+
+if [ "$WHEEL_MODE" = 1 ]; then
+  start=$(date +%s)
+  rm -rf "$OUT/dist"
+  if ! "$PY" -m pip wheel --no-build-isolation --no-deps -w "$OUT/dist" . >"$OUT/gpu_wheel_build.log" 2>&1; then
+    echo "gpu_check: wheel build failed, see $OUT/gpu_wheel_build.log"; tail -30 "$OUT/gpu_wheel_build.log"; exit 3
+  fi
+  echo "wheel build: $(( $(date +%s) - start )) s for arch $TORCH_CUDA_ARCH_LIST: $(ls "$OUT"/dist)" | tee -a "$OUT/gpu_env.txt"
+  timeout 600 "$PY" scripts/wheel_check.py "$OUT/dist" --flavour cuda --source . --archs "$TORCH_CUDA_ARCH_LIST" \
+    --pytest "-q -m gpu -rfE tests" 2>&1 | tee "$OUT/gpu_wheel_check.log"
+  status=${PIPESTATUS[0]}
+  echo "gpu_check --wheel: exit $status (0 = all passed)"
+  exit "$status"
+fi
 
 start=$(date +%s)
 if ! "$PY" setup.py build_ext --inplace >"$OUT/gpu_build.log" 2>&1; then

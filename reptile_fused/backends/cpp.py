@@ -16,6 +16,7 @@ warning announces that the reference ops are used instead.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 
 import torch
@@ -53,25 +54,65 @@ def _base_version(version: str) -> str:
     return version.split("+", 1)[0]
 
 
+def _flavour(cuda_version: str | None) -> str:
+    """The local-label suffix of the wheel that fits this CUDA version (see setup.py)."""
+    return "cpu" if cuda_version is None else "cu" + "".join(cuda_version.split(".")[:2])
+
+
+def _mismatch(info: object) -> str | None:
+    """Why the library recorded by ``info`` must not be loaded into this torch, or None.
+
+    A library built against another torch release can fail to resolve symbols, or
+    resolve them to code with another layout and crash the interpreter, so the
+    check happens before loading it."""
+    built_torch = str(getattr(info, "TORCH_VERSION", "unknown"))
+    built_cuda = getattr(info, "CUDA_VERSION", None) if getattr(info, "WITH_CUDA", False) else None
+    here_torch, here_cuda = torch.__version__, torch.version.cuda
+    built = f"torch {built_torch}" + (f" with CUDA {built_cuda} kernels" if built_cuda else " (CPU kernels only)")
+    here = f"torch {here_torch}" + (f" (CUDA {here_cuda})" if here_cuda else " (a CPU-only build)")
+    if _base_version(built_torch) != _base_version(here_torch):
+        problem = "another torch release"
+    elif built_cuda is not None and here_cuda is None:
+        problem = "CUDA kernels, which need a CUDA build of torch"
+    elif built_cuda is not None and built_cuda.split(".")[0] != here_cuda.split(".")[0]:
+        problem = "another major CUDA version"
+    else:
+        return None
+    wanted = f"+torch{_base_version(here_torch)}.{_flavour(here_cuda)}"
+    return (
+        f"the C++/CUDA extension reptile_fused._C was built for {built} but {here} is installed: {problem}, "
+        f"so it was not loaded. Either install the torch it was built for (pip install torch=={_base_version(built_torch)}), "
+        f"or install the reptile-fused wheel built for this torch (its version ends in {wanted}), "
+        f"or {BUILD_HINT}"
+    )
+
+
 def _load() -> tuple[object | None, str | None]:
     """(the build record, None) once the library is loaded, else (record or None, why not)."""
     try:
         info = importlib.import_module("reptile_fused._build_info")
     except ImportError:
         info = None
-    if info is not None and _base_version(info.TORCH_VERSION) != _base_version(torch.__version__):
-        # Loading a library built against another torch can crash the interpreter
-        # (C++ ABI), so it is not even attempted.
-        return info, (
-            f"the C++/CUDA extension was built against torch {info.TORCH_VERSION} but torch "
-            f"{torch.__version__} is installed; rebuild it: {BUILD_HINT}"
-        )
+    except Exception as exc:  # a damaged record must not stop `import reptile_fused`
+        return None, f"the build record reptile_fused/_build_info.py cannot be read ({exc!r}); {BUILD_HINT}"
+    if info is None:
+        if importlib.util.find_spec("reptile_fused._C") is not None:
+            # Every build writes the record next to the library; without it the
+            # torch it was built for is unknown, and loading could crash.
+            return None, (
+                "reptile_fused._C has no build record (reptile_fused/_build_info.py), so the torch it was "
+                f"built for cannot be checked and it was not loaded; {BUILD_HINT}"
+            )
+        return None, f"the C++/CUDA extension reptile_fused._C is not built; {BUILD_HINT}"
+    mismatch = _mismatch(info)
+    if mismatch is not None:
+        return info, mismatch
     try:
         importlib.import_module("reptile_fused._C")
-    except ImportError as exc:  # not built, or built for another platform
-        return info, f"the C++/CUDA extension reptile_fused._C is not built ({exc}); {BUILD_HINT}"
-    except OSError as exc:  # a dependency of the library is missing
+    except ImportError as exc:  # not built, built for another platform, or a missing shared library
         return info, f"the C++/CUDA extension reptile_fused._C failed to load ({exc}); {BUILD_HINT}"
+    except Exception as exc:  # e.g. OSError from the dynamic loader
+        return info, f"the C++/CUDA extension reptile_fused._C failed to load ({exc!r}); {BUILD_HINT}"
     return info, None
 
 

@@ -103,6 +103,33 @@ def _default_arch_list(nvcc: tuple[int, int]) -> str:
     return ";".join(archs) + "+PTX"
 
 
+def _is_toolkit(home: str | os.PathLike | None) -> bool:
+    """A CUDA toolkit folder: nvcc, the runtime headers and the runtime library to link."""
+    if not home:
+        return False
+    home = Path(home)
+    has_lib = any(any((home / d).glob("libcudart.so*")) for d in ("lib64", "lib", "targets/x86_64-linux/lib"))
+    return (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists() and has_lib
+
+
+def _find_cuda_home(torch_guess: str | None) -> str | None:
+    """Where the CUDA toolkit is.  torch guesses from `nvcc` on PATH by taking its
+    grandparent folder, which is wrong when that nvcc is a wrapper script or a link
+    (seen: /usr/local/bin/nvcc exec-ing /usr/local/cuda-13.0/bin/nvcc gave /usr/local,
+    which has no libcudart to link), so each candidate is checked."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess, "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        try:  # a wrapper script names the real nvcc inside it
+            match = re.search(r"(/\S+)/bin/nvcc", Path(nvcc).read_text(errors="ignore")[:4096])
+            if match:
+                candidates.append(match.group(1))
+        except OSError:
+            pass
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
 def _extension():
     import torch
     from torch.utils import cpp_extension
@@ -113,7 +140,11 @@ def _extension():
     info = {"torch_version": torch.__version__, "with_cuda": False, "cuda_version": None, "cuda_arch_list": None}
 
     want = _env_switch("REPTILE_FUSED_CUDA")
-    cuda_home = cpp_extension.CUDA_HOME
+    cuda_home = _find_cuda_home(cpp_extension.CUDA_HOME)
+    if cuda_home is not None and cuda_home != cpp_extension.CUDA_HOME:
+        # BuildExtension reads this module global when it compiles and links.
+        cpp_extension.CUDA_HOME = cuda_home
+        os.environ["CUDA_HOME"] = cuda_home
     with_cuda = False
     if want != "off":
         missing = None

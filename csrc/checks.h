@@ -37,6 +37,46 @@ inline void check_like(const at::Tensor& other, const at::Tensor& param, at::Sca
               " must be a contiguous buffer of ", param.numel(), " elements, got shape ", other.sizes());
 }
 
+// The buffers of each op, checked the same way on every device.
+inline void check_sgd_buffers(const at::Tensor& param, const at::Tensor& grad,
+                              const std::optional<at::Tensor>& momentum_buffer, bool has_momentum,
+                              c10::DeviceType device_type) {
+  check_param(param, "param", device_type);
+  check_like(grad, param, param.scalar_type(), "grad");
+  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_step_: momentum != 0 needs a momentum_buffer");
+  if (has_momentum) check_like(*momentum_buffer, param, param.scalar_type(), "momentum_buffer");
+}
+
+inline void check_adam_buffers(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                               const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                               bool amsgrad, c10::DeviceType device_type) {
+  check_param(param, "param", device_type);
+  const auto dt = param.scalar_type();
+  check_like(grad, param, dt, "grad");
+  check_like(exp_avg, param, dt, "exp_avg");
+  check_like(exp_avg_sq, param, dt, "exp_avg_sq");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "adam_step_: amsgrad=True needs max_exp_avg_sq");
+  if (amsgrad) check_like(*max_exp_avg_sq, param, dt, "max_exp_avg_sq");
+}
+
+// task_end_ and meta_update_: the anchor has the parameter's dtype, the accumulator its opmath dtype.
+inline void check_task_buffers(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc,
+                               c10::DeviceType device_type) {
+  check_param(param, "param", device_type);
+  check_like(anchor, param, param.scalar_type(), "anchor");
+  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+}
+
+inline void check_batched_buffers(const at::Tensor& theta, const at::Tensor& tasks, c10::DeviceType device_type) {
+  check_param(theta, "theta", device_type);
+  TORCH_CHECK(tasks.device() == theta.device(), "tasks is on ", tasks.device(), " but theta is on ", theta.device());
+  TORCH_CHECK(tasks.scalar_type() == theta.scalar_type(), "tasks has dtype ", tasks.scalar_type(), " but theta has ",
+              theta.scalar_type());
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == theta.numel() && tasks.is_contiguous(),
+              "tasks must be a contiguous [n, P] buffer with P = ", theta.numel(), ", got shape ", tasks.sizes());
+  TORCH_CHECK(tasks.size(0) >= 1, "tasks must hold at least one task row (n >= 1)");
+}
+
 // A scalar the kernels read: either a host value, or a pointer to a one-element
 // floating tensor on the buffers' device that the CUDA kernel reads on the device
 // (so a captured CUDA graph sees new values on replay).  Kind codes are plain ints
@@ -70,6 +110,18 @@ inline ScalarArg make_scalar(double value, const std::optional<at::Tensor>& tens
   }
   s.ptr = t.data_ptr();
   return s;
+}
+
+// Range checks of the counts; a device tensor is not read back for them (that would
+// synchronise), so only host values are checked.
+inline void check_step(const ScalarArg& step) {
+  TORCH_CHECK(step.ptr != nullptr || step.value >= 1,
+              "adam_step_: step must be >= 1 (the count after this step), got ", step.value);
+}
+
+inline void check_task_count(const ScalarArg& n) {
+  TORCH_CHECK(n.ptr != nullptr || n.value > 0, "meta_update_: n (the number of finished tasks) must be > 0, got ",
+              n.value);
 }
 
 }  // namespace reptile_fused

@@ -100,11 +100,8 @@ inline V broadcast(double x) {
 void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                   double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  check_param(param, "param", c10::DeviceType::CPU);
-  check_like(grad, param, param.scalar_type(), "grad");
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_step_: momentum != 0 needs a momentum_buffer");
-  if (has_momentum) check_like(*momentum_buffer, param, param.scalar_type(), "momentum_buffer");
+  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, c10::DeviceType::CPU);
   const double lr_value = make_scalar(lr, lr_tensor, param, "lr").value;
   const SgdCoef<double> coef = sgd_coef(lr_value, momentum, dampening, weight_decay, nesterov, maximize, first_step);
 
@@ -144,15 +141,11 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                    const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
-  check_param(param, "param", c10::DeviceType::CPU);
+  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c10::DeviceType::CPU);
   const auto dt = param.scalar_type();
-  check_like(grad, param, dt, "grad");
-  check_like(exp_avg, param, dt, "exp_avg");
-  check_like(exp_avg_sq, param, dt, "exp_avg_sq");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "adam_step_: amsgrad=True needs max_exp_avg_sq");
-  if (amsgrad) check_like(*max_exp_avg_sq, param, dt, "max_exp_avg_sq");
-  const double step_value = make_scalar(step, step_tensor, param, "step").value;
-  TORCH_CHECK(step_value >= 1, "adam_step_: step must be >= 1 (the count after this step), got ", step_value);
+  const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");
+  check_step(step_arg);
+  const double step_value = step_arg.value;
   const double lr_value = make_scalar(lr, lr_tensor, param, "lr").value;
   const AdamCoef<double> coef =
       adam_coef(lr_value, step_value, beta1, beta2, eps, weight_decay, amsgrad, maximize);
@@ -198,9 +191,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
 
 // ---------------------------------------------------------------- task_end_
 void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
-  check_param(param, "param", c10::DeviceType::CPU);
-  check_like(anchor, param, param.scalar_type(), "anchor");
-  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+  check_task_buffers(param, anchor, acc, c10::DeviceType::CPU);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "task_end_cpu", [&] {
     using B = Block<scalar_t>;
@@ -232,12 +223,11 @@ void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::T
 void meta_update_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc, double meta_lr,
                      const std::optional<at::Tensor>& meta_lr_tensor, double n,
                      const std::optional<at::Tensor>& n_tensor) {
-  check_param(param, "param", c10::DeviceType::CPU);
-  check_like(anchor, param, param.scalar_type(), "anchor");
-  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+  check_task_buffers(param, anchor, acc, c10::DeviceType::CPU);
   const double lr_value = make_scalar(meta_lr, meta_lr_tensor, param, "meta_lr").value;
-  const double n_value = make_scalar(n, n_tensor, param, "n").value;
-  TORCH_CHECK(n_value > 0, "meta_update_: n (the number of finished tasks) must be > 0, got ", n_value);
+  const ScalarArg n_arg = make_scalar(n, n_tensor, param, "n");
+  check_task_count(n_arg);
+  const double n_value = n_arg.value;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "meta_update_cpu", [&] {
     using B = Block<scalar_t>;
@@ -271,13 +261,7 @@ void meta_update_cpu(const at::Tensor& param, const at::Tensor& anchor, const at
 // ---------------------------------------------------------------- batched_meta_update_
 void batched_meta_update_cpu(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
                              const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
-  check_param(theta, "theta", c10::DeviceType::CPU);
-  TORCH_CHECK(tasks.device() == theta.device(), "tasks is on ", tasks.device(), " but theta is on ", theta.device());
-  TORCH_CHECK(tasks.scalar_type() == theta.scalar_type(), "tasks has dtype ", tasks.scalar_type(), " but theta has ",
-              theta.scalar_type());
-  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == theta.numel() && tasks.is_contiguous(),
-              "tasks must be a contiguous [n, P] buffer with P = ", theta.numel(), ", got shape ", tasks.sizes());
-  TORCH_CHECK(tasks.size(0) >= 1, "tasks must hold at least one task row (n >= 1)");
+  check_batched_buffers(theta, tasks, c10::DeviceType::CPU);
   const double lr_value = make_scalar(meta_lr, meta_lr_tensor, theta, "meta_lr").value;
   const int64_t rows = tasks.size(0);
   const int64_t P = theta.numel();

@@ -289,11 +289,8 @@ struct BatchedMetaOp {
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                    double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  check_param(param, "param", c10::DeviceType::CUDA);
-  check_like(grad, param, param.scalar_type(), "grad");
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_step_: momentum != 0 needs a momentum_buffer");
-  if (has_momentum) check_like(*momentum_buffer, param, param.scalar_type(), "momentum_buffer");
+  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, c10::DeviceType::CUDA);
   const ScalarArg lr_arg = make_scalar(lr, lr_tensor, param, "lr");
   const SgdCoef<double> coef = sgd_coef(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
 
@@ -310,17 +307,10 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const std::optional<at::Tensor>& step_tensor, double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                     double weight_decay, bool amsgrad, bool maximize) {
-  check_param(param, "param", c10::DeviceType::CUDA);
+  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c10::DeviceType::CUDA);
   const auto dt = param.scalar_type();
-  check_like(grad, param, dt, "grad");
-  check_like(exp_avg, param, dt, "exp_avg");
-  check_like(exp_avg_sq, param, dt, "exp_avg_sq");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "adam_step_: amsgrad=True needs max_exp_avg_sq");
-  if (amsgrad) check_like(*max_exp_avg_sq, param, dt, "max_exp_avg_sq");
   const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");
-  // A device-tensor step is not range-checked: that would synchronise.
-  TORCH_CHECK(step_arg.ptr != nullptr || step_arg.value >= 1,
-              "adam_step_: step must be >= 1 (the count after this step), got ", step_arg.value);
+  check_step(step_arg);
   const ScalarArg lr_arg = make_scalar(lr, lr_tensor, param, "lr");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adam_step_cuda", [&] {
@@ -339,9 +329,7 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
 }
 
 void task_end_cuda(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
-  check_param(param, "param", c10::DeviceType::CUDA);
-  check_like(anchor, param, param.scalar_type(), "anchor");
-  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+  check_task_buffers(param, anchor, acc, c10::DeviceType::CUDA);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "task_end_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     TaskEndOp<scalar_t> op{param.data_ptr<scalar_t>(), anchor.const_data_ptr<scalar_t>(), acc.data_ptr<opmath_t>()};
@@ -353,13 +341,10 @@ void task_end_cuda(const at::Tensor& param, const at::Tensor& anchor, const at::
 void meta_update_cuda(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc, double meta_lr,
                       const std::optional<at::Tensor>& meta_lr_tensor, double n,
                       const std::optional<at::Tensor>& n_tensor) {
-  check_param(param, "param", c10::DeviceType::CUDA);
-  check_like(anchor, param, param.scalar_type(), "anchor");
-  check_like(acc, param, opmath_scalar_type(param.scalar_type()), "acc");
+  check_task_buffers(param, anchor, acc, c10::DeviceType::CUDA);
   const ScalarArg lr_arg = make_scalar(meta_lr, meta_lr_tensor, param, "meta_lr");
   const ScalarArg n_arg = make_scalar(n, n_tensor, param, "n");
-  TORCH_CHECK(n_arg.ptr != nullptr || n_arg.value > 0,
-              "meta_update_: n (the number of finished tasks) must be > 0, got ", n_arg.value);
+  check_task_count(n_arg);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "meta_update_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     MetaUpdateOp<scalar_t> op{param.data_ptr<scalar_t>(), anchor.const_data_ptr<scalar_t>(),
@@ -371,13 +356,7 @@ void meta_update_cuda(const at::Tensor& param, const at::Tensor& anchor, const a
 
 void batched_meta_update_cuda(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
                               const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
-  check_param(theta, "theta", c10::DeviceType::CUDA);
-  TORCH_CHECK(tasks.device() == theta.device(), "tasks is on ", tasks.device(), " but theta is on ", theta.device());
-  TORCH_CHECK(tasks.scalar_type() == theta.scalar_type(), "tasks has dtype ", tasks.scalar_type(), " but theta has ",
-              theta.scalar_type());
-  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == theta.numel() && tasks.is_contiguous(),
-              "tasks must be a contiguous [n, P] buffer with P = ", theta.numel(), ", got shape ", tasks.sizes());
-  TORCH_CHECK(tasks.size(0) >= 1, "tasks must hold at least one task row (n >= 1)");
+  check_batched_buffers(theta, tasks, c10::DeviceType::CUDA);
   const ScalarArg lr_arg = make_scalar(meta_lr, meta_lr_tensor, theta, "meta_lr");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, theta.scalar_type(), "batched_meta_update_cuda", [&] {
     BatchedMetaOp<scalar_t> op{theta.data_ptr<scalar_t>(), tasks.data_ptr<scalar_t>(), tasks.size(0),

@@ -121,6 +121,21 @@ def _block(n_elements, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
+                    HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr):  # fmt: skip
+    """The parameter and the gradient SGD and Adam both start from: sign-flipped for
+    ``maximize``, then with L2 weight decay added, as torch.optim does."""
+    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
+    return p, g
+
+
+@triton.jit
 def _sgd_kernel(
     param_ptr, grad_ptr, buf_ptr,
     lr_bits, lr_ptr, momentum_bits, one_minus_dampening_bits, weight_decay_bits,
@@ -130,12 +145,8 @@ def _sgd_kernel(
     OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
-    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
-    if MAXIMIZE:
-        g = -g
-    if HAS_WEIGHT_DECAY:
-        g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
+    p, g = _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
+                           HAS_WEIGHT_DECAY, MAXIMIZE, OPMATH, BF16_BITS)  # fmt: skip
     if HAS_MOMENTUM:
         momentum = _scalar(momentum_bits, None, False, OPMATH)
         if FIRST_STEP:
@@ -165,12 +176,8 @@ def _adam_kernel(
     OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
-    g = _load(grad_ptr, offs, mask, OPMATH, BF16_BITS)
-    if MAXIMIZE:
-        g = -g
-    if HAS_WEIGHT_DECAY:
-        g = g + _scalar(weight_decay_bits, None, False, OPMATH) * p
+    p, g = _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
+                           HAS_WEIGHT_DECAY, MAXIMIZE, OPMATH, BF16_BITS)  # fmt: skip
 
     # torch's lerp picks its formula by the weight's size; follow the same branch.
     m = _load(exp_avg_ptr, offs, mask, OPMATH, BF16_BITS)

@@ -211,7 +211,12 @@ def cmd_train(args) -> int:
         args.quiet = True
     try:
         with contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() != 0 else contextlib.nullcontext():
-            return _train(args, device)
+            status = _train(args, device)
+        # Rank 0 still writes the last checkpoint while the others are done: a rank that
+        # tears the group down first can abort its peer's gloo threads at exit.  (Should a
+        # rank fail instead, torchrun stops the others, so nobody waits here forever.)
+        dist.barrier()
+        return status
     finally:
         dist.destroy_process_group()
 

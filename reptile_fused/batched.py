@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._validate import opmath_dtype
 from .backends import get_backend
-from .flat import FlatBuffer
+from .flat import FlatBuffer, check_memory_format
 from .optimizer import _check_hyperparameters
 
 __all__ = ["BatchedReptile", "NotBatchableError", "check_batchable"]
@@ -212,9 +212,9 @@ class _FoldTasksIntoChannels(TorchFunctionMode):
 class _Group:
     """θ of one device/dtype (the model's own parameters, packed) and its n task rows."""
 
-    def __init__(self, params: list[tuple[str, Tensor]], n: int, backend: str):
+    def __init__(self, params: list[tuple[str, Tensor]], n: int, backend: str, memory_format=None):
         self.names = [name for name, _ in params]
-        self.theta = FlatBuffer([p for _, p in params])
+        self.theta = FlatBuffer([p for _, p in params], memory_format)
         self.device, self.dtype = self.theta.device, self.theta.dtype
         self.backend = get_backend(backend, self.device)
         self.backend_name = self.backend.__name__.rsplit(".", 1)[-1]
@@ -225,13 +225,12 @@ class _Group:
         self.state: dict[str, Tensor] = {}
         self.leaves: list[Tensor] = []
         self.grad_views: list[Tensor] = []
-        for i, shape in enumerate(self.theta.shapes):
-            off, numel = self.theta.offsets[i], self.theta.numels[i]
+        for i in range(len(self.theta.shapes)):
             # Leaves that share storage with the task rows: autograd differentiates with
             # respect to them while the fused step updates the rows in place.
-            leaf = self.tasks[:, off : off + numel].view(n, *shape).detach().requires_grad_()
+            leaf = self.theta.row_view(self.tasks, i).detach().requires_grad_()
             self.leaves.append(leaf)
-            self.grad_views.append(self.grad[:, off : off + numel].view(n, *shape))
+            self.grad_views.append(self.theta.row_view(self.grad, i))
         self.theta_version = self.version()
         # Device scalars for capture mode (created on demand).
         self.lr_t: Tensor | None = None
@@ -290,6 +289,9 @@ class BatchedReptile:
             ``lr``, ``meta_lr`` and the Adam step from device memory; the ``reference``
             backend reads them on the host, which a graph cannot hold) or ``"auto"``
             (capture where possible, else eager with a warning saying why).
+        memory_format: element order of the parameters in θ and the task rows, as for
+            :class:`~reptile_fused.ReptileOptimizer`: ``None`` keeps each parameter's
+            layout, ``torch.channels_last`` lays 4-D weights out channels-last.
 
     Memory: θ, and per task row one copy of the parameters, one gradient, and the inner
     state (SGD with momentum: 1 buffer, Adam: 2, with amsgrad 3): ``O(n·P)``, against
@@ -318,6 +320,7 @@ class BatchedReptile:
         randomness: str = "different",
         backend: str = "auto",
         capture: bool | str = False,
+        memory_format=None,
     ):
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
@@ -333,6 +336,7 @@ class BatchedReptile:
             raise ValueError(f"reset_inner_state must be one of {BATCHED_STATE_RESETS}, got {reset_inner_state!r}{hint}")
         if capture not in CAPTURE_MODES or (capture is not True and capture is not False and capture != "auto"):
             raise ValueError(f"capture must be False, True or 'auto', got {capture!r}")
+        check_memory_format(memory_format)
         if randomness not in ("error", "different", "same"):
             raise ValueError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
         hyper = dict(
@@ -358,7 +362,7 @@ class BatchedReptile:
         self.reset_inner_state = reset_inner_state
         self.loss_fn = loss_fn
         self.hyper = hyper
-        self._groups = [_Group(params, n_tasks, backend) for params in by_key.values()]
+        self._groups = [_Group(params, n_tasks, backend, memory_format) for params in by_key.values()]
         self._params = {
             name: leaf for g in self._groups for name, leaf in zip(g.names, g.leaves)
         }

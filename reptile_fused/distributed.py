@@ -120,7 +120,7 @@ class MetaBatchSync:
         differing = [r for r, fp in enumerate(gathered) if not torch.equal(fp, gathered[0])]
         if differing:
             raise LayoutMismatchError(
-                f"rank {self.rank}: the parameter layout (shapes, dtypes, order, param groups, inner optimizer) "
+                f"rank {self.rank}: the parameter layout (shapes, memory formats, dtypes, order, param groups, inner optimizer) "
                 f"differs between ranks: ranks {differing} differ from rank 0. Build the same model and "
                 "optimizer on every rank."
             )

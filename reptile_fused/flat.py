@@ -3,6 +3,12 @@
 Each parameter's ``.data`` becomes a view into ``FlatBuffer.data`` and its ``.grad`` a
 view into ``FlatBuffer.grad``, so autograd accumulates straight into the flat gradient
 and every optimizer update is one pass over one buffer, whatever the tensor count.
+
+A parameter's slice is dense, but its element order is the parameter's own memory
+format (row-major, or channels-last for a model moved with
+``model.to(memory_format=torch.channels_last)``), or the one asked for: every update
+rule is elementwise, so the order inside a slice never changes a result, while the
+convolutions that read the weights can be much faster in one order than another.
 """
 
 from __future__ import annotations
@@ -18,6 +24,31 @@ from ._validate import SUPPORTED_DTYPES
 # Every parameter starts at a multiple of this many elements, so a kernel's vector
 # loads stay aligned at parameter boundaries (16 elements >= 32 bytes for 16-bit types).
 ALIGNMENT = 16
+
+
+# What ``memory_format=`` accepts, and the parameter rank each format applies to.
+MEMORY_FORMATS = {None: None, torch.contiguous_format: None, torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
+def check_memory_format(memory_format) -> None:
+    if not any(memory_format is f for f in MEMORY_FORMATS):
+        raise ValueError(
+            "memory_format must be None (keep each parameter's layout), torch.contiguous_format, "
+            f"torch.channels_last or torch.channels_last_3d, got {memory_format!r}"
+        )
+
+
+def packed_strides(p: Tensor, memory_format=None) -> tuple[int, ...]:
+    """The strides of ``p``'s slice in a flat buffer: dense, in the order ``memory_format``
+    asks for (like ``Module.to(memory_format=...)``, only parameters of the format's rank
+    change), else ``p``'s own (torch's ``preserve_format``: ``p``'s strides when it is
+    dense, else the closest dense layout)."""
+    check_memory_format(memory_format)
+    if memory_format is torch.contiguous_format or (
+        memory_format is not None and p.dim() == MEMORY_FORMATS[memory_format]
+    ):
+        return tuple(torch.empty(p.shape, device="meta", memory_format=memory_format).stride())
+    return tuple(torch.empty_like(p, device="meta").stride())
 
 
 def _aligned(n: int) -> int:
@@ -57,7 +88,7 @@ class FlatBuffer:
     rule maps (0, 0) to 0, so kernels may run over padding as if it were a parameter.
     """
 
-    def __init__(self, params: list[Tensor]):
+    def __init__(self, params: list[Tensor], memory_format=None):
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
         self.params = list(params)
@@ -68,6 +99,8 @@ class FlatBuffer:
             if p.device != self.device or p.dtype != self.dtype:
                 raise ValueError("a FlatBuffer holds parameters of one device and dtype")
         self.shapes = [p.shape for p in self.params]
+        self.strides = [packed_strides(p, memory_format) for p in self.params]
+        self._row_major = [s == tuple(torch.empty(sh, device="meta").stride()) for s, sh in zip(self.strides, self.shapes)]
         self.numels = [p.numel() for p in self.params]
         self.offsets = []
         total = 0
@@ -94,11 +127,20 @@ class FlatBuffer:
 
     def _view(self, buf: Tensor, i: int) -> Tensor:
         off = self.offsets[i]
-        return buf[off : off + self.numels[i]].view(self.shapes[i])
+        piece = buf[off : off + self.numels[i]]
+        if self._row_major[i]:
+            return piece.view(self.shapes[i])
+        return piece.as_strided(self.shapes[i], self.strides[i])
 
     def view(self, buf: Tensor, i: int) -> Tensor:
         """Parameter ``i``'s slice of a buffer laid out like ``data`` (e.g. optimizer state)."""
         return self._view(buf, i)
+
+    def row_view(self, rows: Tensor, i: int) -> Tensor:
+        """Parameter ``i`` of every row of an ``[n, numel]`` buffer, as one ``[n, *shape]`` view."""
+        off = self.offsets[i]
+        piece = rows[:, off : off + self.numels[i]]
+        return piece.as_strided((rows.shape[0], *self.shapes[i]), (rows.stride(0), *self.strides[i]))
 
     def new_buffer(self, dtype: torch.dtype | None = None) -> Tensor:
         """A zero buffer with this layout (optimizer state, the anchor, the task accumulator)."""

@@ -46,7 +46,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "auto") -> ReptileOptimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "auto", memory_format=None) -> ReptileOptimizer:
     return ReptileOptimizer(
         model.parameters(),
         inner_optimizer=config.inner_optimizer,
@@ -54,6 +54,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "
         meta_lr=config.meta_step,
         betas=(config.adam_beta1, config.adam_beta2),
         backend=backend,
+        memory_format=memory_format,
     )
 
 
@@ -70,7 +71,7 @@ class Trainer:
     """A run: model, optimizer, task source and the state needed to resume it."""
 
     def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
-                 problem=None, spec=None, progress: bool = True):
+                 problem=None, spec=None, progress: bool = True, memory_format=None):
         config.validate()
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -85,7 +86,7 @@ class Trainer:
         self.spec = spec
         self.model = init_model(spec, config.seed, self.device)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.opt = make_optimizer(self.model, config, backend)
+        self.opt = make_optimizer(self.model, config, backend, memory_format)
         self.train_gen = torch.Generator().manual_seed(config.seed)
         self.eval_gen = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET)
         self.iteration = 0

@@ -156,6 +156,28 @@ def test_stop_request_then_resume_equals_uninterrupted(folder_root, uninterrupte
     _assert_same_run(uninterrupted, run)
 
 
+def test_channels_last_run_resumes_bit_exact(folder_root, tmp_path, monkeypatch):
+    """--channels-last keeps the conv weights channels-last in the flat buffer for the whole
+    run, and a resumed channels-last run equals an uninterrupted one."""
+    whole, run = tmp_path / "whole", tmp_path / "crashed"
+    assert _train(folder_root, whole, "--channels-last") == 0
+    seen = []
+
+    def crash(self):
+        w = self.model.features[3].weight
+        seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+        if self.iteration == 7:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.Trainer, "_iteration_done", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _train(folder_root, run, "--channels-last")
+    assert seen and all(seen)
+    assert main(["train", "--out", str(run), "--resume", "--channels-last", "--quiet"]) == 0
+    _assert_same_run(whole, run)
+
+
 def test_resume_refuses_changed_settings_and_existing_runs(folder_root, uninterrupted, capsys):
     assert main(["train", "--out", str(uninterrupted), "--resume", "--inner-iters", "9"]) == 2
     assert "differs from the checkpoint" in capsys.readouterr().err

@@ -35,7 +35,7 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------- shared flags
 
 
-def _add_runtime(p: argparse.ArgumentParser, seed_default=None, threads_help=None) -> None:
+def _add_runtime(p: argparse.ArgumentParser, seed_default=None, threads_help=None, conv_layout=True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
@@ -44,9 +44,10 @@ def _add_runtime(p: argparse.ArgumentParser, seed_default=None, threads_help=Non
     g.add_argument("--threads", type=int, default=1 if threads_help else None,
                    help=threads_help or "CPU threads for torch (default: torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--channels-last", action="store_true",
-                   help="lay the conv weights out channels-last in the optimizer's flat buffer: the same "
-                        "values, faster convolutions on the CPU (see the README's benchmarks)")
+    if conv_layout:
+        g.add_argument("--channels-last", action="store_true",
+                       help="lay the conv weights out channels-last in the optimizer's flat buffer: the same "
+                            "values, faster convolutions on the CPU (see the README's benchmarks)")
 
 
 def _memory_format(args: argparse.Namespace):
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", "--meta-iters", dest="iters", type=int, default=None,
                    help="meta-training iterations (default 10000: about a minute on one CPU core)")
     d.add_argument("--test-tasks", type=int, default=200, help="new waves to average the MSE over (default %(default)s)")
-    _add_runtime(d, seed_default=0, threads_help="CPU threads (default 1: the MLP is too small to gain from more)")
+    _add_runtime(d, seed_default=0, threads_help="CPU threads (default 1: the MLP is too small to gain from more)",
+                 conv_layout=False)
 
     t = sub.add_parser("train", help="meta-train on a dataset, with checkpoints and a metrics CSV",
                        description="Meta-train with Reptile. Unset flags come from --preset, else from the "

@@ -10,9 +10,16 @@ nets of the Reptile paper.  Modes:
   l2l           a learn2learn-style loop: copy.deepcopy(model) per task, the meta-gradient
                 θ - mean(θ̃ᵢ) accumulated into p.grad, an outer torch.optim.SGD(lr=ε)
   sequential    ReptileOptimizer (flat buffers, backend "auto")
+  sequential_cl ReptileOptimizer(memory_format=torch.channels_last): the flat buffer lays
+                the conv weights out channels-last, so every convolution of the task
+                steps runs in oneDNN's/cuDNN's NHWC kernels
   batched       BatchedReptile, eager (vmap over the tasks, one fused step per inner step)
+  batched_cl    BatchedReptile(memory_format=torch.channels_last)
   graph         BatchedReptile(capture=True): one CUDA-graph replay per meta-iteration
                 (CUDA only, and only with a device-reading backend; else "not measured")
+  seed_cl       (diagnostic) the seed loop on a model the user moved to channels-last
+                (model.to(memory_format=torch.channels_last)): how much of the *_cl gain
+                the layout alone gives, with no help from this library
   floor         (diagnostic, not Reptile) forward + backward of the n·k task steps alone:
                 what any task-after-task loop costs at least; the gap to it is the
                 overhead batching can remove
@@ -22,8 +29,10 @@ rounds run the modes round-robin so machine noise hits all of them alike, and th
 median over rounds is reported.  Memory: each mode runs in a fresh process; on CUDA
 the peak of torch.cuda.max_memory_allocated() above what the model and data take, on
 the CPU the peak running sum, in time order, of the profiler's tensor allocation and
-free events from the same point (tensors only: no allocator caching, no oneDNN scratch).  Before timing, one meta-iteration of every
-mode from the same θ is checked to give the same θ.
+free events from the same point (tensors only: no allocator caching, no oneDNN scratch).
+Before timing, one meta-iteration of every mode runs from the same θ and the CSV reports
+its largest difference to the seed loop's θ and to the seed loop's θ in float64 (how far
+float32 rounding alone moves the result).
 
     python benchmarks/bench_meta_iteration.py                      # both nets, this machine
     python benchmarks/bench_meta_iteration.py --quick              # reduced repeats (make gpu-check)
@@ -59,9 +68,10 @@ from reptile_fused.batched import BatchedReptile  # noqa: E402
 
 from reptile_fused.models import MiniImageNetNet, OmniglotNet  # noqa: E402
 
-MODES = ("seed", "l2l", "sequential", "batched", "graph")
-# Not a way to run Reptile: the forward/backward work alone, for reading the others.
-DIAGNOSTICS = ("floor",)
+MODES = ("seed", "l2l", "sequential", "sequential_cl", "batched", "batched_cl", "graph")
+# For reading the others: the seed loop given the channels-last layout by hand, and the
+# forward/backward work alone (not Reptile).
+DIAGNOSTICS = ("seed_cl", "floor")
 
 
 # ---------------------------------------------------------------- the five loops
@@ -137,9 +147,11 @@ class Floor:
 
 
 class Sequential:
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, memory_format=None):
         self.model, self.cfg = model, cfg
-        self.opt = ReptileOptimizer(model.parameters(), lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend)
+        self.opt = ReptileOptimizer(
+            model.parameters(), lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend, memory_format=memory_format
+        )
 
     def __call__(self, xs, ys):
         model, opt, c = self.model, self.opt, self.cfg
@@ -153,9 +165,10 @@ class Sequential:
 
 
 class Batched:
-    def __init__(self, model, cfg, capture=False):
+    def __init__(self, model, cfg, capture=False, memory_format=None):
         self.br = BatchedReptile(
-            model, cfg.n, lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend, capture=capture
+            model, cfg.n, lr=cfg.inner_lr, meta_lr=cfg.meta_lr, backend=cfg.backend, capture=capture,
+            memory_format=memory_format,
         )
 
     def __call__(self, xs, ys):
@@ -177,10 +190,16 @@ def make_mode(mode, model, cfg):
         return Seed(model, cfg)
     if mode == "l2l":
         return L2LStyle(model, cfg)
+    if mode == "seed_cl":
+        return Seed(model.to(memory_format=torch.channels_last), cfg)
     if mode == "sequential":
         return Sequential(model, cfg)
+    if mode == "sequential_cl":
+        return Sequential(model, cfg, memory_format=torch.channels_last)
     if mode == "batched":
         return Batched(model, cfg)
+    if mode == "batched_cl":
+        return Batched(model, cfg, memory_format=torch.channels_last)
     if mode == "graph":
         return Batched(model, cfg, capture=True)
     if mode == "floor":
@@ -213,25 +232,35 @@ def sync(device):
 
 
 def check_agreement(net, cfg, device, modes):
-    """One meta-iteration of each mode from the same θ: the largest parameter difference to seed."""
+    """One meta-iteration of each mode from the same θ (two for graph: its first call
+    records): the largest parameter difference to the float32 seed loop and to the seed
+    loop in float64, the yardstick for how far float32 rounding alone moves θ."""
     results = {}
     for mode in modes:
-        if mode in DIAGNOSTICS:
+        if mode == "floor":
             continue
         model, xs, ys, _ = build(net, cfg, device)
         run = make_mode(mode, model, cfg)
         run(xs, ys)
         if mode == "graph":
-            run(xs, ys)  # the first call records; compare two iterations against two
+            run(xs, ys)
         sync(device)
-        results[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    ref_model, xs, ys, _ = build(net, cfg, device)
-    seed_run = Seed(ref_model, cfg)
-    seed_run(xs, ys)
-    one = torch.cat([p.detach().flatten() for p in ref_model.parameters()])
-    seed_run(xs, ys)
-    two = torch.cat([p.detach().flatten() for p in ref_model.parameters()])
-    return {m: float((v - (two if m == "graph" else one)).abs().max()) for m, v in results.items()}
+        results[mode] = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    references = {}
+    for dtype in (torch.float32, torch.float64):
+        ref_model, xs, ys, _ = build(net, cfg, device)
+        ref_model, xs = ref_model.to(dtype), xs.to(dtype)
+        seed_run = Seed(ref_model, cfg)
+        thetas = []
+        for _ in range(2):
+            seed_run(xs, ys)
+            thetas.append(torch.cat([p.detach().flatten() for p in ref_model.parameters()]).double())
+        references[dtype] = thetas
+
+    def diff(mode, dtype):
+        return float((results[mode] - references[dtype][1 if mode == "graph" else 0]).abs().max())
+
+    return {m: (diff(m, torch.float32), diff(m, torch.float64)) for m in results}
 
 
 def time_modes(net, cfg, device, modes):
@@ -314,19 +343,23 @@ def chart(rows, path, device):
     import matplotlib.pyplot as plt
 
     nets = list(dict.fromkeys(r["net"] for r in rows))
-    fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
     for ax, net in zip(axes[0], nets):
         sub = [r for r in rows if r["net"] == net]
         names = [r["mode"] for r in sub]
         vals = [float(r["meta_it_per_s"]) if r["meta_it_per_s"] not in ("", "not measured") else 0.0 for r in sub]
-        palette = {"seed": "#999999", "l2l": "#bbbbbb", "sequential": "#6b8ec7", "batched": "#2a5caa",
-                   "graph": "#143d7a", "floor": "#e0c080"}
+        palette = {"seed": "#999999", "l2l": "#bbbbbb", "sequential": "#6b8ec7", "sequential_cl": "#4f74b3",
+                   "batched": "#2a5caa", "batched_cl": "#1d4a91", "graph": "#143d7a", "seed_cl": "#d8b0b0",
+                   "floor": "#e0c080"}
         bars = ax.bar(names, vals, color=[palette.get(m, "#777777") for m in names])
         for bar, r in zip(bars, sub):
             label = "not measured" if r["meta_it_per_s"] == "not measured" else f"{float(r['speedup_vs_seed']):.2f}×"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{net} ({sub[0]['image']}), n={sub[0]['n']}, k={sub[0]['k']}, B={sub[0]['batch']}")
         ax.set_ylabel("meta-iterations / s (median)")
+        ax.tick_params(axis="x", labelrotation=35)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     fig.suptitle(f"Reptile meta-iteration throughput on {device} ({rows[0]['machine']}); × = vs seed loop")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -393,7 +426,7 @@ def main(argv=None):
             )
             if mode not in times:
                 row.update(meta_it_per_s="not measured", median_s=graph_reason, speedup_vs_seed="",
-                           max_abs_diff_vs_seed="", peak_mib="", memory_kind="")
+                           max_abs_diff_vs_seed="", max_abs_diff_vs_float64="", peak_mib="", memory_kind="")
             else:
                 med = statistics.median(times[mode])
                 mem = {"peak_mib": float("nan"), "kind": "not measured"} if args.no_memory else memory_in_subprocess(net, mode, args)
@@ -401,12 +434,14 @@ def main(argv=None):
                     meta_it_per_s=f"{1 / med:.4f}", median_s=f"{med:.5f}",
                     min_s=f"{min(times[mode]):.5f}",
                     speedup_vs_seed=f"{seed_s / med:.3f}" if seed_s else "",
-                    max_abs_diff_vs_seed=f"{agree[mode]:.2e}" if mode in agree else "",
+                    max_abs_diff_vs_seed=f"{agree[mode][0]:.2e}" if mode in agree else "",
+                    max_abs_diff_vs_float64=f"{agree[mode][1]:.2e}" if mode in agree else "",
                     peak_mib=f"{mem['peak_mib']:.1f}", memory_kind=mem["kind"],
                 )
             rows.append(row)
             print(f"{net:13s} {mode:11s} {row['meta_it_per_s']:>12s} it/s  x{row['speedup_vs_seed'] or '-':>6s}  "
-                  f"peak {row['peak_mib'] or '-':>8s} MiB  diff {row['max_abs_diff_vs_seed'] or '-'}", flush=True)
+                  f"peak {row['peak_mib'] or '-':>8s} MiB  diff {row['max_abs_diff_vs_seed'] or '-'}"
+                  f" (float64 {row['max_abs_diff_vs_float64'] or '-'})", flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"meta_iteration_{device.type}.csv"
     fields = list(dict.fromkeys(k for r in rows for k in r))

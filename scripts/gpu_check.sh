@@ -71,7 +71,8 @@ timeout 120 "$PY" benchmarks/bench_ops.py --device cuda --quick --out "$OUT" 2>&
 timeout 60 "$PY" benchmarks/bench_triton.py --sizes 1048576 16777216 67108864 --dtypes float32 \
   --out "$OUT/triton_cuda.csv" 2>&1 | tee -a "$OUT/gpu_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=5
-timeout 90 "$PY" benchmarks/bench_meta_iteration.py --device cuda --quick --nets omniglot \
+timeout 110 "$PY" benchmarks/bench_meta_iteration.py --device cuda --quick --nets omniglot \
+  --modes seed,l2l,sequential,sequential_cl,batched,graph,floor \
   --out "$OUT/meta_iteration_cuda.csv" 2>&1 | tee -a "$OUT/gpu_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=5
 

@@ -156,8 +156,8 @@ class FlatBuffer:
                 raise RuntimeError(
                     f"parameter {i} of shape {tuple(self.shapes[i])} no longer lives in the optimizer's flat "
                     f"buffer (it is now {p.dtype} on {p.device}; the buffer is {self.dtype} on {self.device}). "
-                    "Moving or casting a model after creating its optimizer is not supported: "
-                    "move the model first, then create the ReptileOptimizer."
+                    "Moving, casting or changing the memory format of a model after creating its optimizer "
+                    "is not supported: do that first, then create the ReptileOptimizer (or pass it memory_format=)."
                 )
 
     def pending_grads(self) -> tuple[list[bool] | None, list[tuple[int, Tensor]]]:

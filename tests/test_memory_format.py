@@ -216,3 +216,15 @@ def test_reptile_train_passes_the_memory_format_on(batched):
     reptile_train(model, tasks(), inner_steps=2, num_iterations=2, device="cpu", meta_batch_size=2,
                   batched=batched, log_interval=0, memory_format=CL)
     assert is_cl(model[0].weight) and is_cl(model[2].weight)
+
+
+def test_changing_the_layout_after_construction_is_caught():
+    model = small_conv()
+    opt = ReptileOptimizer(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    model.to(memory_format=CL)  # new storage for the conv weights, outside the flat buffer
+    F.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 3])).backward()
+    with pytest.raises(RuntimeError, match="memory format"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)

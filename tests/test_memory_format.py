@@ -132,6 +132,19 @@ def test_updates_are_bitwise_the_same_in_every_layout(backend, inner_optimizer):
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), (k, key)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+def test_updates_are_bitwise_the_same_in_every_layout_on_cuda(inner_optimizer):
+    for backend in available_backends("cuda"):
+        row_major = small_conv().cuda()
+        channels_last = copy.deepcopy(row_major)
+        reptile_run(row_major, backend, None, inner_optimizer)
+        reptile_run(channels_last, backend, CL, inner_optimizer)
+        assert is_cl(channels_last[0].weight)
+        for p, q in zip(row_major.parameters(), channels_last.parameters()):
+            assert torch.equal(p, q), backend
+
+
 def test_a_checkpoint_moves_between_layouts():
     source = small_conv()
     opt = reptile_run(source, "reference", CL, "adam", rounds=1)

@@ -235,32 +235,27 @@ def check_agreement(net, cfg, device, modes):
     """One meta-iteration of each mode from the same θ (two for graph: its first call
     records): the largest parameter difference to the float32 seed loop and to the seed
     loop in float64, the yardstick for how far float32 rounding alone moves θ."""
-    results = {}
-    for mode in modes:
-        if mode == "floor":
-            continue
+
+    def theta_after(make_run, iterations, dtype=torch.float32):
         model, xs, ys, _ = build(net, cfg, device)
-        run = make_mode(mode, model, cfg)
-        run(xs, ys)
-        if mode == "graph":
+        model, xs = model.to(dtype), xs.to(dtype)
+        run = make_run(model)
+        for _ in range(iterations):
             run(xs, ys)
         sync(device)
-        results[mode] = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-    references = {}
-    for dtype in (torch.float32, torch.float64):
-        ref_model, xs, ys, _ = build(net, cfg, device)
-        ref_model, xs = ref_model.to(dtype), xs.to(dtype)
-        seed_run = Seed(ref_model, cfg)
-        thetas = []
-        for _ in range(2):
-            seed_run(xs, ys)
-            thetas.append(torch.cat([p.detach().flatten() for p in ref_model.parameters()]).double())
-        references[dtype] = thetas
+        return torch.cat([p.detach().flatten() for p in model.parameters()]).double()
 
-    def diff(mode, dtype):
-        return float((results[mode] - references[dtype][1 if mode == "graph" else 0]).abs().max())
-
-    return {m: (diff(m, torch.float32), diff(m, torch.float64)) for m in results}
+    iterations = {m: 2 if m == "graph" else 1 for m in modes if m != "floor"}
+    seed = {
+        (dtype, k): theta_after(lambda model: Seed(model, cfg), k, dtype)
+        for dtype in (torch.float32, torch.float64)
+        for k in set(iterations.values())
+    }
+    out = {}
+    for mode, k in iterations.items():
+        theta = theta_after(lambda model: make_mode(mode, model, cfg), k)
+        out[mode] = tuple(float((theta - seed[dtype, k]).abs().max()) for dtype in (torch.float32, torch.float64))
+    return out
 
 
 def time_modes(net, cfg, device, modes):

@@ -100,7 +100,6 @@ class FlatBuffer:
                 raise ValueError("a FlatBuffer holds parameters of one device and dtype")
         self.shapes = [p.shape for p in self.params]
         self.strides = [packed_strides(p, memory_format) for p in self.params]
-        self._row_major = [s == tuple(torch.empty(sh, device="meta").stride()) for s, sh in zip(self.strides, self.shapes)]
         self.numels = [p.numel() for p in self.params]
         self.offsets = []
         total = 0
@@ -127,10 +126,7 @@ class FlatBuffer:
 
     def _view(self, buf: Tensor, i: int) -> Tensor:
         off = self.offsets[i]
-        piece = buf[off : off + self.numels[i]]
-        if self._row_major[i]:
-            return piece.view(self.shapes[i])
-        return piece.as_strided(self.shapes[i], self.strides[i])
+        return buf[off : off + self.numels[i]].as_strided(self.shapes[i], self.strides[i])
 
     def view(self, buf: Tensor, i: int) -> Tensor:
         """Parameter ``i``'s slice of a buffer laid out like ``data`` (e.g. optimizer state)."""

@@ -29,16 +29,14 @@ def _glorot_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class OmniglotNet(nn.Module):
-    """4 x [conv 3x3, 64 channels, stride 2, same padding, batch norm, ReLU] + linear."""
+class _FourStageConvNet(nn.Module):
+    """Four ``stage(in_channels, channels)`` blocks, each halving the image (rounding up), then a linear layer."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 28, channels: int = 64):
+    def __init__(self, stage, num_classes: int, in_channels: int, image_size: int, channels: int):
         super().__init__()
         layers, c = [], in_channels
         for _ in range(4):
-            layers += [nn.Conv2d(c, channels, 3, stride=2, padding=1),
-                       nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False),
-                       nn.ReLU()]
+            layers += stage(c, channels)
             c = channels
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels * _halved(image_size, 4) ** 2, num_classes)
@@ -48,7 +46,21 @@ class OmniglotNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-class MiniImageNetNet(nn.Module):
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False)
+
+
+class OmniglotNet(_FourStageConvNet):
+    """4 x [conv 3x3, 64 channels, stride 2, same padding, batch norm, ReLU] + linear."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 28, channels: int = 64):
+        def stage(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), _batch_norm(c_out), nn.ReLU()]
+
+        super().__init__(stage, num_classes, in_channels, image_size, channels)
+
+
+class MiniImageNetNet(_FourStageConvNet):
     """4 x [conv 3x3 (32 channels, same padding), 2x2 max-pool, batch norm, ReLU] + linear.
 
     The pool sits before the batch norm, as in the code that produced the paper's
@@ -56,20 +68,11 @@ class MiniImageNetNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 84, channels: int = 32):
-        super().__init__()
-        layers, c = [], in_channels
-        for _ in range(4):
-            layers += [nn.Conv2d(c, channels, 3, padding=1),
-                       nn.MaxPool2d(2, 2, ceil_mode=True),
-                       nn.BatchNorm2d(channels, eps=BN_EPS, track_running_stats=False),
-                       nn.ReLU()]
-            c = channels
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(channels * _halved(image_size, 4) ** 2, num_classes)
-        _glorot_(self)
+        def stage(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True), _batch_norm(c_out),
+                    nn.ReLU()]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        super().__init__(stage, num_classes, in_channels, image_size, channels)
 
 
 class SineMLP(nn.Module):

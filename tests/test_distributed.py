@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 from reptile_fused import ReptileOptimizer
 from reptile_fused.distributed import LayoutMismatchError, rank_generator, shard
+from reptile_loops import make_tasks, train
 
 ITERATIONS = 3
 TASKS_PER_META_BATCH = 4
@@ -38,22 +38,7 @@ def make_model(width=8):
 
 
 def all_tasks():
-    g = torch.Generator().manual_seed(7)
-    return [
-        [[(torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)) for _ in range(3)] for _ in range(TASKS_PER_META_BATCH)]
-        for _ in range(ITERATIONS)
-    ]
-
-
-def train(model, opt, tasks_per_iteration):
-    for tasks in tasks_per_iteration:
-        for task in tasks:
-            with opt.task():
-                for x, y in task:
-                    opt.zero_grad()
-                    F.mse_loss(model(x), y).backward()
-                    opt.step()
-        opt.meta_step()
+    return make_tasks(ITERATIONS, TASKS_PER_META_BATCH, 3, seed=7, rows=5)
 
 
 def _init(rank, world, port):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reptile_fused import ReptileOptimizer
+from reptile_loops import make_tasks, train
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -17,25 +18,9 @@ def make_model(seed=0, dtype=torch.float32):
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
 
 
-def make_tasks(n_iters, meta_batch, inner_steps, seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        [[(torch.randn(6, 3, generator=g, dtype=dtype), torch.randn(6, 2, generator=g, dtype=dtype)) for _ in range(inner_steps)]
-         for _ in range(meta_batch)]
-        for _ in range(n_iters)
-    ]
-
-
 def run_fused(model, tasks, **opt_kwargs):
     opt = ReptileOptimizer(model.parameters(), **opt_kwargs)
-    for meta_batch in tasks:
-        for task in meta_batch:
-            with opt.task():
-                for x, y in task:
-                    opt.zero_grad()
-                    F.mse_loss(model(x), y).backward()
-                    opt.step()
-        opt.meta_step()
+    train(model, opt, tasks)
     return opt
 
 
@@ -98,14 +83,7 @@ def test_param_groups_have_their_own_hyperparameters():
         meta_lr=1.0,
     )
     assert len(opt.flat_buffers) == 2
-    for meta_batch in tasks:
-        for task in meta_batch:
-            with opt.task():
-                for x, y in task:
-                    opt.zero_grad()
-                    F.mse_loss(fused(x), y).backward()
-                    opt.step()
-        opt.meta_step()
+    train(fused, opt, tasks)
     # The same by hand, group by group.
     params = list(plain.parameters())
     lrs = [0.2, 0.2] + [0.05] * 4

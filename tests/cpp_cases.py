@@ -117,13 +117,18 @@ def run_adam(n, dtype, device, offset=0, seed=0, step=3, lr=1e-2, beta1=0.9, bet
     assert_all(b, a, ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 
 
-def run_task_end(n, dtype, device, offset=0, seed=0):
+def _meta_inputs(n, dtype, device, seed):
+    """param, anchor and a float32/64 task accumulator, as task_end_ and meta_update_ take them."""
     gen = torch.Generator().manual_seed(seed)
-    t = {
+    return {
         "param": randn(n, dtype, device, gen),
         "anchor": randn(n, dtype, device, gen),
         "acc": randn(n, opmath(dtype), device, gen, scale=3.0),
     }
+
+
+def run_task_end(n, dtype, device, offset=0, seed=0):
+    t = _meta_inputs(n, dtype, device, seed)
     a, b = twins(t, offset)
     ref.task_end_(a["param"], a["anchor"], a["acc"])
     cpp.task_end_(b["param"], b["anchor"], b["acc"])
@@ -132,13 +137,7 @@ def run_task_end(n, dtype, device, offset=0, seed=0):
 
 
 def run_meta_update(n, dtype, device, offset=0, seed=0, meta_lr=0.7, tasks=3):
-    gen = torch.Generator().manual_seed(seed)
-    t = {
-        "param": randn(n, dtype, device, gen),
-        "anchor": randn(n, dtype, device, gen),
-        "acc": randn(n, opmath(dtype), device, gen, scale=3.0),
-    }
-    a, b = twins(t, offset)
+    a, b = twins(_meta_inputs(n, dtype, device, seed), offset)
     ref.meta_update_(a["param"], a["anchor"], a["acc"], meta_lr, tasks)
     cpp.meta_update_(b["param"], b["anchor"], b["acc"], meta_lr, tasks)
     assert_all(b, a, ("param", "acc"))

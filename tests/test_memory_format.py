@@ -176,14 +176,24 @@ def test_the_distributed_layout_check_sees_memory_formats():
     assert a._layout_description() == c._layout_description()
 
 
-def test_channels_last_training_matches_row_major():
-    """Same model, same data: the convolutions sum in another order, nothing else changes."""
+def assert_layouts_train_alike(run):
+    """``run(model, memory_format, xs, ys)`` on the Omniglot-style net, row-major and
+    channels-last from the same weights and data: the convolutions sum in another order,
+    nothing else changes."""
     torch.manual_seed(0)
     xs, ys = torch.randn(2, 3, 10, 1, 28, 28), torch.randint(0, 5, (2, 3, 10))
     results = []
     for fmt in (None, CL):
         torch.manual_seed(0)
         model = OmniglotNet(5)
+        run(model, fmt, xs, ys)
+        assert is_cl(model.features[3].weight) == (fmt is CL)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_training_matches_row_major():
+    def run(model, fmt, xs, ys):
         opt = ReptileOptimizer(model.parameters(), lr=0.05, meta_lr=0.5, memory_format=fmt)
         for task in range(2):
             with opt.task():
@@ -192,27 +202,20 @@ def test_channels_last_training_matches_row_major():
                     F.cross_entropy(model(xs[task, step]), ys[task, step]).backward()
                     opt.step()
         opt.meta_step()
-        assert is_cl(model.features[3].weight) == (fmt is CL)
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+    assert_layouts_train_alike(run)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_batched_channels_last_matches_batched_row_major(backend):
-    torch.manual_seed(0)
-    xs, ys = torch.randn(2, 3, 10, 1, 28, 28), torch.randint(0, 5, (2, 3, 10))
-    results = []
-    for fmt in (None, CL):
-        torch.manual_seed(0)
-        model = OmniglotNet(5)
+    def run(model, fmt, xs, ys):
         br = BatchedReptile(model, 3, lr=0.05, meta_lr=0.5, backend=backend, memory_format=fmt)
+        assert br._groups[0].leaves[4].stride()[1:] == model.features[3].weight.stride()
         for step in range(2):
             br.inner_step(xs[step], ys[step])
         br.meta_step()
-        assert is_cl(model.features[3].weight) == (fmt is CL)
-        assert br._groups[0].leaves[4].stride()[1:] == model.features[3].weight.stride()
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+    assert_layouts_train_alike(run)
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -96,6 +96,10 @@ def test_op_large(op, dtype, device):
     RUNNERS[op](LARGE, dtype, device, offset=1, **kw)
 
 
+def config_id(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items())
+
+
 SGD_CONFIGS = [
     dict(momentum=0.0, dampening=0.0, weight_decay=0.0),
     dict(momentum=0.0, weight_decay=0.1, maximize=True),
@@ -109,7 +113,7 @@ SGD_CONFIGS = [
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=config_id)
 def test_sgd_options(config, dtype, device):
     for size, offset in ((1023, 0), (517, 1)):
         run_sgd(size, dtype, device, offset=offset, **config)
@@ -128,7 +132,7 @@ ADAM_CONFIGS = [
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=config_id)
 def test_adam_options(config, dtype, device):
     for size, offset in ((1023, 0), (517, 1)):
         run_adam(size, dtype, device, offset=offset, **config)
@@ -421,7 +425,7 @@ def test_baseline_cpu_kernels_match_reference():
     reason="torch's baseline CPU kernels do not fuse multiply-adds; exactness is only promised against AVX2 ones",
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=config_id)
 def test_sgd_bit_exact_with_torch_cpu(config, dtype):
     """SGD computes each add-with-alpha as the fused multiply-add torch's vectorised
     CPU kernel computes, so ReptileOptimizer's inner SGD equals torch.optim.SGD exactly."""

@@ -18,7 +18,8 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-stamp
 PROJECT_STAMP := $(VENV)/.project-stamp
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
+CSRC := reptile_fused/backends/cpp/csrc
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
 .PHONY: install test demo bench gpu-check gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
 

@@ -43,7 +43,8 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-CSRC = "csrc"
+# The C++/CUDA backend keeps its sources beside its Python half.
+CSRC = "reptile_fused/backends/cpp/csrc"
 # Runtime dependencies (pyproject.toml declares them dynamic so that a build with the
 # extension can pin the exact torch it was compiled against).
 DEPENDENCIES = ["numpy", "tqdm", "pillow"]
@@ -134,7 +135,7 @@ def _extension():
     import torch
     from torch.utils import cpp_extension
 
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu_kernels.cpp", f"{CSRC}/cpu_kernels_avx2.cpp"]
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/kernels.cpp", f"{CSRC}/cpu/kernels_avx2.cpp"]
     cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     info = {"torch_version": torch.__version__, "with_cuda": False, "cuda_version": None, "cuda_arch_list": None}
@@ -168,7 +169,7 @@ def _extension():
             cuda_version=torch.version.cuda,
             cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "torch default (visible GPUs)"),
         )
-        sources.append(f"{CSRC}/cuda_kernels.cu")
+        sources.append(f"{CSRC}/cuda/kernels.cu")
         print(f"reptile_fused: building CPU + CUDA kernels (nvcc {nvcc}, archs {info['cuda_arch_list']})")
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     args = {"cxx": cxx}
@@ -187,7 +188,7 @@ def _extension():
         extra_compile_args=args,
         extra_link_args=link,
         py_limited_api=True,
-        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "cpu_kernels.h", "cpu_kernels_impl.h")],
+        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "cpu/kernels.h", "cpu/kernels_impl.h")],
     )
     return ext, info
 

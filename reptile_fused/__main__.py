@@ -1,7 +1,7 @@
-"""``python -m reptile_fused``: the ``reptile-fused`` command line."""
+"""``python -m reptile_fused``: hands over to the ``reptile-fused`` command line in :mod:`reptile_fused.app`."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -11,14 +11,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import inner
 from ._validate import opmath_dtype
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
 from .flat import FlatBuffer, check_memory_format, check_trainable
 
-INNER_OPTIMIZERS = ("sgd", "adam")
 STATE_RESETS = ("never", "task", "meta_step")
-_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 _FORMAT_VERSION = 1
 
 
@@ -134,8 +133,7 @@ class ReptileOptimizer(Optimizer):
         memory_format=None,
     ):
         check_memory_format(memory_format)
-        if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+        inner.check_inner_optimizer(inner_optimizer)
         if reset_inner_state not in STATE_RESETS:
             raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
         self.inner_optimizer = inner_optimizer
@@ -160,7 +158,7 @@ class ReptileOptimizer(Optimizer):
             amsgrad=amsgrad,
             maximize=maximize,
         )
-        _check_hyperparameters(defaults)
+        inner.check_hyperparameters(defaults)
         super().__init__(params, defaults)
         if group is not None:
             self._sync = MetaBatchSync(group, bucket_elements)
@@ -198,7 +196,7 @@ class ReptileOptimizer(Optimizer):
                 f"all parameters of one param group must be on one device, got {sorted(map(str, devices))}; "
                 "put each device's parameters in a group of its own"
             )
-        _check_hyperparameters({**self.defaults, **param_group})
+        inner.check_hyperparameters({**self.defaults, **param_group})
         if self._tasks_done or self._in_task:
             raise RuntimeError("add_param_group() in the middle of a meta-batch; call meta_step() first")
         # Resolve backends before the group is registered, so an unavailable backend changes nothing.
@@ -252,11 +250,7 @@ class ReptileOptimizer(Optimizer):
             plans.append((f, *f.buffer.pending_grads()))
         for f, active, foreign in plans:
             f.buffer.adopt_grads(foreign)
-            group = self.param_groups[f.group_index]
-            if self.inner_optimizer == "sgd":
-                self._sgd(f, group, active)
-            else:
-                self._adam(f, group, active)
+            self._inner_step(f, self.param_groups[f.group_index], active)
         return loss
 
     @staticmethod
@@ -280,51 +274,22 @@ class ReptileOptimizer(Optimizer):
         else:
             f.steps = [bump(s) if a else s for s, a in zip(f.steps, active)]
 
-    def _sgd(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
-        momentum = group["momentum"]
-        buf = f.state_buffer("momentum_buffer") if momentum != 0 else None
+    def _inner_step(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
         b = f.buffer
-        # Params whose momentum buffer is still empty (step count 0) take torch's first-step rule.
+        state = {key: f.state_buffer(key) for key in inner.state_keys(self.inner_optimizer, group)}
+        # Parameters are grouped by step count: SGD's first-step rule applies to those
+        # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
         for steps, seg in b.segments(self._step_keys(f, active)):
-            first = steps == 0
-            f.backend.sgd_step_(
-                b.data[seg.start : seg.end],
-                b.grad[seg.start : seg.end],
-                None if buf is None else buf[seg.start : seg.end],
-                group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                first_step=first,
-            )
-        if momentum != 0:
+            part = slice(seg.start, seg.end)
+            inner.step_(
+                f.backend, self.inner_optimizer, group, b.data[part], b.grad[part],
+                {key: buf[part] for key, buf in state.items()},
+                lr=group["lr"], step=steps + 1, first_step=steps == 0,
+            )  # fmt: skip
+        if self.inner_optimizer == "adam":
+            self._count_steps(f, active)
+        elif group["momentum"] != 0:
             self._count_steps(f, active, cap=1)
-
-    def _adam(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
-        b = f.buffer
-        exp_avg = f.state_buffer("exp_avg")
-        exp_avg_sq = f.state_buffer("exp_avg_sq")
-        max_sq = f.state_buffer("max_exp_avg_sq") if group["amsgrad"] else None
-        beta1, beta2 = group["betas"]
-        for steps, seg in b.segments(self._step_keys(f, active)):
-            f.backend.adam_step_(
-                b.data[seg.start : seg.end],
-                b.grad[seg.start : seg.end],
-                exp_avg[seg.start : seg.end],
-                exp_avg_sq[seg.start : seg.end],
-                None if max_sq is None else max_sq[seg.start : seg.end],
-                steps + 1,
-                group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
-            )
-        self._count_steps(f, active)
 
     # ------------------------------------------------------------------ outer loop
 
@@ -470,7 +435,7 @@ class ReptileOptimizer(Optimizer):
                 entry: dict[str, Any] = {}
                 if self.inner_optimizer == "adam" and f.steps[i]:
                     entry["step"] = f.steps[i]
-                    for key in _STATE_KEYS["adam"]:
+                    for key in inner.STATE_KEYS["adam"]:
                         if key in f.state:
                             entry[key] = b.view(f.state[key], i).clone()
                 elif self.inner_optimizer == "sgd" and f.steps[i] and "momentum_buffer" in f.state:
@@ -635,31 +600,3 @@ class MetaStepView(Optimizer):
     def __repr__(self) -> str:
         return f"MetaStepView({self._owner.__class__.__name__})"
 
-
-def _check_hyperparameters(h: dict[str, Any]) -> None:
-    def number(name):
-        v = h[name]
-        if isinstance(v, Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"{name} as a tensor must have one element")
-            v = float(v.item())
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-            raise ValueError(f"invalid {name}: {h[name]!r}")
-        return v
-
-    if number("lr") < 0:
-        raise ValueError(f"invalid learning rate: {h['lr']}")
-    if number("meta_lr") < 0:
-        raise ValueError(f"invalid meta_lr: {h['meta_lr']}")
-    if number("momentum") < 0:
-        raise ValueError(f"invalid momentum: {h['momentum']}")
-    if number("weight_decay") < 0:
-        raise ValueError(f"invalid weight_decay: {h['weight_decay']}")
-    if number("eps") < 0:
-        raise ValueError(f"invalid eps: {h['eps']}")
-    number("dampening")
-    if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
-        raise ValueError("nesterov momentum requires a momentum and zero dampening")
-    betas = h["betas"]
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")

@@ -50,14 +50,16 @@ LIBRARY = f"{PACKAGE}/_C.abi3.so"
 REQUIRED = [
     f"{PACKAGE}/__init__.py",
     f"{PACKAGE}/reference.py",
-    f"{PACKAGE}/backends/cpp.py",
-    f"{PACKAGE}/backends/triton.py",
-    f"{PACKAGE}/triton_kernels.py",
-    f"{PACKAGE}/triton_ops.py",
+    f"{PACKAGE}/backends/op_table.py",
+    f"{PACKAGE}/backends/cpp/__init__.py",
+    f"{PACKAGE}/backends/triton/__init__.py",
+    f"{PACKAGE}/backends/triton/kernels.py",
+    f"{PACKAGE}/backends/triton/ops.py",
+    f"{PACKAGE}/app/cli.py",
     f"{PACKAGE}/_build_info.py",
     LIBRARY,
 ]
-OPS = ("sgd_step_", "adam_step_", "task_end_", "meta_update_", "batched_meta_update_")
+OPS = ("sgd_step_", "adam_step_", "task_end_", "meta_update_", "batched_meta_update_")  # as backends/op_table.py
 
 
 class CheckFailed(AssertionError):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from fewshot_fixtures import make_folder, make_miniimagenet, make_omniglot, one_thread  # noqa: F401
-from reptile_fused import checkpoint as ckpt_io
-from reptile_fused import train as train_mod
-from reptile_fused.cli import main
-from reptile_fused.config import PRESETS, resolve
+from reptile_fused.app import checkpoint as ckpt_io
+from reptile_fused.app import train as train_mod
+from reptile_fused.app.cli import main
+from reptile_fused.app.config import PRESETS, resolve
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import torch
 
 from fewshot_fixtures import one_thread  # noqa: F401
 
-from reptile_fused.config import TrainConfig
+from reptile_fused.app.config import TrainConfig
 from reptile_fused.data import ImageClasses
-from reptile_fused.evaluate import Restorer, evaluate, evaluate_task, mean_ci95, predict
+from reptile_fused.app.evaluate import Restorer, evaluate, evaluate_task, mean_ci95, predict
 from reptile_fused.models import OmniglotNet
-from reptile_fused.problems import ClassificationProblem
-from reptile_fused.train import make_optimizer
+from reptile_fused.app.problems import ClassificationProblem
+from reptile_fused.app.train import make_optimizer
 
 
 def _net():

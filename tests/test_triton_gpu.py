@@ -32,7 +32,7 @@ def T():
 
 @pytest.fixture(scope="module")
 def K(T):
-    from reptile_fused import triton_kernels
+    from reptile_fused.backends.triton import kernels as triton_kernels
 
     assert not triton_kernels.interpreting(), "GPU tests must run compiled kernels, not the interpreter"
     return triton_kernels

@@ -232,7 +232,7 @@ def test_unaligned_views(dtype):
 
 def test_sizes_span_several_programs():
     """Guards the claim that SIZES exercise multi-program grids and masked tails under the interpreter."""
-    from reptile_fused import triton_kernels as K
+    from reptile_fused.backends.triton import kernels as K
 
     if K.interpreting():
         assert max(SIZES) > 4 * K.INTERPRET_BLOCK and max(SIZES) % K.INTERPRET_BLOCK != 0

@@ -1,6 +1,6 @@
 """The CPU-only wheel, built and checked as CI's stand-in for a release build.
 
-``cpu_wheel`` copies the source (package, C++ sources, build files: no build tree, no
+``cpu_wheel`` copies the source (package with its C++ sources, build files: no build tree, no
 in-place library) into a temporary folder and builds the wheel there with
 ``python -m build --wheel --no-isolation`` and ``REPTILE_FUSED_CUDA=0``, about a
 minute on a 2-core machine.  ``scripts/wheel_check.py`` then installs it into a new
@@ -43,7 +43,6 @@ def source_copy(tmp_path_factory) -> Path:
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py", "*.egg-info")
-    shutil.copytree(ROOT / "csrc", src / "csrc", ignore=skip)
     shutil.copytree(ROOT / "reptile_fused", src / "reptile_fused", ignore=skip)
     shutil.copytree(ROOT / "tests", src / "tests", ignore=skip)
     return src
@@ -103,10 +102,10 @@ def doctored(wheel: Path, tmp_path: Path, drop: str | None = None, add: str | No
 @pytest.mark.parametrize(
     "change, complaint",
     [
-        (dict(add="build/temp.linux-x86_64-cpython-311/csrc/ops.o"), "neither the package nor its library"),
-        (dict(add="reptile_fused/cpu_kernels.cpp"), "neither the package nor its library"),
+        (dict(add="build/temp.linux-x86_64-cpython-311/reptile_fused/backends/cpp/csrc/ops.o"), "neither the package nor its library"),
+        (dict(add="reptile_fused/backends/cpp/csrc/cpu/kernels.cpp"), "neither the package nor its library"),
         (dict(add="reptile_fused/__pycache__/flat.cpython-311.pyc"), "neither the package nor its library"),
-        (dict(drop="reptile_fused/triton_kernels.py"), "lacks"),
+        (dict(drop="reptile_fused/backends/triton/kernels.py"), "lacks"),
         (dict(drop="reptile_fused/_C.abi3.so"), "lacks"),
         (dict(drop="reptile_fused/data/sine.py"), "differ from"),
         (dict(edit=("METADATA", f"torch=={RELEASE}", "torch>=2.6")), "does not pin"),

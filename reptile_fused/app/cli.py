@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import DATASETS, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
-from .data import DatasetError
+from ..data import DatasetError
 
 EXIT_INTERRUPTED = 130
 
@@ -205,7 +205,7 @@ class _StopOnSignal:
 
 
 def cmd_train(args) -> int:
-    from .distributed import init_from_environment
+    from ..distributed import init_from_environment
 
     device = _device(args.device)
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
@@ -273,7 +273,7 @@ def _train(args, device) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
-    from .models import build_model
+    from ..models import build_model
     from .problems import build_problem
     from .train import CHECKPOINT_NAME, make_optimizer
 

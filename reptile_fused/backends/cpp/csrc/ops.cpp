@@ -2,7 +2,7 @@
 //
 // The extension has no Python API of its own: importing reptile_fused._C only
 // loads this shared library, whose static initialisers register the schemas below
-// and the CPU / CUDA kernels (cpu_kernels.cpp, cuda_kernels.cu) with the
+// and the CPU / CUDA kernels (cpu/kernels.cpp, cuda/kernels.cu) with the
 // dispatcher.  Because nothing here touches the CPython API beyond creating an
 // empty module, it is built against the limited API (Py_LIMITED_API, set in
 // setup.py) and one binary serves every Python >= 3.10 for a given torch.

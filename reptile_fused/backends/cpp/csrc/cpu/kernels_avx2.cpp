@@ -1,5 +1,5 @@
 // The CPU kernels compiled for AVX2 + FMA + F16C, chosen at run time on CPUs that
-// have them (cpu_kernels.cpp).  The target is set by pragma rather than by compiler
+// have them (kernels.cpp).  The target is set by pragma rather than by compiler
 // flags so that one setup.py source list builds both copies; it must precede every
 // include, so that at::vec selects its 256-bit implementation.  GCC only: other
 // compilers get the baseline kernels alone.
@@ -22,9 +22,9 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define RF_CPU_TABLE cpu_kernels_avx2
-#include "cpu_kernels_impl.h"
+#include "kernels_impl.h"
 #else
-#include "cpu_kernels.h"
+#include "kernels.h"
 namespace reptile_fused {
 const CpuKernels* cpu_kernels_avx2() { return nullptr; }
 }  // namespace reptile_fused

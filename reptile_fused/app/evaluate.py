@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .data import Task, inner_batches
-from .optimizer import ReptileOptimizer
+from ..data import Task, inner_batches
+from ..optimizer import ReptileOptimizer
 
 Z95 = 1.959963984540054
 

@@ -6,7 +6,7 @@
 #include <string>
 
 #define RF_CPU_TABLE cpu_kernels_default
-#include "cpu_kernels_impl.h"
+#include "kernels_impl.h"
 
 namespace reptile_fused {
 namespace {

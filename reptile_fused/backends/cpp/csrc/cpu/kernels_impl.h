@@ -5,8 +5,8 @@
 // element rule from element_math.h on whole vectors, and stores each output once.
 // The few elements after the last full block run the same rule on scalars.
 //
-// This header is compiled once per CPU capability (cpu_kernels.cpp: baseline
-// x86-64 / any CPU; cpu_kernels_avx2.cpp: AVX2+FMA+F16C), as ATen does with its own
+// This header is compiled once per CPU capability (kernels.cpp: baseline
+// x86-64 / any CPU; kernels_avx2.cpp: AVX2+FMA+F16C), as ATen does with its own
 // kernels: at::vec::Vectorized maps onto the instruction set the translation unit
 // is compiled for, and the baseline build leaves most arithmetic scalar.  Everything
 // here is in an anonymous namespace, so the two copies never clash; the including
@@ -22,9 +22,9 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "checks.h"
-#include "cpu_kernels.h"
-#include "element_math.h"
+#include "../checks.h"
+#include "kernels.h"
+#include "../element_math.h"
 
 namespace reptile_fused {
 

@@ -12,7 +12,6 @@ interpolation, and the new θ written back into every row, in one pass).  With
 
 from __future__ import annotations
 
-import traceback
 import warnings
 from typing import Callable
 
@@ -20,193 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.overrides import TorchFunctionMode
 
-from ._validate import opmath_dtype
-from .backends import get_backend
-from .flat import FlatBuffer, check_memory_format
-from .optimizer import _check_hyperparameters
+from .. import inner
+from .._validate import opmath_dtype
+from ..backends import get_backend
+from ..flat import FlatBuffer, check_memory_format
+from .batchable import NotBatchableError, check_batchable, failing_layer
+from .graph import CapturedIteration, describe_key, graph_key
+from .vmap_rules import CAN_FOLD, FoldTasksIntoChannels
 
-__all__ = ["BatchedReptile", "NotBatchableError", "check_batchable"]
+__all__ = ["BatchedReptile"]
 
-INNER_OPTIMIZERS = ("sgd", "adam")
 # "task": every task of every meta-iteration starts with fresh inner state (what
 # sequential ReptileOptimizer(reset_inner_state="task") does).  "never": task slot i
 # carries its own state from one meta-iteration to the next.
 BATCHED_STATE_RESETS = ("task", "never")
 CAPTURE_MODES = (False, True, "auto")
 _CAPTURABLE_BACKENDS = ("cpp", "triton")
-
-
-class NotBatchableError(RuntimeError):
-    """The model cannot run in batched mode; the message names the layer and the way out."""
-
-
-def _running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name or type(model).__name__, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-    ]
-
-
-def check_batchable(model: nn.Module) -> None:
-    """Raise :class:`NotBatchableError` for layers that batched mode can never run.
-
-    Normalisation layers that track running statistics update one shared buffer from
-    every task; under ``vmap`` that is an in-place write of n different values into one
-    tensor.  Reptile uses batch statistics anyway (``track_running_stats=False``).
-    """
-    bad = _running_stat_layers(model)
-    if bad:
-        name, m = bad[0]
-        others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise NotBatchableError(
-            f"layer {name!r} ({type(m).__name__}){others} tracks running statistics, which batched mode "
-            "cannot keep per task. Build it with track_running_stats=False (batch statistics, as in the "
-            "Reptile paper), or use the sequential mode (ReptileOptimizer / reptile_train(batched=False))."
-        )
-
-
-def _failing_layer(exc: BaseException, model: nn.Module) -> str | None:
-    """The innermost module of ``model`` whose ``forward`` is on the exception's traceback."""
-    names = {id(m): (name or type(model).__name__, type(m).__name__) for name, m in model.named_modules()}
-    found = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)]
-    return None if found is None else f"{found[0]!r} ({found[1]})"
-
-
-_functorch = getattr(torch._C, "_functorch", None)
-_CAN_FOLD = _functorch is not None and all(
-    hasattr(_functorch, name)
-    for name in ("is_batchedtensor", "maybe_get_level", "maybe_current_level", "_unwrap_batched", "_add_batch_dim")
-)
-
-
-def _fold_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
-    """Batch-statistics batch norm of n tasks as ONE batch norm over n·C channels.
-
-    vmap's own rule for a batched weight normalises without the affine part and then
-    applies it with separate broadcast multiply/add passes (forward and backward),
-    which made batch norm cost the vmapped conv net more than the convolutions saved.
-    Per-task statistics over (batch, space) of each channel are exactly per-channel
-    statistics once the task dimension is folded into the channels, and the per-task
-    weights become one [n·C] weight.  Returns NotImplemented for anything else.
-    """
-    if running_mean is not None or running_var is not None:
-        return NotImplemented
-    level = _functorch.maybe_current_level()
-    if level is None or not _functorch.is_batchedtensor(input) or _functorch.maybe_get_level(input) != level:
-        return NotImplemented
-    x, x_dim = _functorch._unwrap_batched(input, level)
-    if x.dim() < 3:
-        return NotImplemented
-    x = x.movedim(x_dim, 1)  # [B, n, C, ...]: vmapped convolutions already produce this layout
-    batch, n, channels = x.shape[:3]
-    affine = []
-    for t in (weight, bias):
-        if t is None:
-            affine.append(None)
-        elif _functorch.is_batchedtensor(t):
-            if _functorch.maybe_get_level(t) != level:
-                return NotImplemented
-            value, dim = _functorch._unwrap_batched(t, level)
-            affine.append(value.movedim(dim, 0).reshape(n * channels))
-        else:  # shared by all tasks (a frozen affine parameter)
-            affine.append(t.unsqueeze(0).expand(n, channels).reshape(n * channels))
-    out = F.batch_norm(x.reshape(batch, n * channels, *x.shape[3:]), None, None, affine[0], affine[1], training, momentum, eps)
-    return _functorch._add_batch_dim(out.view(batch, n, channels, *x.shape[3:]), 1, level)
-
-
-def _fold_channelwise(func, logical_rank: int, input, *args, **kwargs):
-    """A per-channel op (pooling) on n tasks as one op over n·C channels.
-
-    vmap's pooling rules fold the task dimension into the *batch* dimension, which
-    needs the [n, B, ...] layout, while vmapped convolutions produce [B, n·C, ...]:
-    every pooling layer then cost two full copies of its input.  Pooling treats each
-    channel independently, so folding the tasks into the channels is exact and free.
-    """
-    if kwargs.get("return_indices") or any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
-        return NotImplemented
-    level = _functorch.maybe_current_level()
-    if level is None or not _functorch.is_batchedtensor(input) or _functorch.maybe_get_level(input) != level:
-        return NotImplemented
-    x, x_dim = _functorch._unwrap_batched(input, level)
-    if x.dim() != logical_rank + 1:  # an unbatched [C, ...] input has no batch dimension to keep
-        return NotImplemented
-    x = x.movedim(x_dim, 1)
-    batch, n, channels = x.shape[:3]
-    out = func(x.reshape(batch, n * channels, *x.shape[3:]), *args, **kwargs)
-    return _functorch._add_batch_dim(out.view(batch, n, channels, *out.shape[2:]), 1, level)
-
-
-def _unwrap_at(t, level: int, dim: int):
-    """``t``'s physical tensor with the task dimension at ``dim``, or None if it is not batched at ``level``."""
-    if not _functorch.is_batchedtensor(t) or _functorch.maybe_get_level(t) != level:
-        return None
-    value, bdim = _functorch._unwrap_batched(t, level)
-    return value.movedim(bdim, dim)
-
-
-def _conv_per_task(func, logical_rank: int, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """On the CPU, a vmapped convolution as n plain convolutions.
-
-    vmap turns per-task weights into one grouped convolution, and oneDNN's grouped
-    kernels run up to 2x slower on the CPU than n ungrouped ones of the same total
-    size (32->32 channels at 42x42: 95 ms against 42 ms), which made the batched
-    Mini-ImageNet-style net slower than the sequential loop.  ``unbind``/``stack``
-    keep the backward to one copy each way.  CUDA keeps vmap's grouped convolution.
-    """
-    level = _functorch.maybe_current_level()
-    if level is None or not isinstance(input, Tensor) or input.device.type != "cpu":
-        return NotImplemented
-    x = _unwrap_at(input, level, 1)
-    w = _unwrap_at(weight, level, 0)
-    if x is None or w is None or x.dim() != logical_rank + 1:
-        return NotImplemented
-    if bias is not None:
-        b = _unwrap_at(bias, level, 0)
-        biases = b.unbind(0) if b is not None else [bias] * w.shape[0]
-        if b is None and _functorch.is_batchedtensor(bias):
-            return NotImplemented
-    else:
-        biases = [None] * w.shape[0]
-    outs = [
-        func(xi, wi, bi, stride, padding, dilation, groups)
-        for xi, wi, bi in zip(x.unbind(1), w.unbind(0), biases)
-    ]
-    return _functorch._add_batch_dim(torch.stack(outs, 1), 1, level)
-
-
-_PER_TASK_CONV = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}
-
-_CHANNELWISE = {
-    F.max_pool1d: 3, F.max_pool2d: 4, F.max_pool3d: 5,
-    F.avg_pool1d: 3, F.avg_pool2d: 4, F.avg_pool3d: 5,
-    F.adaptive_avg_pool1d: 3, F.adaptive_avg_pool2d: 4, F.adaptive_avg_pool3d: 5,
-}
-
-
-class _FoldTasksIntoChannels(TorchFunctionMode):
-    """Routes batch norm and pooling calls on vmapped tasks to the folded versions above,
-    keeping the [B, n·C, ...] layout of vmapped convolutions from layer to layer."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            out = _fold_batch_norm(*args, **kwargs)
-        elif func in _CHANNELWISE and args:
-            out = _fold_channelwise(func, _CHANNELWISE[func], *args, **kwargs)
-        elif func in _PER_TASK_CONV and not kwargs:
-            out = _conv_per_task(func, _PER_TASK_CONV[func], *args)
-        else:
-            out = NotImplemented
-        if out is not NotImplemented:
-            return out
-        return func(*args, **kwargs)
 
 
 class _Group:
@@ -324,8 +153,7 @@ class BatchedReptile:
     ):
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
-        if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+        inner.check_inner_optimizer(inner_optimizer)
         if reset_inner_state not in BATCHED_STATE_RESETS:
             hint = (
                 " (in batched mode the tasks of a meta-batch run side by side, so 'meta_step' and 'task' "
@@ -343,7 +171,7 @@ class BatchedReptile:
             lr=lr, meta_lr=meta_lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, betas=tuple(betas), eps=eps, amsgrad=amsgrad, maximize=maximize,
         )
-        _check_hyperparameters(hyper)
+        inner.check_hyperparameters(hyper)
         check_batchable(model)
 
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -372,9 +200,7 @@ class BatchedReptile:
         self._adam_step = 0  # shared by all rows: every row steps together
         self._capture_requested = capture
         self.capture = self._resolve_capture(capture)
-        self._graph = None
-        self._graph_key = None
-        self._static: tuple[Tensor, Tensor] | None = None
+        self._graph: CapturedIteration | None = None
         self._warned_shapes = False
         if self.capture:
             self._use_device_scalars()
@@ -431,7 +257,7 @@ class BatchedReptile:
 
     def _set_scalar(self, key: str, value) -> None:
         value = float(value.item() if isinstance(value, Tensor) else value)
-        _check_hyperparameters({**self.hyper, key: value})
+        inner.check_hyperparameters({**self.hyper, key: value})
         self.hyper[key] = value
         for g in self._groups:
             t = g.lr_t if key == "lr" else g.meta_lr_t
@@ -480,13 +306,13 @@ class BatchedReptile:
     def _gradients(self, xs: Tensor, ys: Tensor) -> Tensor:
         with torch.enable_grad():
             try:
-                if _CAN_FOLD:
-                    with _FoldTasksIntoChannels():
+                if CAN_FOLD:
+                    with FoldTasksIntoChannels():
                         losses = self._task_losses(self._params, xs, ys)
                 else:
                     losses = self._task_losses(self._params, xs, ys)
             except Exception as exc:
-                layer = _failing_layer(exc, self.model)
+                layer = failing_layer(exc, self.model)
                 where = f"in layer {layer}" if layer else "in the model or loss_fn"
                 raise NotBatchableError(
                     f"batched mode could not run the model under torch.func.vmap: failed {where}: "
@@ -519,28 +345,17 @@ class BatchedReptile:
             self._sync_rows()
         losses = self._gradients(xs, ys)
         h = self.hyper
+        adam = self.inner_optimizer == "adam"
         for g in self._groups:
-            tasks, grad = g.tasks.view(-1), g.grad.view(-1)
-            lr = g.lr_t if g.lr_t is not None else h["lr"]
-            if self.inner_optimizer == "sgd":
-                buf = g.state_buffer("momentum_buffer").view(-1) if h["momentum"] != 0 else None
-                g.backend.sgd_step_(
-                    tasks, grad, buf, lr, momentum=h["momentum"], dampening=h["dampening"],
-                    weight_decay=h["weight_decay"], nesterov=h["nesterov"], maximize=h["maximize"],
-                    first_step=self._fresh,
-                )
-            else:
-                if g.step_t is not None:
-                    g.step_t.add_(1)
-                    step = g.step_t
-                else:
-                    step = self._adam_step + 1
-                g.backend.adam_step_(
-                    tasks, grad, g.state_buffer("exp_avg").view(-1), g.state_buffer("exp_avg_sq").view(-1),
-                    g.state_buffer("max_exp_avg_sq").view(-1) if h["amsgrad"] else None,
-                    step, lr, beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
-                    weight_decay=h["weight_decay"], amsgrad=h["amsgrad"], maximize=h["maximize"],
-                )
+            step = self._adam_step + 1
+            if adam and g.step_t is not None:
+                g.step_t.add_(1)
+                step = g.step_t
+            inner.step_(
+                g.backend, self.inner_optimizer, h, g.tasks.view(-1), g.grad.view(-1),
+                {key: g.state_buffer(key).view(-1) for key in inner.state_keys(self.inner_optimizer, h)},
+                lr=g.lr_t if g.lr_t is not None else h["lr"], step=step, first_step=self._fresh,
+            )  # fmt: skip
         self._adam_step += 1
         self._fresh = False
         self._steps_pending += 1
@@ -598,11 +413,11 @@ class BatchedReptile:
         if not self.capture:
             self._run_iteration(xs, ys, inner_steps)
             return
-        key = (inner_steps, tuple(xs.shape), xs.dtype, xs.device, tuple(ys.shape), ys.dtype, ys.device)
-        if self._graph is not None and key != self._graph_key:
+        key = graph_key(xs, ys, inner_steps)
+        if self._graph is not None and key != self._graph.key:
             message = (
-                f"the graph was captured for inputs {self._describe(self._graph_key)}, this call has "
-                f"{self._describe(key)}; a CUDA graph replays fixed shapes"
+                f"the graph was captured for inputs {describe_key(self._graph.key)}, this call has "
+                f"{describe_key(key)}; a CUDA graph replays fixed shapes"
             )
             if self._capture_requested is True:
                 raise ValueError(f"capture=True: {message}. Keep shapes fixed, or use capture=False/'auto'.")
@@ -611,19 +426,13 @@ class BatchedReptile:
                 self._warned_shapes = True
             self._run_iteration(xs, ys, inner_steps)
             return
-        if self._graph is None:
-            self._record(xs, ys, inner_steps, key)
-            return
         self._sync_rows()
-        static_x, static_y = self._static
-        static_x.copy_(xs)
-        static_y.copy_(ys)
-        self._graph.replay()
-
-    @staticmethod
-    def _describe(key) -> str:
-        steps, xshape, xdtype, xdev, yshape, ydtype, ydev = key
-        return f"xs {list(xshape)} {xdtype} on {xdev}, ys {list(yshape)} {ydtype} on {ydev}, inner_steps={steps}"
+        if self._graph is None:
+            self._graph = CapturedIteration(self._run_iteration, xs, ys, inner_steps)
+            for g in self._groups:
+                g.theta_version = g.version()
+            return
+        self._graph.replay(xs, ys)
 
     def _run_iteration(self, xs: Tensor, ys: Tensor, inner_steps: int | None) -> None:
         if inner_steps is None:
@@ -633,27 +442,6 @@ class BatchedReptile:
             for _ in range(inner_steps):
                 self.inner_step(xs, ys)
         self.meta_step()
-
-    def _record(self, xs: Tensor, ys: Tensor, inner_steps: int | None, key) -> None:
-        for t in (xs, ys):
-            if t.device.type != "cuda":
-                raise ValueError(f"capture: xs and ys must be CUDA tensors, got one on {t.device}")
-        self._sync_rows()
-        static_x, static_y = xs.clone(), ys.clone()
-        side = torch.cuda.Stream(device=static_x.device)
-        side.wait_stream(torch.cuda.current_stream(static_x.device))
-        # The warm-up is this call's real meta-iteration; it also initialises autograd,
-        # the allocator and the lazily created state buffers outside the capture.
-        with torch.cuda.stream(side):
-            self._run_iteration(static_x, static_y, inner_steps)
-        torch.cuda.current_stream(static_x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run_iteration(static_x, static_y, inner_steps)
-        # Capturing records without running: the warm-up already did this call's work.
-        self._graph, self._graph_key, self._static = graph, key, (static_x, static_y)
-        for g in self._groups:
-            g.theta_version = g.version()
 
     def __repr__(self) -> str:
         return (

@@ -1,6 +1,6 @@
 """Triton kernels for the flat-buffer ops, and the launchers that feed them.
 
-This module imports Triton; only :mod:`reptile_fused.triton_ops` imports it, and only
+This module imports Triton; only :mod:`reptile_fused.backends.triton.ops` imports it, and only
 when Triton is installed.
 
 Every kernel is one 1-D grid over a flat buffer: program ``i`` owns elements

@@ -29,10 +29,10 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
-from .distributed import rank_and_world, shard
+from ..distributed import rank_and_world, shard
 from .evaluate import Restorer, adapt, evaluate_task
-from .models import build_model
-from .optimizer import ReptileOptimizer
+from ..models import build_model
+from ..optimizer import ReptileOptimizer
 from .problems import build_problem
 
 CHECKPOINT_NAME = "checkpoint.pt"

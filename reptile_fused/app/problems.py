@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TrainConfig
-from .data import (
+from ..data import (
     ImageClasses,
     SineTasks,
     Task,
@@ -23,7 +23,7 @@ from .data import (
     load_miniimagenet,
     load_omniglot,
 )
-from .models import model_spec
+from ..models import model_spec
 
 SINE_QUERY_POINTS = 100
 

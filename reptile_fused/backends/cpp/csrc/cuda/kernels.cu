@@ -24,8 +24,8 @@
 #include <atomic>
 #include <cstdint>
 
-#include "checks.h"
-#include "element_math.h"
+#include "../checks.h"
+#include "../element_math.h"
 
 namespace reptile_fused {
 namespace {

@@ -1,12 +1,13 @@
 """The C++/CUDA backend: the fused kernels of the compiled extension ``reptile_fused._C``.
 
-The extension registers ``torch.ops.reptile_fused.*`` (CPU kernels always, CUDA
-kernels when it was built with a CUDA toolkit).  The functions here have the
-signatures of :mod:`reptile_fused.reference`, run the shared argument checks, and
-map each scalar that may be a tensor (``lr``, ``meta_lr``, ``n``, ``step``) onto the
-op's ``float`` + ``Tensor?`` pair: a tensor on the buffers' device is passed through
-and read by the kernel (so a CUDA graph replays with its current value); a number,
-or a CPU tensor with CUDA buffers, is passed as a float.
+The extension (sources in ``csrc/`` beside this file: the op schemas in ``ops.cpp``,
+the shared per-element math and checks, ``cpu/`` and ``cuda/`` kernels) registers
+``torch.ops.reptile_fused.*``: CPU kernels always, CUDA kernels when it was built
+with a CUDA toolkit.  The Python functions here are bound from
+:mod:`reptile_fused.backends.op_table`: the signatures of
+:mod:`reptile_fused.reference`, the shared argument checks, and each scalar that may
+be a tensor (``lr``, ``meta_lr``, ``n``, ``step``) mapped onto the op's ``float`` +
+``Tensor?`` pair.
 
 When the extension is missing or was built against another torch, this module still
 imports: :func:`unavailable_reason` says why and how to build it, and a single
@@ -20,17 +21,8 @@ import importlib.util
 import warnings
 
 import torch
-from torch import Tensor
 
-from .._validate import (
-    ScalarLike,
-    check_adam_step,
-    check_batched_meta_update,
-    check_meta_update,
-    check_sgd_step,
-    check_task_end,
-    split_scalar,
-)
+from ..op_table import OP_NAMES, OPS, bind
 
 __all__ = [
     "sgd_step_",
@@ -41,8 +33,6 @@ __all__ = [
     "unavailable_reason",
     "build_info",
 ]
-
-OPS = ("sgd_step_", "adam_step_", "task_end_", "meta_update_", "batched_meta_update_")
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "
@@ -135,7 +125,7 @@ def has_kernel(device_type: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"reptile_fused::{op}", key) for op in OPS
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"reptile_fused::{op}", key) for op in OP_NAMES
     )
 
 
@@ -150,100 +140,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the C++/CUDA extension has no kernels for {device.type} devices (only CPU and CUDA)"
 
 
-@torch.no_grad()
-def sgd_step_(
-    param: Tensor,
-    grad: Tensor,
-    momentum_buffer: Tensor | None,
-    lr: ScalarLike,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-    first_step: bool = False,
-) -> None:
-    """``reference.sgd_step_``, one fused pass."""
-    check_sgd_step(param, grad, momentum_buffer, lr, momentum)
-    lr_f, lr_t = split_scalar(lr, "lr", param.device)
-    torch.ops.reptile_fused.sgd_step_(
-        param,
-        grad,
-        momentum_buffer if momentum != 0 else None,
-        lr_f,
-        lr_t,
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(maximize),
-        bool(first_step),
-    )
+def _kernel(name: str):
+    # Looked up at call time: the ops exist only once the library is loaded.
+    return lambda *args: getattr(torch.ops.reptile_fused, name)(*args)
 
 
-@torch.no_grad()
-def adam_step_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None,
-    step: ScalarLike,
-    lr: ScalarLike,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
-) -> None:
-    """``reference.adam_step_``, one fused pass.  A device-tensor ``step`` is not
-    range-checked (that would synchronise); it must be >= 1."""
-    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad)
-    step_f, step_t = split_scalar(step, "step", param.device)
-    lr_f, lr_t = split_scalar(lr, "lr", param.device)
-    torch.ops.reptile_fused.adam_step_(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        max_exp_avg_sq if amsgrad else None,
-        step_f,
-        step_t,
-        lr_f,
-        lr_t,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-    )
-
-
-@torch.no_grad()
-def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
-    """``reference.task_end_``, one fused pass."""
-    check_task_end(param, anchor, acc)
-    torch.ops.reptile_fused.task_end_(param, anchor, acc)
-
-
-@torch.no_grad()
-def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
-    """``reference.meta_update_``, one fused pass.  A device-tensor ``n`` is not
-    range-checked (that would synchronise); it must be > 0."""
-    check_meta_update(param, anchor, acc, meta_lr, n)
-    lr_f, lr_t = split_scalar(meta_lr, "meta_lr", param.device)
-    n_f, n_t = split_scalar(n, "n", param.device)
-    torch.ops.reptile_fused.meta_update_(param, anchor, acc, lr_f, lr_t, n_f, n_t)
-
-
-@torch.no_grad()
-def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
-    """``reference.batched_meta_update_``, one fused pass over the n + 1 inputs."""
-    check_batched_meta_update(theta, tasks, meta_lr)
-    lr_f, lr_t = split_scalar(meta_lr, "meta_lr", theta.device)
-    torch.ops.reptile_fused.batched_meta_update_(theta, tasks, lr_f, lr_t, bool(write_back))
+for _op in OPS:
+    globals()[_op.name] = bind(_op, _kernel(_op.name))
+del _op
 
 
 def _register_fakes() -> None:
@@ -253,7 +157,7 @@ def _register_fakes() -> None:
     def _nothing(*args, **kwargs) -> None:
         return None
 
-    for op in OPS:
+    for op in OP_NAMES:
         torch.library.register_fake(f"reptile_fused::{op}")(_nothing)
 
 

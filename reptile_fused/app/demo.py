@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .config import resolve
-from .data import Task
+from ..data import Task
 from .evaluate import Restorer, evaluate
-from .models import build_model
+from ..models import build_model
 from .train import Trainer, make_optimizer
 
 DEFAULT_OUT = Path("runs/demo/sine_demo.png")

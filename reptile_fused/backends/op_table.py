@@ -1,0 +1,167 @@
+"""The five flat-buffer ops, described once; every compiled backend binds its kernels from here.
+
+An op is its dispatcher schema (the one the C++ extension registers in
+``csrc/ops.cpp`` and the Triton backend registers with ``torch.library.triton_op``)
+plus what the schema cannot say:
+
+* its Python signature, which is :mod:`reptile_fused.reference`'s (the oracle): a
+  scalar that may be a 0-dim tensor (``lr``, ``meta_lr``, ``n``, ``step``) is one
+  argument there and two in the schema, ``float x`` + ``Tensor? x_tensor``, because a
+  schema cannot say "a float or a tensor";
+* its argument check, from :mod:`reptile_fused._validate`, run before any kernel
+  touches memory so that every backend rejects the same input the same way;
+* optional buffers the kernel must not read unless a flag asks for them
+  (``momentum_buffer`` only with momentum, ``max_exp_avg_sq`` only with amsgrad).
+
+:func:`bind` turns one entry into the Python function a backend exposes: bind the
+caller's arguments to the reference signature, check them, split each tensor-able
+scalar (:func:`~reptile_fused._validate.split_scalar`: a tensor on the buffers' device
+is read by the kernel, so a CUDA graph replays with its current value; anything else
+is read on the host), coerce the plain scalars to the schema's types, and call the
+registered op.  Adding an op means one entry here, one reference function, and one
+kernel per backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import _validate, reference
+
+__all__ = ["OpDef", "OPS", "OP_NAMES", "Arg", "bind", "schema"]
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a schema."""
+
+    name: str
+    type: str  # "Tensor", "Tensor?", "float", "bool"
+    mutated: bool = False
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    # The schema's argument list, as written in TORCH_LIBRARY (alias annotations mark the mutated buffers).
+    signature: str
+    check: Callable[..., None]
+    # Optional buffer -> predicate over the bound Python arguments: pass None unless it holds.
+    only_if: dict[str, Callable[[dict], bool]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def args(self) -> tuple[Arg, ...]:
+        out = []
+        for part in self.signature.split(","):
+            type_, name = part.strip().rsplit(" ", 1)
+            mutated = "!" in type_
+            type_ = re.sub(r"\([a-z]!\)", "", type_)
+            out.append(Arg(name, type_, mutated))
+        return tuple(out)
+
+    @property
+    def mutated(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.mutated)
+
+    @property
+    def tensor_scalars(self) -> tuple[str, ...]:
+        """The scalars that may be 0-dim tensors: ``float x`` followed by ``Tensor? x_tensor``."""
+        names = {a.name for a in self.args}
+        return tuple(a.name for a in self.args if a.type == "float" and f"{a.name}_tensor" in names)
+
+    @property
+    def python_signature(self) -> inspect.Signature:
+        return inspect.signature(getattr(reference, self.name))
+
+
+OPS: tuple[OpDef, ...] = (
+    OpDef(
+        "sgd_step_",
+        "Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, float lr, Tensor? lr_tensor, "
+        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step",
+        _validate.check_sgd_step,
+        only_if={"momentum_buffer": lambda a: a["momentum"] != 0},
+    ),
+    OpDef(
+        "adam_step_",
+        "Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, "
+        "float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
+        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize",
+        _validate.check_adam_step,
+        only_if={"max_exp_avg_sq": lambda a: bool(a["amsgrad"])},
+    ),
+    OpDef("task_end_", "Tensor(a!) param, Tensor anchor, Tensor(b!) acc", _validate.check_task_end),
+    OpDef(
+        "meta_update_",
+        "Tensor(a!) param, Tensor anchor, Tensor(b!) acc, float meta_lr, Tensor? meta_lr_tensor, float n, Tensor? n_tensor",
+        _validate.check_meta_update,
+    ),
+    OpDef(
+        "batched_meta_update_",
+        "Tensor(a!) theta, Tensor(b!) tasks, float meta_lr, Tensor? meta_lr_tensor, bool write_back",
+        _validate.check_batched_meta_update,
+    ),
+)
+
+OP_NAMES: tuple[str, ...] = tuple(op.name for op in OPS)
+
+
+def schema(op: OpDef, namespace: str | None = None) -> str:
+    """The full schema string, ``name(args) -> ()``, optionally qualified by ``namespace``."""
+    name = op.name if namespace is None else f"{namespace}::{op.name}"
+    return f"{name}({op.signature}) -> ()"
+
+
+_COERCE = {"float": float, "bool": bool}
+
+
+def _kernel_args(op: OpDef, bound: dict, device: torch.device) -> list:
+    """The bound Python arguments laid out as the schema's positional arguments."""
+    out: list = []
+    scalars = set(op.tensor_scalars)
+    split: dict[str, tuple[float, object]] = {}
+    for arg in op.args:
+        if arg.name in scalars:
+            split[arg.name] = _validate.split_scalar(bound[arg.name], arg.name, device)
+            out.append(split[arg.name][0])
+        elif arg.name.endswith("_tensor") and arg.name[: -len("_tensor")] in split:
+            out.append(split[arg.name[: -len("_tensor")]][1])
+        elif arg.name in op.only_if and not op.only_if[arg.name](bound):
+            out.append(None)
+        elif arg.type in _COERCE:
+            out.append(_COERCE[arg.type](bound[arg.name]))
+        else:
+            out.append(bound[arg.name])
+    return out
+
+
+def bind(op: OpDef, kernel: Callable[..., None], before_call: Callable[[torch.device, str], None] | None = None):
+    """The Python function of ``op`` for one backend: reference signature, shared check, ``kernel(*schema_args)``.
+
+    ``before_call(device, op_name)`` runs after the check and before the kernel (the
+    Triton backend uses it to refuse devices it cannot run on)."""
+    signature = op.python_signature
+    check_params = tuple(inspect.signature(op.check).parameters)
+    first = op.args[0].name
+
+    @torch.no_grad()
+    def call(*args, **kwargs) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        op.check(*(values[name] for name in check_params))
+        device = values[first].device
+        if before_call is not None:
+            before_call(device, op.name)
+        kernel(*_kernel_args(op, values, device))
+
+    call.__name__ = call.__qualname__ = op.name
+    call.__signature__ = signature
+    call.__doc__ = f"``reference.{op.name}`` in one fused pass (same signature, checks and numerics)."
+    return call

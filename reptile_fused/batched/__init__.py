@@ -1,0 +1,12 @@
+"""Batched Reptile: the n tasks of a meta-batch adapt together under ``torch.func.vmap``.
+
+* :mod:`.reptile`: :class:`BatchedReptile`, the task rows, the fused steps;
+* :mod:`.batchable`: what batched mode can run, and the error naming the failing layer;
+* :mod:`.vmap_rules`: faster vmap rules for conv-net layers, on private functorch API;
+* :mod:`.graph`: a meta-iteration recorded as a CUDA graph and replayed.
+"""
+
+from .batchable import NotBatchableError, check_batchable
+from .reptile import BatchedReptile
+
+__all__ = ["BatchedReptile", "NotBatchableError", "check_batchable"]

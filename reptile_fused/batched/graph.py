@@ -1,0 +1,61 @@
+"""One meta-iteration recorded as a CUDA graph and replayed with new inputs.
+
+:class:`~reptile_fused.BatchedReptile` records ``meta_iteration`` once and replays it:
+the inputs are copied into the graph's static buffers, and the scalars that change
+between iterations (``lr``, ``meta_lr``, Adam's step) live in device tensors that the
+kernels read, so a replay sees their current values without re-capture.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CapturedIteration", "graph_key", "describe_key"]
+
+# What a captured graph is fixed to: (inner_steps, xs shape/dtype/device, ys shape/dtype/device).
+GraphKey = tuple
+
+
+def graph_key(xs: Tensor, ys: Tensor, inner_steps: int | None) -> GraphKey:
+    return (inner_steps, tuple(xs.shape), xs.dtype, xs.device, tuple(ys.shape), ys.dtype, ys.device)
+
+
+def describe_key(key: GraphKey) -> str:
+    steps, xshape, xdtype, xdev, yshape, ydtype, ydev = key
+    return f"xs {list(xshape)} {xdtype} on {xdev}, ys {list(yshape)} {ydtype} on {ydev}, inner_steps={steps}"
+
+
+class CapturedIteration:
+    """``run(xs, ys, inner_steps)`` recorded once as a CUDA graph.
+
+    Construction runs this call's real iteration eagerly on a side stream (which also
+    initialises autograd, the allocator and the lazily created state buffers outside
+    the capture), then records the graph; capturing records without running, so the
+    warm-up has done this call's work.
+    """
+
+    def __init__(self, run: Callable[[Tensor, Tensor, int | None], None], xs: Tensor, ys: Tensor, inner_steps: int | None):
+        for t in (xs, ys):
+            if t.device.type != "cuda":
+                raise ValueError(f"capture: xs and ys must be CUDA tensors, got one on {t.device}")
+        self.key = graph_key(xs, ys, inner_steps)
+        static_x, static_y = xs.clone(), ys.clone()
+        side = torch.cuda.Stream(device=static_x.device)
+        side.wait_stream(torch.cuda.current_stream(static_x.device))
+        with torch.cuda.stream(side):
+            run(static_x, static_y, inner_steps)
+        torch.cuda.current_stream(static_x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(static_x, static_y, inner_steps)
+        self.graph = graph
+        self.static = (static_x, static_y)
+
+    def replay(self, xs: Tensor, ys: Tensor) -> None:
+        static_x, static_y = self.static
+        static_x.copy_(xs)
+        static_y.copy_(ys)
+        self.graph.replay()

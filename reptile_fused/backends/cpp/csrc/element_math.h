@@ -10,8 +10,8 @@
 // The operation order follows reptile_fused/reference.py (torch.optim's
 // foreach=False arithmetic), and each `x.add(y, alpha=a)` / `lerp` is the fused
 // multiply-add that torch's vectorised CPU kernels and its CUDA kernels compute for
-// it, so float32/float64 SGD steps match torch.optim.SGD bit for bit on AVX2 CPUs
-// and the other rules agree with the reference to rounding.
+// it (as is Adam's `addcmul_`), so float32/float64 SGD and Adam steps match
+// torch.optim.SGD / torch.optim.Adam bit for bit on AVX2 CPUs.
 #pragma once
 
 #include <cmath>
@@ -120,21 +120,36 @@ RF_HD inline V lerp_element(V start, V end, V w, bool low, V one) {
   return low ? Math<V>::fma(w, end - start, start) : Math<V>::fma(w - one, end - start, end);
 }
 
-// vmax is read and written only when amsgrad is set.
+// The moment updates of one Adam step (g is the raw gradient; vmax is read and
+// written only when amsgrad is set).  Returns the second moment whose square root
+// the denominator takes.
 template <typename V>
-RF_HD inline void adam_element(V& p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
+RF_HD inline V adam_moments(V p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
   if (c.maximize) g = Math<V>::neg(g);
-  if (c.has_weight_decay) g = g + c.weight_decay * p;
+  if (c.has_weight_decay) g = Math<V>::fma(p, c.weight_decay, g);  // g.add(p, alpha=wd)
   m = lerp_element(m, g, c.one_minus_beta1, c.lerp_low, one);
   v = v * c.beta2;
-  v = v + c.one_minus_beta2 * g * g;
-  V second = v;
+  // v.addcmul_(g, g, value=1-b2): torch's kernels compute (value * g) * g + v as one fused multiply-add.
+  v = Math<V>::fma(c.one_minus_beta2 * g, g, v);
   if (c.amsgrad) {
     vmax = Math<V>::max(vmax, v);
-    second = vmax;
+    return vmax;
   }
-  const V denom = Math<V>::sqrt(second) / c.bias_correction2_sqrt + c.eps;
+  return v;
+}
+
+// The parameter update from the first moment and the square root of the second:
+// p.addcdiv_(m, sqrt(v) / bias_correction2_sqrt + eps, value=-step_size).
+template <typename V>
+RF_HD inline void adam_param(V& p, V m, V root, const AdamCoef<V>& c) {
+  const V denom = root / c.bias_correction2_sqrt + c.eps;
   p = p - c.step_size * m / denom;
+}
+
+template <typename V>
+RF_HD inline void adam_element(V& p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
+  const V second = adam_moments(p, g, m, v, vmax, c, one);
+  adam_param(p, m, Math<V>::sqrt(second), c);
 }
 
 // ---------------------------------------------------------------- Reptile

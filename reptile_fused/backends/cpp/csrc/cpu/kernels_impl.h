@@ -17,10 +17,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sqrt.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -137,6 +140,12 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
 }
 
 // ---------------------------------------------------------------- adam_step_
+// Adam's square root is taken by torch's own sqrt kernel, chunk by chunk while the
+// chunk is in cache: on some CPUs (MKL's vector math) torch's float32/float64 sqrt is
+// not correctly rounded, and torch.optim.Adam uses it, so an exact sqrt here would
+// differ from torch in the last bit of about one element in a hundred.
+constexpr int64_t kSqrtChunk = 4096;
+
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                    const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
@@ -157,35 +166,63 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     const auto cv = cast_coef<Vec, opmath_t>(coef);
     const auto cs = cast_coef<opmath_t, opmath_t>(coef);
     const Vec one_v(opmath_t(1));
+    const auto opmath_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value);
     scalar_t* p_ptr = param.data_ptr<scalar_t>();
     const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
     scalar_t* m_ptr = exp_avg.data_ptr<scalar_t>();
     scalar_t* v_ptr = exp_avg_sq.data_ptr<scalar_t>();
     scalar_t* vmax_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
-    parallel_blocks<B::kBlock>(
-        param.numel(), 6,
-        [&](int64_t i) {
-          Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K];
+    const int64_t numel = param.numel();
+    if (numel == 0) return;
+    at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, kSqrtChunk), [&](int64_t begin, int64_t end) {
+      // Per chunk, in cache: the opmath first moment and the second moment, then its square root.
+      std::vector<opmath_t> m_op(kSqrtChunk), root(kSqrtChunk);
+      for (int64_t start = begin; start < end; start += kSqrtChunk) {
+        const int64_t len = std::min(kSqrtChunk, end - start);
+        int64_t j = 0;
+        for (; j + B::kBlock <= len; j += B::kBlock) {
+          const int64_t i = start + j;
+          Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], second[B::K];
           B::load(p_ptr + i, p);
           B::load(g_ptr + i, g);
           B::load(m_ptr + i, m);
           B::load(v_ptr + i, v);
           if (amsgrad) B::load(vmax_ptr + i, vmax);
-          for (int k = 0; k < B::K; ++k) adam_element(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
-          B::store(p_ptr + i, p);
+          for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
           B::store(m_ptr + i, m);
           B::store(v_ptr + i, v);
           if (amsgrad) B::store(vmax_ptr + i, vmax);
-        },
-        [&](int64_t i) {
-          opmath_t p = p_ptr[i], m = m_ptr[i], v = v_ptr[i];
+          B::store(m_op.data() + j, m);
+          B::store(root.data() + j, second);
+        }
+        for (; j < len; ++j) {
+          const int64_t i = start + j;
+          opmath_t m = m_ptr[i], v = v_ptr[i];
           opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
-          adam_element<opmath_t>(p, opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
-          p_ptr[i] = static_cast<scalar_t>(p);
+          root[j] = adam_moments<opmath_t>(opmath_t(p_ptr[i]), opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
+          m_op[j] = m;
           m_ptr[i] = static_cast<scalar_t>(m);
           v_ptr[i] = static_cast<scalar_t>(v);
           if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
-        });
+        }
+        at::Tensor r = at::from_blob(root.data(), {len}, opmath_options);
+        at::sqrt_out(r, r);
+        j = 0;
+        for (; j + B::kBlock <= len; j += B::kBlock) {
+          Vec p[B::K], m[B::K], rt[B::K];
+          B::load(p_ptr + start + j, p);
+          B::load(m_op.data() + j, m);
+          B::load(root.data() + j, rt);
+          for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], rt[k], cv);
+          B::store(p_ptr + start + j, p);
+        }
+        for (; j < len; ++j) {
+          opmath_t p = p_ptr[start + j];
+          adam_param<opmath_t>(p, m_op[j], root[j], cs);
+          p_ptr[start + j] = static_cast<scalar_t>(p);
+        }
+      }
+    });
   });
 }
 

@@ -1,0 +1,183 @@
+"""ReptileOptimizer's inner step against torch.optim, on PyTorch's own optimizer test inputs.
+
+``torch.testing._internal.common_optimizers.optim_db`` holds the keyword sets torch
+tests SGD and Adam with (``optim_inputs_func``) and the inputs that must raise
+(``optim_error_inputs_func``).  Outside ``task()``, ``step()`` is a plain inner
+optimizer step, so on the CPU the ``reference`` and ``cpp`` backends must give
+torch's for-loop implementation bit for bit, in float32 and float64, whatever the
+model shape: parameters that skip steps (``set_to_none=True``), channels-last conv
+weights, gradients allocated outside the flat buffer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reptile_fused import ReptileOptimizer, available_backends
+
+common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers")
+
+EXACT_BACKENDS = [b for b in ("reference", "cpp") if b in available_backends("cpu")]
+DTYPES = (torch.float32, torch.float64)
+INNER = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam"}
+STEPS = 5
+
+
+def optim_inputs(cls):
+    (info,) = [i for i in common_optimizers.optim_db if i.optim_cls is cls]
+    return info.optim_inputs_func(device="cpu", dtype=torch.float32)
+
+
+CASES = [(cls, oi) for cls in INNER for oi in optim_inputs(cls)]
+
+
+def case_id(case):
+    cls, oi = case
+    return f"{cls.__name__}-{oi.desc.replace(' ', '_')}"
+
+
+def model(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "conv_channels_last":
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+        return m.to(dtype).to(memory_format=torch.channels_last)
+    # Odd sizes, so the flat buffer's alignment padding and the kernels' tails are exercised.
+    return nn.Sequential(nn.Linear(7, 33), nn.Tanh(), nn.Linear(33, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def inputs(kind: str, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(1)
+    shape = (4, 3, 8, 8) if kind == "conv_channels_last" else (4, 7)
+    return [(torch.randn(shape, generator=gen, dtype=dtype), torch.randn(4, 3, generator=gen, dtype=dtype)) for _ in range(STEPS)]
+
+
+def train(m: nn.Module, opt, kind: str, data, *, set_to_none: bool) -> None:
+    for step, (x, y) in enumerate(data):
+        opt.zero_grad(set_to_none=set_to_none)
+        out = m(x)
+        if kind == "skip_params" and step % 2 == 1:
+            # The middle layer gets no gradient on odd steps: with set_to_none it is skipped.
+            out = m[4](m[3](m[2](m[1](m[0](x))).detach()))
+        loss = ((out - y) ** 2).mean()
+        loss.backward()
+        if kind == "foreign_grads":
+            # Gradients that live outside the flat buffer, as after model.zero_grad() or p.grad = ...
+            for p in m.parameters():
+                p.grad = p.grad.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "skip_params", "conv_channels_last", "foreign_grads"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inner_step_is_torch_bit_for_bit(case, kind, dtype, backend):
+    cls, oi = case
+    kwargs = dict(oi.kwargs)
+    if cls is torch.optim.Adam:
+        kwargs.setdefault("betas", (0.9, 0.999))  # torch's default; ReptileOptimizer's is the authors' (0, 0.999)
+    ours_model, torch_model = model(kind, dtype), model(kind, dtype)
+    fmt = torch.channels_last if kind == "conv_channels_last" else None
+    ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer=INNER[cls], backend=backend, memory_format=fmt, **kwargs)
+    theirs = cls(torch_model.parameters(), foreach=False, **kwargs)
+    data = inputs(kind, dtype)
+    set_to_none = kind == "skip_params"
+    train(ours_model, ours, kind, data, set_to_none=set_to_none)
+    train(torch_model, theirs, kind, data, set_to_none=set_to_none)
+    for (name, a), b in zip(ours_model.named_parameters(), torch_model.parameters()):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
+def error_inputs(cls):
+    (info,) = [i for i in common_optimizers.optim_db if i.optim_cls is cls]
+    return info.optim_error_inputs_func(device="cpu", dtype=torch.float32)
+
+
+ERROR_CASES = [(cls, e) for cls in INNER for e in error_inputs(cls)]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"{c[0].__name__}-{c[1].optimizer_error_input.desc.replace(' ', '_')}")
+def test_error_inputs_raise_what_torch_raises(case):
+    cls, e = case
+    oi = e.optimizer_error_input
+    params = oi.params if oi.params is not None else [torch.rand(3, requires_grad=True)]
+    kwargs = dict(oi.kwargs)
+    if e.error_type is UserWarning:
+        # torch warns about a parameter listed twice in one group, then steps it twice;
+        # ReptileOptimizer packs each parameter once, so it refuses instead of differing.
+        assert "duplicate" in oi.desc
+        with pytest.raises(ValueError, match="listed twice in one param group"):
+            ReptileOptimizer(params, inner_optimizer=INNER[cls], **kwargs)
+        return
+    with pytest.raises(e.error_type):
+        cls(params, **kwargs)  # the yardstick itself raises
+    with pytest.raises(e.error_type):
+        ReptileOptimizer(params, inner_optimizer=INNER[cls], **kwargs)
+
+
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False, fused=True), dict(capturable=True), dict(differentiable=False)])
+def test_implementation_flags_are_accepted_and_select_nothing(flags):
+    results = []
+    for kw in ({}, flags):
+        m = model("mlp", torch.float32)
+        opt = ReptileOptimizer(m.parameters(), inner_optimizer="adam", lr=0.01, **kw)
+        train(m, opt, "mlp", inputs("mlp", torch.float32), set_to_none=False)
+        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(*results)
+
+
+def test_differentiable_true_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="differentiable=True is not supported: the inner steps run in fused kernels"):
+        ReptileOptimizer([torch.zeros(2, requires_grad=True)], differentiable=True)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_named_parameters_as_in_torch(backend):
+    ours_model, torch_model = model("mlp", torch.float32), model("mlp", torch.float32)
+    named = list(ours_model.named_parameters())
+    ours = ReptileOptimizer(
+        [{"params": named[:2], "lr": 0.05}, {"params": named[2:]}], inner_optimizer="adam", lr=0.01, betas=(0.9, 0.999),
+        backend=backend,
+    )  # fmt: skip
+    tn = list(torch_model.named_parameters())
+    theirs = torch.optim.Adam([{"params": tn[:2], "lr": 0.05}, {"params": tn[2:]}], lr=0.01, foreach=False)
+    data = inputs("mlp", torch.float32)
+    train(ours_model, ours, "mlp", data, set_to_none=False)
+    train(torch_model, theirs, "mlp", data, set_to_none=False)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        assert torch.equal(a, b)
+    names = [g["param_names"] for g in ours.state_dict()["param_groups"]]
+    assert names == [g["param_names"] for g in theirs.state_dict()["param_groups"]] == [
+        [n for n, _ in named[:2]], [n for n, _ in named[2:]]
+    ]
+    ReptileOptimizer(ours_model.named_parameters()).load_state_dict(
+        ReptileOptimizer(model("mlp", torch.float32).named_parameters()).state_dict()
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+        (dict(betas=(torch.tensor(0.9), 0.99)), "betas must be either both floats or both Tensors"),
+        (dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), "betas as Tensors are not supported"),
+        (dict(lr=torch.tensor(0.01)), "lr as a Tensor is not supported with inner_optimizer='adam'"),
+    ],
+)
+def test_adam_scalars_torch_computes_in_tensor_precision_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReptileOptimizer([torch.zeros(2, requires_grad=True)], inner_optimizer="adam", **kwargs)
+
+
+def test_hyperparameters_of_the_other_inner_optimizer_are_refused():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="betas is not a hyperparameter of inner_optimizer='sgd'"):
+        ReptileOptimizer(p, inner_optimizer="sgd", betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match="momentum is not a hyperparameter of inner_optimizer='adam'"):
+        ReptileOptimizer(p, inner_optimizer="adam", momentum=0.9)
+    opt = ReptileOptimizer(p, inner_optimizer="sgd")
+    assert set(opt.defaults) == {"lr", "meta_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"}
+    opt = ReptileOptimizer(p, inner_optimizer="adam")
+    assert set(opt.defaults) == {"lr", "meta_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}

@@ -13,7 +13,9 @@ convolutions that read the weights can be much faster in one order than another.
 
 from __future__ import annotations
 
+import itertools
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,26 @@ def check_trainable(p: Tensor) -> None:
         raise ValueError("can't optimize a non-leaf Tensor")
 
 
+# Which buffer each parameter was packed into last, so an older buffer can tell
+# "re-packed by another optimizer" from "moved or cast by the user".  Kept beside the
+# parameters, not on them: an attribute would travel into pickles and deep copies.
+_OWNERS: dict[int, tuple[weakref.ref, int]] = {}
+_SERIALS = itertools.count()
+
+
+def _remember_owner(p: Tensor, buffer: "FlatBuffer") -> None:
+    key = id(p)
+    _OWNERS[key] = (weakref.ref(p, lambda _ref, key=key: _OWNERS.pop(key, None)), buffer.serial)
+
+
+def _owner(p: Tensor) -> int | None:
+    """The serial number of the buffer ``p`` was packed into last, or None."""
+    entry = _OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]
+
+
 class FlatBuffer:
     """One device/dtype's parameters of one param group, packed contiguously.
 
@@ -92,6 +114,7 @@ class FlatBuffer:
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
         self.params = list(params)
+        self.serial = next(_SERIALS)
         self.device = params[0].device
         self.dtype = params[0].dtype
         for p in self.params:
@@ -120,6 +143,7 @@ class FlatBuffer:
         for i, p in enumerate(self.params):
             p.data = self._view(self.data, i)
             p.grad = self.grad_views[i]
+            _remember_owner(p, self)
         self._data_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
         self._whole = (Segment(0, len(self.params) - 1, 0, total),)
@@ -148,6 +172,14 @@ class FlatBuffer:
         if list(map(Tensor.data_ptr, self.params)) == self._data_ptrs:
             return
         for i, p in enumerate(self.params):
+            owner = _owner(p)
+            if owner is not None and owner != self.serial and p.data_ptr() != self._data_ptrs[i]:
+                raise RuntimeError(
+                    f"parameter {i} of shape {tuple(self.shapes[i])} was re-packed into the flat buffer of another "
+                    "optimizer (a second ReptileOptimizer or BatchedReptile built over the same parameters), so "
+                    "this one no longer holds it; only the newest optimizer over a parameter can update it. Keep "
+                    "one optimizer per set of parameters (to start another from this one's state, use state_dict())."
+                )
             if p.data_ptr() != self._data_ptrs[i] or p.device != self.device or p.dtype != self.dtype:
                 raise RuntimeError(
                     f"parameter {i} of shape {tuple(self.shapes[i])} no longer lives in the optimizer's flat "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batched import BatchedReptile, NotBatchableError, check_batchable
+from .batched.batchable import running_stat_layers
 from .optimizer import ReptileOptimizer
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -171,10 +172,26 @@ def _batched_blocker(model: nn.Module, meta_batch: list[Task]) -> str | None:
     return None
 
 
+def warn_running_stats(model: nn.Module) -> None:
+    """Say that sequential Reptile restores parameters only, not normalisation running statistics."""
+    layers = running_stat_layers(model)
+    if layers:
+        name, m = layers[0]
+        warnings.warn(
+            f"layer {name!r} ({type(m).__name__}) tracks running statistics: ReptileOptimizer.task() restores "
+            "the parameters only, so running_mean/running_var/num_batches_tracked carry the last task's values "
+            "(as in the authors' code, which restores trainable variables only). Build normalisation layers "
+            "with track_running_stats=False (batch statistics, as in the paper) to keep tasks independent.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _train_sequential(
     model, meta_lr, inner_lr, inner_steps, device, meta_batch_size, loss_fn, inner_optimizer, backend,
     meta_batches, log_interval, log, optimizer_kwargs,
 ) -> None:
+    warn_running_stats(model)
     opt = ReptileOptimizer(
         model.parameters(),
         inner_optimizer=inner_optimizer,

@@ -19,7 +19,10 @@ from torch import Tensor
 
 from ._validate import ScalarLike
 
-__all__ = ["INNER_OPTIMIZERS", "STATE_KEYS", "check_inner_optimizer", "check_hyperparameters", "state_keys", "step_"]
+__all__ = [
+    "INNER_OPTIMIZERS", "HYPERPARAMETERS", "DEFAULTS", "STATE_KEYS", "check_inner_optimizer", "hyperparameters",
+    "check_hyperparameters", "check_implementation_flags", "state_keys", "step_",
+]  # fmt: skip
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -32,35 +35,98 @@ def check_inner_optimizer(name: str) -> None:
         raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {name!r}")
 
 
-def check_hyperparameters(h: Mapping[str, Any]) -> None:
-    """The hyperparameters of a param group (or of ``BatchedReptile``), checked as torch.optim checks them."""
+# Each inner optimizer's hyperparameters (besides Reptile's meta_lr), torch.optim's names.
+HYPERPARAMETERS = {
+    "sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+}
+# torch.optim's defaults, except Adam's betas: the Reptile authors' (0, 0.999).
+DEFAULTS = {
+    "lr": 1e-3,
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "maximize": False,
+    "betas": (0.0, 0.999),
+    "eps": 1e-8,
+    "amsgrad": False,
+}
+# torch.optim's implementation switches.  One implementation runs here whatever they
+# say (the backend's fused kernel), with torch's for-loop arithmetic, so they are
+# accepted and do nothing; differentiable=True is refused.
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
-    def number(name):
-        v = h[name]
-        if isinstance(v, Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"{name} as a tensor must have one element")
-            v = float(v.item())
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-            raise ValueError(f"invalid {name}: {h[name]!r}")
-        return v
 
-    if number("lr") < 0:
-        raise ValueError(f"invalid learning rate: {h['lr']}")
-    if number("meta_lr") < 0:
-        raise ValueError(f"invalid meta_lr: {h['meta_lr']}")
-    if number("momentum") < 0:
-        raise ValueError(f"invalid momentum: {h['momentum']}")
-    if number("weight_decay") < 0:
-        raise ValueError(f"invalid weight_decay: {h['weight_decay']}")
-    if number("eps") < 0:
-        raise ValueError(f"invalid eps: {h['eps']}")
-    number("dampening")
-    if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+def hyperparameters(inner_optimizer: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The inner optimizer's hyperparameters from the keyword arguments ``given`` (``None``:
+    not given, use the default).  A hyperparameter of the other inner optimizer is refused:
+    torch.optim.SGD has no ``betas``, torch.optim.Adam no ``momentum``."""
+    own = HYPERPARAMETERS[inner_optimizer]
+    foreign = sorted(k for k, v in given.items() if v is not None and k not in own and k in DEFAULTS)
+    if foreign:
+        raise ValueError(
+            f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a hyperparameter of "
+            f"inner_optimizer={inner_optimizer!r} (it takes {', '.join(own)})"
+        )
+    return {k: DEFAULTS[k] if given.get(k) is None else given[k] for k in own}
+
+
+def check_implementation_flags(flags: Mapping[str, Any]) -> None:
+    """``foreach``, ``fused``, ``capturable`` select nothing here; ``differentiable=True`` is refused."""
+    if flags.get("differentiable"):
+        raise ValueError(
+            "differentiable=True is not supported: the inner steps run in fused kernels outside autograd, "
+            "so no gradient flows through them (Reptile needs none). Use differentiable=False (the default)."
+        )
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None, got {value!r}")
+
+
+def _number(h: Mapping[str, Any], name: str) -> float:
+    v = h[name]
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        v = float(v.item())
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        raise ValueError(f"invalid {name}: {h[name]!r}")
+    return v
+
+
+def check_hyperparameters(h: Mapping[str, Any], inner_optimizer: str | None = None) -> None:
+    """The hyperparameters present in ``h`` (a param group, or ``BatchedReptile``'s), checked
+    as torch.optim checks them.  With ``inner_optimizer``, also what that optimizer's
+    kernels cannot reproduce exactly is refused."""
+    for name in ("lr", "meta_lr", "momentum", "weight_decay", "eps"):
+        if name in h and _number(h, name) < 0:
+            label = "learning rate" if name == "lr" else name
+            raise ValueError(f"invalid {label}: {h[name]}")
+    if "dampening" in h:
+        _number(h, "dampening")
+    if h.get("nesterov") and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("nesterov momentum requires a momentum and zero dampening")
-    betas = h["betas"]
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+    if "betas" in h:
+        betas = h["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"invalid betas: {betas} (two values, each in [0, 1))")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if isinstance(betas[0], Tensor):
+            raise ValueError(
+                "betas as Tensors are not supported: torch.optim.Adam computes its bias corrections in the "
+                "tensors' precision, the kernels here in float64 from Python floats, so the trajectories would "
+                "differ; pass floats"
+            )
+        if not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+    if inner_optimizer == "adam" and isinstance(h.get("lr"), Tensor):
+        raise ValueError(
+            "lr as a Tensor is not supported with inner_optimizer='adam': torch.optim.Adam computes "
+            "lr / bias_correction1 in the tensor's precision, the kernels here in float64 from a Python float, "
+            "so the trajectories would differ; pass a float (inner SGD accepts a Tensor lr)"
+        )
 
 
 def state_keys(inner_optimizer: str, h: Mapping[str, Any]) -> tuple[str, ...]:

@@ -54,6 +54,23 @@ class _Flat:
         self.state.clear()
         self.steps = [0] * len(self.buffer.params)
 
+    def inner_entry(self, i: int, inner_optimizer: str) -> dict[str, Any]:
+        """Parameter ``i``'s inner state as torch keeps it (views into the flat state; ``step`` an int)."""
+        if not self.steps[i]:
+            return {}
+        entry: dict[str, Any] = {"step": self.steps[i]} if inner_optimizer == "adam" else {}
+        for key in inner.STATE_KEYS[inner_optimizer]:
+            if key in self.state:
+                entry[key] = self.buffer.view(self.state[key], i)
+        return entry
+
+    def save_inner_state(self) -> tuple[dict[str, Tensor], list[int]]:
+        """A copy of the inner state (one pass over its buffers), for rolling back a failed task."""
+        return {k: v.clone() for k, v in self.state.items()}, list(self.steps)
+
+    def restore_inner_state(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
+        self.state, self.steps = saved
+
 
 class ReptileOptimizer(Optimizer):
     r"""Reptile (Nichol, Achiam & Schulman, 2018) as a drop-in ``torch.optim`` optimizer.
@@ -115,15 +132,15 @@ class ReptileOptimizer(Optimizer):
         self,
         params,
         inner_optimizer: str = "sgd",
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         meta_lr: float = 1.0,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
+        momentum: float | None = None,
+        dampening: float | None = None,
+        nesterov: bool | None = None,
         weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.0, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        amsgrad: bool | None = None,
         maximize: bool = False,
         *,
         reset_inner_state: str = "never",
@@ -131,9 +148,14 @@ class ReptileOptimizer(Optimizer):
         process_group=None,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         memory_format=None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool | None = None,
+        differentiable: bool = False,
     ):
         check_memory_format(memory_format)
         inner.check_inner_optimizer(inner_optimizer)
+        inner.check_implementation_flags(dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable))
         if reset_inner_state not in STATE_RESETS:
             raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
         self.inner_optimizer = inner_optimizer
@@ -141,24 +163,20 @@ class ReptileOptimizer(Optimizer):
         self.backend = backend
         self.memory_format = memory_format
         self._flats: list[_Flat] = []
+        self._frozen: list[Tensor] = []
         self._tasks_done = 0
         self._in_task = False
         self._meta_view: MetaStepView | None = None
         self._sync: MetaBatchSync | None = None
         group = resolve_process_group(process_group)
-        defaults = dict(
-            lr=lr,
-            meta_lr=meta_lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            amsgrad=amsgrad,
-            maximize=maximize,
-        )
-        inner.check_hyperparameters(defaults)
+        given = dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+            betas=betas, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        )  # fmt: skip
+        # Only the chosen inner optimizer's hyperparameters: schedulers (OneCycleLR,
+        # CyclicLR) look for "momentum" or "betas" in the groups to decide what to cycle.
+        defaults = {**inner.hyperparameters(inner_optimizer, given), "meta_lr": meta_lr}
+        inner.check_hyperparameters(defaults, inner_optimizer)
         super().__init__(params, defaults)
         if group is not None:
             self._sync = MetaBatchSync(group, bucket_elements)
@@ -182,21 +200,38 @@ class ReptileOptimizer(Optimizer):
     # ------------------------------------------------------------------ setup
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (all checks pass before anything changes)."""
+        """Add a param group (all checks pass before anything changes).
+
+        As in torch, ``params`` may hold tensors or ``(name, tensor)`` pairs (named
+        parameters; the names are kept in the group's ``param_names``).
+        """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
+                "in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, Tensor) else list(params)
-        trainable = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
-        for p in params:
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        for p in tensors:
             check_trainable(p)
+        if len({id(p) for p in tensors}) != len(tensors):
+            # torch.optim warns and then steps such a parameter once per listing.
+            raise ValueError(
+                "a parameter is listed twice in one param group: torch.optim would step it twice per step(); "
+                "ReptileOptimizer packs each parameter once, so it refuses. List every parameter once."
+            )
+        trainable = [p for p in tensors if p.requires_grad]
         devices = {p.device for p in trainable}
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters of one param group must be on one device, got {sorted(map(str, devices))}; "
                 "put each device's parameters in a group of its own"
             )
-        inner.check_hyperparameters({**self.defaults, **param_group})
+        inner.hyperparameters(self.inner_optimizer, {k: v for k, v in param_group.items() if k != "params"})
+        inner.check_hyperparameters({**self.defaults, **param_group}, self.inner_optimizer)
         if self._tasks_done or self._in_task:
             raise RuntimeError("add_param_group() in the middle of a meta-batch; call meta_step() first")
         # Resolve backends before the group is registered, so an unavailable backend changes nothing.
@@ -209,8 +244,20 @@ class ReptileOptimizer(Optimizer):
             by_dtype.setdefault(p.dtype, []).append(p)
         new = [_Flat(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend) for dtype_params in by_dtype.values()]
         self._flats.extend(new)
+        # Frozen now: not packed.  A gradient on one later is refused at step() (see _check_frozen).
+        self._frozen.extend(p for p in tensors if not p.requires_grad)
         if self._sync is not None:  # after construction every rank must add the same group
             self._sync_new_flats(new)
+
+    def _check_frozen(self) -> None:
+        for p in self._frozen:
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} was frozen (requires_grad=False) when it was handed to "
+                    "this ReptileOptimizer and now has a gradient: only parameters trainable at construction are "
+                    "packed into the flat buffers and stepped, and torch.optim would step it. Unfreeze before "
+                    "building the optimizer (gradual unfreezing: build a new optimizer after each unfreeze)."
+                )
 
     @property
     def flat_buffers(self) -> list[FlatBuffer]:
@@ -244,6 +291,8 @@ class ReptileOptimizer(Optimizer):
             raise RuntimeError(
                 "step() outside task() while a meta-batch is open: call meta_step() (or meta_gradient()) first"
             )
+        if self._frozen:
+            self._check_frozen()
         plans = []
         for f in self._flats:
             f.buffer.check_layout()
@@ -298,7 +347,11 @@ class ReptileOptimizer(Optimizer):
         """Adapt to one task: on entry θ is the meta-weights; on exit the adapted
         weights are accumulated for ``meta_step()`` and θ is restored.
 
-        If the block raises, the task is discarded: θ is restored and nothing is accumulated.
+        If the block raises, the task is discarded: θ and the inner optimizer's state
+        (momentum, Adam moments and step counts) are restored and nothing is accumulated.
+        To make that possible the inner state is copied on entry (one pass over it, and
+        one more copy of it in memory while the task runs; nothing with
+        ``reset_inner_state="task"``'s empty state).
         """
         if self._in_task:
             raise RuntimeError("task() blocks cannot be nested: finish the current task first")
@@ -310,13 +363,16 @@ class ReptileOptimizer(Optimizer):
             if self.reset_inner_state == "task":
                 for f in self._flats:
                     f.reset_inner_state()
+            # What a failed task must not leave behind: the inner state it started from.
+            saved = [f.save_inner_state() for f in self._flats]
         self._in_task = True
         try:
             yield
         except BaseException:
             with torch.no_grad():
-                for f in self._flats:
+                for f, state in zip(self._flats, saved):
                     f.buffer.data.copy_(f.anchor)
+                    f.restore_inner_state(state)
             self._in_task = False
             raise
         with torch.no_grad():
@@ -408,6 +464,44 @@ class ReptileOptimizer(Optimizer):
             self._meta_view = MetaStepView(self)
         return self._meta_view
 
+    @property
+    def state(self) -> "_StateView":
+        """Each parameter's inner state, as ``torch.optim`` exposes it: ``opt.state[p]`` is
+        ``{"momentum_buffer": ...}`` (SGD with momentum) or ``{"step": ..., "exp_avg": ...,
+        "exp_avg_sq": ...[, "max_exp_avg_sq": ...]}`` (Adam), empty before the parameter's
+        first step.  The tensors are views into the flat state buffers (writing to them
+        changes the optimizer's state); assigning ``opt.state[p] = {...}`` copies values in."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value) -> None:
+        # torch.optim.Optimizer.__init__ assigns an empty dict; the real state lives in the flat buffers.
+        if value:
+            raise TypeError("ReptileOptimizer.state is a view of the flat buffers; assign opt.state[p] = {...} instead")
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy and pickle rebuild the optimizer over (copies of) its parameters
+        # and restore its state_dict; copied together with its model, the copy steps the
+        # copied model's parameters.
+        if self._sync is not None:
+            raise TypeError(
+                "a distributed ReptileOptimizer cannot be copied or pickled; save opt.state_dict() instead"
+            )
+        config = dict(
+            inner_optimizer=self.inner_optimizer, reset_inner_state=self.reset_inner_state, backend=self.backend,
+            memory_format=self.memory_format,
+        )  # fmt: skip
+        groups = [dict(g) for g in self.param_groups]
+        return (_rebuild, (type(self), groups, config, self.state_dict()))
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, backends={self.backends}, "
+                 f"reset_inner_state={self.reset_inner_state!r}, tasks_in_meta_batch={self._tasks_done})"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {k}: {v}" for k, v in sorted(group.items()) if k not in ("params", "param_names"))
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -419,6 +513,8 @@ class ReptileOptimizer(Optimizer):
         """
         if self._in_task:
             raise RuntimeError("state_dict() inside task(): save between tasks or after meta_step()")
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         if self._tasks_done and self._sync is not None and self._sync.world_size > 1:
             raise RuntimeError(
                 "state_dict() in the middle of a distributed meta-batch: the task sums are split over "
@@ -432,14 +528,7 @@ class ReptileOptimizer(Optimizer):
         for f in self._flats:
             b = f.buffer
             for i, p in enumerate(b.params):
-                entry: dict[str, Any] = {}
-                if self.inner_optimizer == "adam" and f.steps[i]:
-                    entry["step"] = f.steps[i]
-                    for key in inner.STATE_KEYS["adam"]:
-                        if key in f.state:
-                            entry[key] = b.view(f.state[key], i).clone()
-                elif self.inner_optimizer == "sgd" and f.steps[i] and "momentum_buffer" in f.state:
-                    entry["momentum_buffer"] = b.view(f.state["momentum_buffer"], i).clone()
+                entry = {k: v if k == "step" else v.clone() for k, v in f.inner_entry(i, self.inner_optimizer).items()}
                 if self._tasks_done:
                     entry["anchor"] = b.view(f.anchor, i).clone()
                     entry["task_sum"] = b.view(f.acc, i).clone()
@@ -450,7 +539,7 @@ class ReptileOptimizer(Optimizer):
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = [index[id(p)] for p in group["params"]]
             groups.append(packed)
-        return {
+        state_dict = {
             "state": state,
             "param_groups": groups,
             "reptile": {
@@ -460,11 +549,20 @@ class ReptileOptimizer(Optimizer):
                 "reset_inner_state": self.reset_inner_state,
             },
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; every check passes before anything changes."""
         if self._in_task:
             raise RuntimeError("load_state_dict() inside task()")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         meta = state_dict.get("reptile")
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
             raise ValueError("not a ReptileOptimizer state_dict (missing or unknown 'reptile' section)")
@@ -540,10 +638,15 @@ class ReptileOptimizer(Optimizer):
                         if key == "momentum_buffer":
                             f.steps[i] = 1
         self._tasks_done = tasks
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 class _MetaLRGroup(MutableMapping):
-    """A param group seen with ``meta_lr`` under the name ``lr`` (and its scheduler bookkeeping)."""
+    """A param group seen from the meta step: ``lr`` is ``meta_lr``, and nothing of the inner
+    optimizer shows (so a scheduler cannot mistake the inner Adam's betas or SGD's momentum
+    for the meta step's).  Keys a scheduler adds are kept in the group under ``meta_``
+    (``initial_lr`` as ``initial_meta_lr``)."""
 
     _RENAMES = {"lr": "meta_lr", "initial_lr": "initial_meta_lr"}
 
@@ -551,7 +654,9 @@ class _MetaLRGroup(MutableMapping):
         self._group = group
 
     def _key(self, key):
-        return self._RENAMES.get(key, key)
+        if key == "params":
+            return key
+        return self._RENAMES.get(key, f"meta_{key}")
 
     def __getitem__(self, key):
         return self._group[self._key(key)]
@@ -564,7 +669,11 @@ class _MetaLRGroup(MutableMapping):
 
     def __iter__(self):
         inverse = {v: k for k, v in self._RENAMES.items()}
-        return (inverse.get(k, k) for k in self._group if k not in self._RENAMES)
+        for k in self._group:
+            if k == "params" or k in inverse:
+                yield inverse.get(k, k)
+            elif k.startswith("meta_"):
+                yield k[len("meta_") :]
 
     def __len__(self):
         return sum(1 for _ in self)
@@ -577,7 +686,7 @@ class MetaStepView(Optimizer):
     def __init__(self, owner: ReptileOptimizer):
         # Deliberately not calling Optimizer.__init__: this view owns no parameters.
         self._owner = owner
-        self.defaults = {**owner.defaults, "lr": owner.defaults["meta_lr"]}
+        self.defaults = {"lr": owner.defaults["meta_lr"]}
         self.state = {}
         self._opt_called = False
 
@@ -600,3 +709,64 @@ class MetaStepView(Optimizer):
     def __repr__(self) -> str:
         return f"MetaStepView({self._owner.__class__.__name__})"
 
+
+def _rebuild(cls, groups, config, state_dict):
+    opt = cls(groups, process_group=False, **config)
+    opt.load_state_dict(state_dict)
+    return opt
+
+
+class _StateView(MutableMapping):
+    """``ReptileOptimizer.state``: per-parameter views of the flat inner state."""
+
+    def __init__(self, opt: ReptileOptimizer):
+        self._opt = opt
+
+    def _locate(self, p) -> tuple[_Flat, int]:
+        for f in self._opt._flats:
+            for i, q in enumerate(f.buffer.params):
+                if q is p:
+                    return f, i
+        raise KeyError(p)
+
+    def _entry(self, f: _Flat, i: int) -> dict[str, Any]:
+        entry = f.inner_entry(i, self._opt.inner_optimizer)
+        if "step" in entry:  # torch keeps Adam's step as a float32 tensor
+            entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+        return entry
+
+    def __getitem__(self, p) -> dict[str, Any]:
+        if not isinstance(p, Tensor):
+            raise KeyError(p)
+        return self._entry(*self._locate(p))
+
+    def __setitem__(self, p, value: dict[str, Any]) -> None:
+        f, i = self._locate(p)
+        with torch.no_grad():
+            for key, v in value.items():
+                if key == "step":
+                    f.steps[i] = int(v.item() if isinstance(v, Tensor) else v)
+                elif key in inner.STATE_KEYS[self._opt.inner_optimizer]:
+                    view = f.buffer.view(f.state_buffer(key), i)
+                    if v is not view:
+                        view.copy_(v)
+                    if key == "momentum_buffer":
+                        f.steps[i] = 1
+                else:
+                    raise KeyError(f"{key!r} is not a state entry of inner_optimizer={self._opt.inner_optimizer!r}")
+
+    def __delitem__(self, p) -> None:
+        f, i = self._locate(p)
+        f.steps[i] = 0
+
+    def __iter__(self):
+        for f in self._opt._flats:
+            for i, p in enumerate(f.buffer.params):
+                if f.steps[i]:
+                    yield p
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr({tuple(p.shape): self._entry(*self._locate(p)) for p in self})

@@ -52,7 +52,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "
         inner_optimizer=config.inner_optimizer,
         lr=config.learning_rate,
         meta_lr=config.meta_step,
-        betas=(config.adam_beta1, config.adam_beta2),
+        betas=(config.adam_beta1, config.adam_beta2) if config.inner_optimizer == "adam" else None,
         backend=backend,
         memory_format=memory_format,
     )

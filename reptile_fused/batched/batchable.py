@@ -6,14 +6,14 @@ import traceback
 
 from torch import nn
 
-__all__ = ["NotBatchableError", "check_batchable", "failing_layer"]
+__all__ = ["NotBatchableError", "check_batchable", "failing_layer", "running_stat_layers"]
 
 
 class NotBatchableError(RuntimeError):
     """The model cannot run in batched mode; the message names the layer and the way out."""
 
 
-def _running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name or type(model).__name__, m)
         for name, m in model.named_modules()
@@ -28,7 +28,7 @@ def check_batchable(model: nn.Module) -> None:
     every task; under ``vmap`` that is an in-place write of n different values into one
     tensor.  Reptile uses batch statistics anyway (``track_running_stats=False``).
     """
-    bad = _running_stat_layers(model)
+    bad = running_stat_layers(model)
     if bad:
         name, m = bad[0]
         others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -1,0 +1,64 @@
+"""The command line: nothing lost, one line per error (issue 14, section 3).
+
+Every run here is on sine waves for a handful of iterations: the whole file takes
+seconds on one CPU core.
+"""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from reptile_fused.app import checkpoint as ckpt_io
+from reptile_fused.app.cli import main
+
+SINE = ["--dataset", "sine", "--quiet", "--threads", "1"]
+
+
+def _one_error_line(err: str, command: str) -> str:
+    """The error output is exactly one ``reptile-fused CMD: error: ...`` line, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"reptile-fused {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def sine_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sine") / "run"
+    assert main(["train", *SINE, "--meta-iters", "3", "--out", str(run)]) == 0
+    return run
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+
+
+def _damage(good: Path, path: Path, how: str) -> None:
+    data = good.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 20)
+    elif how == "bad-pickle":  # a sound zip whose pickled record is damaged
+        with zipfile.ZipFile(good) as zin, zipfile.ZipFile(path, "w") as zout:
+            for info in zin.infolist():
+                body = zin.read(info.filename)
+                if info.filename.endswith("data.pkl"):
+                    body = body[:40] + b"\xfe" * 8 + body[48:]
+                zout.writestr(info, body)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage", "bad-pickle"])
+def test_damaged_checkpoint_is_one_line_with_advice(how, sine_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    _damage(sine_run / "checkpoint.pt", run / "checkpoint.pt", how)
+    for argv, command in [(["eval", "--checkpoint", str(run), "--quiet"], "eval"),
+                          (["train", "--out", str(run), "--resume", "--quiet"], "train")]:
+        assert main(argv) == 2
+        line = _one_error_line(capsys.readouterr().err, command)
+        assert ("empty" if how == "empty" else "corrupt") in line
+        assert "restore a good copy of it, or delete it and train again" in line
+        assert "weights_only" not in line

@@ -30,6 +30,16 @@ def sine_run(tmp_path_factory):
     return run
 
 
+# ---------------------------------------------------------------------- help
+
+
+def test_eval_help_prints_one_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "95% confidence" in text and "%%" not in text
+
+
 # ---------------------------------------------------------------------- damaged checkpoints
 
 

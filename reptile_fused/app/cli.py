@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
-                                   "the mean accuracy (sine: MSE) with a 95%% confidence interval.")
+                                   "the mean accuracy (sine: MSE) with a 95% confidence interval.")
     e.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt (or RUN_DIR)")
     _add_data(e)
     g = e.add_argument_group("protocol (defaults: the checkpoint's training settings)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from reptile_fused import backends
 from reptile_fused.app import checkpoint as ckpt_io
 from reptile_fused.app.cli import main
 
@@ -38,6 +39,32 @@ def test_eval_help_prints_one_percent_sign(capsys):
         main(["eval", "--help"])
     text = capsys.readouterr().out
     assert "95% confidence" in text and "%%" not in text
+
+
+# ---------------------------------------------------------------------- triton without CUDA
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo"])
+def test_triton_backend_without_cuda_is_one_line(command, sine_run, tmp_path, monkeypatch, capsys):
+    # What the Triton backend says on a machine without CUDA (the test process runs
+    # Triton's interpreter instead, see conftest.py, so it is stubbed here).
+    real = backends.unavailable_reason
+
+    def no_cuda(name, device):
+        if name == "triton":
+            return "Triton runs CPU tensors only in its interpreter, a slow testing tool"
+        return real(name, device)
+
+    monkeypatch.setattr(backends, "unavailable_reason", no_cuda)
+    args = {
+        "train": ["train", *SINE, "--meta-iters", "2", "--out", str(tmp_path / "run")],
+        "eval": ["eval", "--checkpoint", str(sine_run), "--eval-samples", "2", "--quiet"],
+        "demo": ["demo", "--iters", "2", "--test-tasks", "2", "--quiet", "--out", str(tmp_path / "d.png")],
+    }[command]
+    assert main([*args, "--device", "cpu", "--backend", "triton"]) == 2
+    out, err = capsys.readouterr()
+    assert "--backend triton runs on CUDA devices" in _one_error_line(err, command)
+    assert out == "" and not (tmp_path / "run").exists(), "refused before any work"
 
 
 # ---------------------------------------------------------------------- damaged checkpoints

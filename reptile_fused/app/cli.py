@@ -23,6 +23,8 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import DATASETS, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
+from .. import backends
+from ..backends import BackendUnavailableError
 from ..data import DatasetError
 
 EXIT_INTERRUPTED = 130
@@ -179,6 +181,19 @@ def _device(name):
     return device
 
 
+def _check_backend(name: str, device: torch.device) -> None:
+    """Refuse a --backend that cannot run on the device now, before any work."""
+    if name == "auto":
+        return
+    reason = backends.unavailable_reason(name, device)
+    if reason is None:
+        return
+    if name == "triton" and device.type == "cpu":
+        where = "this machine has no CUDA device" if not torch.cuda.is_available() else f"--device is {device}"
+        raise CLIError(f"--backend triton runs on CUDA devices and {where}: use --backend auto, cpp or reference")
+    raise CLIError(f"--backend {name} cannot run on {device}: {reason}")
+
+
 class _StopOnSignal:
     """First Ctrl-C: finish the current iteration, write a checkpoint, stop. Second: abort."""
 
@@ -208,6 +223,7 @@ def cmd_train(args) -> int:
     from ..distributed import init_from_environment
 
     device = _device(args.device)
+    _check_backend(args.backend, device)
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
     if not init_from_environment(device.type):
         return _train(args, device)
@@ -277,6 +293,8 @@ def cmd_eval(args) -> int:
     from .problems import build_problem
     from .train import CHECKPOINT_NAME, make_optimizer
 
+    device = _device(args.device)
+    _check_backend(args.backend, device)
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -301,7 +319,6 @@ def cmd_eval(args) -> int:
     if "num_classes" in spec and spec["num_classes"] != config.classes:
         raise CLIError(f"the checkpoint's model has {spec['num_classes']} outputs; it cannot do "
                        f"{config.classes}-way tasks (pass --classes {spec['num_classes']})")
-    device = _device(args.device)
     split = "test" if config.dataset == "sine" else args.eval_split
     problem, data_spec = build_problem(config, device, eval_only=split)
     if data_spec != spec:
@@ -354,7 +371,9 @@ def cmd_demo(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
-    run_demo(out=args.out, iterations=iters, seed=args.seed, device=_device(args.device), backend=args.backend,
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+    run_demo(out=args.out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
              test_tasks=args.test_tasks, progress=not args.quiet)
     return 0
 
@@ -382,7 +401,7 @@ def main(argv=None) -> int:
                 raise CLIError("--threads must be >= 1")
             torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
-    except (CLIError, DatasetError) as exc:
+    except (CLIError, DatasetError, BackendUnavailableError) as exc:
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

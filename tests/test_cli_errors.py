@@ -31,6 +31,35 @@ def sine_run(tmp_path_factory):
     return run
 
 
+# ---------------------------------------------------------------------- outputs checked first
+
+
+def test_unwritable_outputs_fail_first_in_one_line(sine_run, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+
+    assert main(["eval", "--checkpoint", str(sine_run), "--eval-samples", "2", "--quiet",
+                 "--json", str(a_file / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "--json" in _one_error_line(err, "eval") and out == "", "refused before evaluating"
+    assert main(["eval", "--checkpoint", str(sine_run), "--eval-samples", "2", "--quiet",
+                 "--json", str(tmp_path)]) == 2
+    assert "is a folder" in _one_error_line(capsys.readouterr().err, "eval")
+
+    assert main(["demo", "--iters", "2", "--test-tasks", "2", "--quiet", "--out", str(a_file / "d.png")]) == 2
+    out, err = capsys.readouterr()
+    assert "--out" in _one_error_line(err, "demo") and out == "", "refused before training"
+    assert main(["demo", "--iters", "2", "--test-tasks", "2", "--quiet", "--out", str(tmp_path / "d.v2")]) == 2
+    assert "cannot write .v2 files" in _one_error_line(capsys.readouterr().err, "demo")
+
+
+def test_demo_out_without_extension_says_where_the_png_went(tmp_path, capsys):
+    out = tmp_path / "empty"
+    assert main(["demo", "--iters", "2", "--test-tasks", "2", "--quiet", "--out", str(out)]) == 0
+    assert (tmp_path / "empty.png").is_file() and not out.exists()
+    assert f"Figure written to {out}.png" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- help
 
 

@@ -34,6 +34,33 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        # mkdir or open through a path whose "folder" is a file: name that file.
+        for parent in [Path(exc.filename), *Path(exc.filename).parents]:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
+def _check_output(path, flag: str) -> Path:
+    """Fail now, before any work, if the file ``path`` cannot be written (its folder is
+    created; the file itself is left as it was)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write there ({_reason(exc)})") from None
+    return path
+
+
 # ---------------------------------------------------------------------- shared flags
 
 
@@ -295,6 +322,8 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
+    if args.json:
+        _check_output(args.json, "--json")
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -355,14 +384,17 @@ def cmd_eval(args) -> int:
     else:
         print(f"sine {config.shots}-shot: MSE {value:.4f} ± {ci_text} (95% CI, {result['tasks']:,} tasks)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as exc:
+            raise CLIError(f"--json {args.json}: cannot write there ({_reason(exc)}); the result is printed above") from None
         print(f"Wrote {args.json}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEFAULT_ITERS, run_demo
+    from .demo import DEFAULT_ITERS, figure_path, run_demo
 
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
@@ -373,8 +405,12 @@ def cmd_demo(args) -> int:
         raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
     device = _device(args.device)
     _check_backend(args.backend, device)
-    run_demo(out=args.out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
-             test_tasks=args.test_tasks, progress=not args.quiet)
+    out = _check_output(figure_path(args.out), "--out")
+    try:
+        run_demo(out=out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
+                 test_tasks=args.test_tasks, progress=not args.quiet)
+    except OSError as exc:  # the folder changed under us while training: the numbers are printed already
+        raise CLIError(f"--out {out}: cannot write the figure ({_reason(exc)})") from None
     return 0
 
 

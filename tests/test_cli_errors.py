@@ -4,16 +4,30 @@ Every run here is on sine waves for a handful of iterations: the whole file take
 seconds on one CPU core.
 """
 
+import csv
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from fewshot_fixtures import one_thread  # noqa: F401
 from reptile_fused import backends
 from reptile_fused.app import checkpoint as ckpt_io
-from reptile_fused.app.cli import main
+from reptile_fused.app import train as train_mod
+from reptile_fused.app.cli import _locked_run_dir, main
+from reptile_fused.app.runlock import LOCK_NAME, RunLock
 
+REPO = Path(__file__).resolve().parents[1]
 SINE = ["--dataset", "sine", "--quiet", "--threads", "1"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _one_error_line(err: str, command: str) -> str:
@@ -31,12 +45,91 @@ def sine_run(tmp_path_factory):
     return run
 
 
+# ---------------------------------------------------------------------- the run folder lock
+
+
+def test_second_train_into_a_running_folder_fails_naming_the_holder(one_thread, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    second = {}
+
+    def start_another(self):
+        if self.iteration == 2 and not second:
+            second["rc"] = main(["train", *SINE, "--meta-iters", "4", "--out", str(run)])
+            second["err"] = capsys.readouterr().err
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.Trainer, "_iteration_done", start_another)
+        assert main(["train", *SINE, "--meta-iters", "6", "--eval-interval", "1", "--out", str(run)]) == 0
+    assert second["rc"] == 2
+    line = _one_error_line(second["err"], "train")
+    assert "another run is writing into this folder" in line and f"pid {os.getpid()}" in line
+    assert [int(r["iteration"]) for r in _rows(run / "metrics.csv")] == list(range(6)), "no interleaved rows"
+    assert ckpt_io.load(run / "checkpoint.pt")["config"]["meta_iters"] == 6
+    assert not (run / LOCK_NAME).exists(), "released at the end"
+
+
+@pytest.mark.parametrize("how", [RuntimeError("simulated crash"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_lock_released_when_the_run_dies(tmp_path, monkeypatch, how):
+    run = tmp_path / "run"
+
+    def die(self):
+        raise how
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.Trainer, "_iteration_done", die)
+        with pytest.raises(type(how)):
+            main(["train", *SINE, "--meta-iters", "3", "--out", str(run)])
+    assert not (run / LOCK_NAME).exists()
+    with RunLock(run):  # free again
+        pass
+
+
+def test_a_killed_holder_does_not_block_the_next_run(tmp_path, capsys):
+    """A SIGKILLed run cannot clean up: its lock file stays, but its flock goes with it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from reptile_fused.app.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", *SINE, "--meta-iters", "2", "--out", str(run)]) == 2
+        assert f"pid {holder.pid}" in _one_error_line(capsys.readouterr().err, "train")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run / LOCK_NAME).exists(), "the killed holder left its file"
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(run)]) == 0
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_only_rank_0_locks(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 writes into the run folder; the other ranks take no lock."""
+    import reptile_fused.distributed as dist_mod
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        monkeypatch.setattr(dist_mod, "rank_and_world", lambda: (1, 2))
+        with _locked_run_dir(run):
+            pass
+        monkeypatch.setattr(dist_mod, "rank_and_world", lambda: (0, 2))
+        with pytest.raises(Exception, match="another run"):
+            with _locked_run_dir(run):
+                pass
+
+
 # ---------------------------------------------------------------------- outputs checked first
 
 
 def test_unwritable_outputs_fail_first_in_one_line(sine_run, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
+
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(a_file / "run")]) == 2
+    assert f"{a_file} is a file, not a folder" in _one_error_line(capsys.readouterr().err, "train")
 
     assert main(["eval", "--checkpoint", str(sine_run), "--eval-samples", "2", "--quiet",
                  "--json", str(a_file / "r.json")]) == 2

@@ -26,6 +26,7 @@ from .config import DATASETS, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
 from .. import backends
 from ..backends import BackendUnavailableError
 from ..data import DatasetError
+from .runlock import RunLock, RunLockedError
 
 EXIT_INTERRUPTED = 130
 
@@ -273,16 +274,52 @@ def cmd_train(args) -> int:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path):
+    """Create RUN_DIR and hold an exclusive lock on it while the run lasts (rank 0 only:
+    the other ranks of a distributed run write nothing there)."""
+    from ..distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        yield
+        return
+    lock = RunLock(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except RunLockedError as exc:
+        raise CLIError(f"--out {run_dir}: another run is writing into this folder ({exc}); "
+                       "wait for it to end or choose another --out") from None
+    except OSError as exc:
+        raise CLIError(f"--out {run_dir}: cannot write there ({_reason(exc)})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:  # a run refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # fails, as it should, unless the folder is empty
+
+
 def _train(args, device) -> int:
-    from .train import CHECKPOINT_NAME, Trainer, resume
+    from .train import CHECKPOINT_NAME
 
     run_dir = Path(args.out)
-    explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
     if args.resume:
         if args.preset is not None:
             raise CLIError("--resume takes the run's settings from its checkpoint; drop --preset")
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise CLIError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume")
+    with _locked_run_dir(run_dir):
+        return _train_locked(args, device, run_dir)
+
+
+def _train_locked(args, device, run_dir: Path) -> int:
+    from .train import CHECKPOINT_NAME, Trainer, resume
+
+    explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
+    if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
                          memory_format=_memory_format(args))
         print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {trainer.config.meta_iters:,}")

@@ -221,3 +221,25 @@ def test_damaged_checkpoint_is_one_line_with_advice(how, sine_run, tmp_path, cap
         assert ("empty" if how == "empty" else "corrupt") in line
         assert "restore a good copy of it, or delete it and train again" in line
         assert "weights_only" not in line
+
+
+# ---------------------------------------------------------------------- extending a run
+
+
+def test_resume_extends_a_finished_run_reannealing_the_meta_step(one_thread, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", *SINE, "--out", str(run)]
+    assert main([*base, "--meta-iters", "4", "--eval-interval", "1", "--meta-step", "1", "--meta-step-final", "0"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "8"]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    ckpt = ckpt_io.load(run / "checkpoint.pt")
+    assert ckpt["iteration"] == 8 and ckpt["config"]["meta_iters"] == 8
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["iteration"]) for r in rows] == list(range(8))
+    # Iterations 0-3 annealed 1 -> 0 over 4; from 4 on, linearly over the new 8.
+    assert [float(r["meta_step"]) for r in rows] == pytest.approx([1, .75, .5, .25, .5, .375, .25, .125])
+
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "6"]) == 2
+    assert "extended, not shortened" in _one_error_line(capsys.readouterr().err, "train")
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0, "a plain resume of the extended run"
+    assert ckpt_io.load(run / "checkpoint.pt")["iteration"] == 8

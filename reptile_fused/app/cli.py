@@ -322,7 +322,10 @@ def _train_locked(args, device, run_dir: Path) -> int:
     if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
                          memory_format=_memory_format(args))
-        print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {trainer.config.meta_iters:,}")
+        c = trainer.config
+        print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {c.meta_iters:,}"
+              + (f" (extended from {trainer.extended_from:,}; meta step {c.meta_step_at(trainer.iteration):.4g} now, "
+                 f"annealed to {c.final_meta_step:.4g} at {c.meta_iters:,})" if trainer.extended_from else ""))
     else:
         if (run_dir / CHECKPOINT_NAME).exists():
             raise CLIError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")

@@ -22,7 +22,7 @@ from reptile_fused.app.cli import _locked_run_dir, main
 from reptile_fused.app.runlock import LOCK_NAME, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
-SINE = ["--dataset", "sine", "--quiet", "--threads", "1"]
+SINE = ["--dataset", "sine", "--quiet"]
 
 
 def _rows(path):
@@ -38,6 +38,13 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """One CPU thread for these tiny runs, and the caller's count restored after (the
+    demo sets one thread for the process)."""
+    yield
+
+
 @pytest.fixture(scope="module")
 def sine_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sine") / "run"
@@ -48,7 +55,7 @@ def sine_run(tmp_path_factory):
 # ---------------------------------------------------------------------- the run folder lock
 
 
-def test_second_train_into_a_running_folder_fails_naming_the_holder(one_thread, tmp_path, monkeypatch, capsys):
+def test_second_train_into_a_running_folder_fails_naming_the_holder(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     second = {}
 
@@ -226,7 +233,7 @@ def test_damaged_checkpoint_is_one_line_with_advice(how, sine_run, tmp_path, cap
 # ---------------------------------------------------------------------- extending a run
 
 
-def test_resume_extends_a_finished_run_reannealing_the_meta_step(one_thread, tmp_path, capsys):
+def test_resume_extends_a_finished_run_reannealing_the_meta_step(tmp_path, capsys):
     run = tmp_path / "run"
     base = ["train", *SINE, "--out", str(run)]
     assert main([*base, "--meta-iters", "4", "--eval-interval", "1", "--meta-step", "1", "--meta-step-final", "0"]) == 0

@@ -23,13 +23,43 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import DATASETS, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
+from .. import backends
+from ..backends import BackendUnavailableError
 from ..data import DatasetError
+from .runlock import RunLock, RunLockedError
 
 EXIT_INTERRUPTED = 130
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        # mkdir or open through a path whose "folder" is a file: name that file.
+        for parent in [Path(exc.filename), *Path(exc.filename).parents]:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
+def _check_output(path, flag: str) -> Path:
+    """Fail now, before any work, if the file ``path`` cannot be written (its folder is
+    created; the file itself is left as it was)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write there ({_reason(exc)})") from None
+    return path
 
 
 # ---------------------------------------------------------------------- shared flags
@@ -138,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
-                                   "the mean accuracy (sine: MSE) with a 95%% confidence interval.")
+                                   "the mean accuracy (sine: MSE) with a 95% confidence interval.")
     e.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt (or RUN_DIR)")
     _add_data(e)
     g = e.add_argument_group("protocol (defaults: the checkpoint's training settings)")
@@ -179,6 +209,19 @@ def _device(name):
     return device
 
 
+def _check_backend(name: str, device: torch.device) -> None:
+    """Refuse a --backend that cannot run on the device now, before any work."""
+    if name == "auto":
+        return
+    reason = backends.unavailable_reason(name, device)
+    if reason is None:
+        return
+    if name == "triton" and device.type == "cpu":
+        where = "this machine has no CUDA device" if not torch.cuda.is_available() else f"--device is {device}"
+        raise CLIError(f"--backend triton runs on CUDA devices and {where}: use --backend auto, cpp or reference")
+    raise CLIError(f"--backend {name} cannot run on {device}: {reason}")
+
+
 class _StopOnSignal:
     """First Ctrl-C: finish the current iteration, write a checkpoint, stop. Second: abort."""
 
@@ -208,6 +251,7 @@ def cmd_train(args) -> int:
     from ..distributed import init_from_environment
 
     device = _device(args.device)
+    _check_backend(args.backend, device)
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
     if not init_from_environment(device.type):
         return _train(args, device)
@@ -230,19 +274,58 @@ def cmd_train(args) -> int:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path):
+    """Create RUN_DIR and hold an exclusive lock on it while the run lasts (rank 0 only:
+    the other ranks of a distributed run write nothing there)."""
+    from ..distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        yield
+        return
+    lock = RunLock(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except RunLockedError as exc:
+        raise CLIError(f"--out {run_dir}: another run is writing into this folder ({exc}); "
+                       "wait for it to end or choose another --out") from None
+    except OSError as exc:
+        raise CLIError(f"--out {run_dir}: cannot write there ({_reason(exc)})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:  # a run refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # fails, as it should, unless the folder is empty
+
+
 def _train(args, device) -> int:
-    from .train import CHECKPOINT_NAME, Trainer, resume
+    from .train import CHECKPOINT_NAME
 
     run_dir = Path(args.out)
-    explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
     if args.resume:
         if args.preset is not None:
             raise CLIError("--resume takes the run's settings from its checkpoint; drop --preset")
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise CLIError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume")
+    with _locked_run_dir(run_dir):
+        return _train_locked(args, device, run_dir)
+
+
+def _train_locked(args, device, run_dir: Path) -> int:
+    from .train import CHECKPOINT_NAME, Trainer, resume
+
+    explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
+    if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
                          memory_format=_memory_format(args))
-        print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {trainer.config.meta_iters:,}")
+        c = trainer.config
+        print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {c.meta_iters:,}"
+              + (f" (extended from {trainer.extended_from:,}; meta step {c.meta_step_at(trainer.iteration):.4g} now, "
+                 f"annealed to {c.final_meta_step:.4g} at {c.meta_iters:,})" if trainer.extended_from else ""))
     else:
         if (run_dir / CHECKPOINT_NAME).exists():
             raise CLIError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")
@@ -277,6 +360,10 @@ def cmd_eval(args) -> int:
     from .problems import build_problem
     from .train import CHECKPOINT_NAME, make_optimizer
 
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+    if args.json:
+        _check_output(args.json, "--json")
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -301,7 +388,6 @@ def cmd_eval(args) -> int:
     if "num_classes" in spec and spec["num_classes"] != config.classes:
         raise CLIError(f"the checkpoint's model has {spec['num_classes']} outputs; it cannot do "
                        f"{config.classes}-way tasks (pass --classes {spec['num_classes']})")
-    device = _device(args.device)
     split = "test" if config.dataset == "sine" else args.eval_split
     problem, data_spec = build_problem(config, device, eval_only=split)
     if data_spec != spec:
@@ -338,14 +424,17 @@ def cmd_eval(args) -> int:
     else:
         print(f"sine {config.shots}-shot: MSE {value:.4f} ± {ci_text} (95% CI, {result['tasks']:,} tasks)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as exc:
+            raise CLIError(f"--json {args.json}: cannot write there ({_reason(exc)}); the result is printed above") from None
         print(f"Wrote {args.json}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEFAULT_ITERS, run_demo
+    from .demo import DEFAULT_ITERS, figure_path, run_demo
 
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
@@ -354,8 +443,14 @@ def cmd_demo(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
-    run_demo(out=args.out, iterations=iters, seed=args.seed, device=_device(args.device), backend=args.backend,
-             test_tasks=args.test_tasks, progress=not args.quiet)
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+    out = _check_output(figure_path(args.out), "--out")
+    try:
+        run_demo(out=out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
+                 test_tasks=args.test_tasks, progress=not args.quiet)
+    except OSError as exc:  # the folder changed under us while training: the numbers are printed already
+        raise CLIError(f"--out {out}: cannot write the figure ({_reason(exc)})") from None
     return 0
 
 
@@ -382,7 +477,7 @@ def main(argv=None) -> int:
                 raise CLIError("--threads must be >= 1")
             torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
-    except (CLIError, DatasetError) as exc:
+    except (CLIError, DatasetError, BackendUnavailableError) as exc:
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

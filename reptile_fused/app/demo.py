@@ -27,6 +27,22 @@ PLOT_STEPS = (0, 1, 32)
 TEST_SEED = 12345
 
 
+def figure_path(out) -> Path:
+    """Where the figure goes: ``out``, with ``.png`` added when it has no extension
+    (what matplotlib would do silently).  ``ValueError`` for an extension matplotlib
+    cannot write."""
+    out = Path(out)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {out}: matplotlib cannot write {out.suffix} files; "
+                         f"use .png (or one of {', '.join('.' + f for f in sorted(formats) if f != 'png')})")
+    return out
+
+
 def adaptation_snapshots(model, opt, problem, task: Task, xs: torch.Tensor, steps=PLOT_STEPS) -> dict[int, torch.Tensor]:
     """Predictions on ``xs`` after each number of full-batch steps in ``steps``; weights restored after."""
     restorer = Restorer(opt)
@@ -96,6 +112,7 @@ def run_demo(out=DEFAULT_OUT, iterations: int = DEFAULT_ITERS, seed: int = 0, de
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
+    figure_path(out)  # an extension matplotlib cannot write fails here too
     config = resolve({"dataset": "sine", "meta_iters": iterations, "seed": seed}, preset="sine")
     trainer = Trainer(config, device=device, backend=backend, progress=progress)
     log(f"Meta-training a 1-64-64-1 MLP on sine waves for {iterations:,} iterations "
@@ -119,14 +136,14 @@ def run_demo(out=DEFAULT_OUT, iterations: int = DEFAULT_ITERS, seed: int = 0, de
     task = problem.eval_task("test", torch.Generator().manual_seed(TEST_SEED + 1))
     xs = task.query_x
     curves = {key: adaptation_snapshots(model, opt, problem, task, xs) for key, (model, opt) in models.items()}
-    out = Path(out)
-    plot(out, task, xs, curves, mse, iterations, test_tasks)
-
+    # The numbers first: should the figure fail to be written, they are not lost.
     log(f"Meta-training took {train_s:.1f} s.")
     log(f"Post-adaptation MSE on {test_tasks} new sine waves (10 points, {config.eval_iters} SGD steps, "
         f"lr {config.learning_rate}), mean ± 95% CI:")
     log(f"  meta-learned init: {mse['meta'][0]:.4f} ± {mse['meta'][1]:.4f}")
     log(f"  random init:       {mse['random'][0]:.4f} ± {mse['random'][1]:.4f}")
+    out = figure_path(out)
+    plot(out, task, xs, curves, mse, iterations, test_tasks)
     log(f"Figure written to {out}")
     return {"mse_meta": mse["meta"][0], "mse_random": mse["random"][0], "ci95_meta": mse["meta"][1],
             "ci95_random": mse["random"][1], "train_seconds": train_s, "out": str(out)}

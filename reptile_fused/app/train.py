@@ -94,6 +94,7 @@ class Trainer:
         self.loss_count = 0
         self.elapsed = 0.0
         self.stop_requested = False
+        self.extended_from = None  # set by resume(): the meta_iters a resumed run was extended from
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -265,16 +266,28 @@ def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None =
     """A trainer continuing ``RUN_DIR/checkpoint.pt``.
 
     The run's settings come from the checkpoint; ``overrides`` may only move the data
-    (``data_root``) or change how often checkpoints are written, since anything else
-    would change the run's result.
+    (``data_root``), change how often checkpoints are written, or extend the run
+    (a larger ``meta_iters``), since anything else would change the run's result.
+    An extended run anneals the meta step linearly over the new ``meta_iters``, from
+    the iteration it resumes at: the step of iteration ``i`` is the one a run started
+    with the new ``meta_iters`` would take there.  ``trainer.extended_from`` is the
+    checkpoint's ``meta_iters`` when the run was extended, else ``None``.
     """
     run_dir = Path(run_dir)
     ckpt = ckpt_io.load(run_dir / CHECKPOINT_NAME)
     settings = dict(ckpt["config"])
+    extended_from = None
     for key, value in (overrides or {}).items():
         if value is None or settings.get(key) == value:
             continue
-        if key not in ("data_root", "checkpoint_interval"):
+        if key == "meta_iters":
+            if value < settings["meta_iters"]:
+                raise ValueError(
+                    f"--meta-iters {value} is below the checkpoint's {settings['meta_iters']}; "
+                    "a resumed run can be extended, not shortened"
+                )
+            extended_from = settings["meta_iters"]
+        elif key not in ("data_root", "checkpoint_interval"):
             raise ValueError(
                 f"--{key.replace('_', '-')} {value} differs from the checkpoint's {settings.get(key)}; "
                 "a resumed run keeps its settings (start a new run to change them)"
@@ -285,6 +298,7 @@ def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None =
     if dict(trainer.spec) != dict(ckpt["model_spec"]):
         raise ValueError(f"the data gives model {trainer.spec}, the checkpoint holds {ckpt['model_spec']}")
     trainer.load_state(ckpt)
+    trainer.extended_from = extended_from
     return trainer
 
 

@@ -143,8 +143,14 @@ def case_meta_update(backends, device, P, count, dtype):
     v = {name: (lambda be=be: be.meta_update_(flat, anchor, acc, eps, n)) for name, be in backends.items()}
 
     def foreach():
-        torch._foreach_copy_(params, anchors)
-        torch._foreach_lerp_(params, torch._foreach_div(accs, float(n)), eps)
+        ends = torch._foreach_div(accs, float(n))
+        if dtype != acc.dtype:  # 16-bit params, float32 acc: lerp in float32, round once on store
+            starts = [a.float() for a in anchors]
+            torch._foreach_lerp_(starts, ends, eps)
+            torch._foreach_copy_(params, starts)
+        else:
+            torch._foreach_copy_(params, anchors)
+            torch._foreach_lerp_(params, ends, eps)
         torch._foreach_zero_(accs)
 
     def seed_loop():  # the sketch: param.data = original + meta_lr * (adapted_sum / n - original)
@@ -157,24 +163,25 @@ def case_meta_update(backends, device, P, count, dtype):
 
 
 def cases(op, sizes, counts, quick):
-    """(case text, builder kwargs, numel, tensors) for each case of ``op``."""
+    """(case text, builder kwargs, numel, tensors) for each case of ``op``; ``counts``:
+    tensor counts for sgd_step_ and for the others."""
     if op == "batched_meta_update_":
         for wb in (False, True):
             for P in sizes["big"]:
                 yield f"n={N_TASKS}, write_back={wb}", dict(write_back=wb), P, 1
     elif op == "sgd_step_":
         for P in sizes["model"]:
-            for c in counts:
+            for c in counts["sgd"]:
                 if c <= P:
                     yield "momentum=0.9", {}, P, c
     elif op == "adam_step_":
         for ams in (False, True):
             for P in sizes["model"][-1:] if quick else sizes["model"][-2:]:
-                for c in (1, 200):
+                for c in counts["other"]:
                     yield f"amsgrad={ams}", dict(amsgrad=ams), P, c
     else:
         for P in sizes["reptile"]:
-            for c in (1, 200):
+            for c in counts["other"]:
                 yield "", {}, P, c
 
 
@@ -205,12 +212,18 @@ def run_case(timer, device, op, case, kwargs, P, count, dtype, backends, provide
     for name, s in stats.items():
         rows.append(h.make_row(**common, provider=name, **s, bytes=nbytes, roofline_gbps=bw[h.TRIAD]))
     for name in bw:
-        rows.append(h.make_row(benchmark="roofline", op=name, case=f"{op} {case}".strip(), provider="torch",
+        # The case's dtype goes into the case text: the STREAM buffers are float32 whatever the op's dtype.
+        rows.append(h.make_row(benchmark="roofline", op=name, case=roofline_case(op, case, dtype), provider="torch",
                                device=device, dtype=torch.float32, numel=P, tensors=count, gbps=bw[name],
                                roofline_gbps=bw[h.TRIAD], rounds=timer.rounds,
                                note=f"footprint {foot} bytes"))  # fmt: skip
     h.add_ratios(rows, baseline or case_baseline)
     return rows
+
+
+def roofline_case(op, case, dtype) -> str:
+    """The case text of the STREAM rows timed with ``op``'s case."""
+    return ", ".join(x for x in (op, case, str(dtype).removeprefix("torch.")) if x)
 
 
 def kernel_launches(device: str) -> list[dict]:
@@ -269,7 +282,7 @@ def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), si
     reptile = [10**6, big[-1]]
     if sizes:
         big = model = reptile = list(sizes)
-    counts = counts or ([1, 200] if quick else [1, 20, 200])
+    counts = {"sgd": counts or ([1, 200] if quick else [1, 20, 200]), "other": counts or [1, 200]}
     rows = []
     for op in ops:
         for name, why in missing.items():
@@ -303,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="every case at these element counts")
-    ap.add_argument("--counts", type=int, nargs="+", default=None, help="parameter tensor counts (sgd_step_)")
+    ap.add_argument("--counts", type=int, nargs="+", default=None, help="parameter tensor counts (default: 1 20 200 for sgd_step_, 1 200 for the others)")
     ap.add_argument("--providers", nargs="+", default=None, help="only these providers (default: all)")
     ap.add_argument("--min-batch-s", type=float, default=None, help="seconds per timed batch of calls")
     ap.add_argument("--baseline", default=None, help="provider every ratio compares against (default: per case, "

@@ -93,6 +93,8 @@ def ops_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
         base = _find(sub, provider=mine["baseline_provider"], **at) if mine["baseline_provider"] else None
         ref = _find(sub, provider="reference", **at)
         seed = _find(sub, provider=SEED.get(op, ""), **at) if SEED.get(op) != "reference" else None
+        axpy = _find(rows, benchmark="roofline", op=h.AXPY, device=device, threads=mine["threads"],
+                     case=", ".join(x for x in (op, case, dtype) if x), numel=P, tensors=t)  # fmt: skip
         lines.append([
             f"`{op}`" + (f" {case}" if case else ""), dtype, _p(P), t,
             _ms(mine["median_s"]),
@@ -102,10 +104,11 @@ def ops_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
             f"{_ms(seed['median_s'])} ({seed['provider']})" if seed else "—",
             f"{int(mine['bytes']) / P:g}·P", f"{float(mine['gbps']):.1f}", f"{float(mine['roofline_gbps']):.1f}",
             _pct(mine["roofline_fraction"]),
+            _pct(float(mine["gbps"]) / float(axpy["gbps"])) if axpy else "—",
         ])  # fmt: skip
     return _table(["op, case", "dtype", "P", "tensors", f"{provider} ms", "baseline ms", f"{provider} vs baseline",
                    "reference ms", "per-parameter loop ms", "bytes moved", f"{provider} GB/s",
-                   "triad GB/s", "roofline fraction"], lines)  # fmt: skip
+                   "triad GB/s", "roofline fraction", "vs in-place axpy"], lines)  # fmt: skip
 
 
 def fraction_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
@@ -237,8 +240,13 @@ def readme_section(rows) -> str:
                 f"{date}; threads: {', '.join(threads)}). {SHARED} Bytes are what each op must read plus write "
                 "(`benchmarks/harness.py: bytes_moved`; `batched_meta_update_` with write-back moves (2n+2)·4·P), "
                 "and the roofline is a STREAM triad `a = b + s·c` into a preallocated output over the same "
-                "footprint, timed in the same rounds (`copy_` is given too, as a reference: on this kind of VM it "
-                "runs well below the triad).", ""]  # fmt: skip
+                "footprint, timed in the same rounds; the roofline fraction is (bytes / median) / triad GB/s. "
+                "Fractions above 100% at one thread are not faster-than-memory kernels: STREAM counts 3 words per "
+                "triad element, but the CPU also reads each output line before writing it (write-allocate, 4 words "
+                "moved), which the in-place ops never pay (they write lines they have just read: compare the "
+                "in-place axpy `a += s·b` below, same rounds), and one core's bandwidth grows with the number of "
+                "streams it keeps in flight (`batched_meta_update_` reads 6 arrays, the triad 2). `copy_`, the "
+                "old roofline, is listed too.", ""]  # fmt: skip
         for t in threads:
             out += [f"Targets, {t} thread(s):", ""] + targets(rows, "cpu", t) + [""]
             out += [f"Largest size per case, {t} thread(s) (baseline: the strongest PyTorch equivalent, "

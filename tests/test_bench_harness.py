@@ -87,8 +87,8 @@ def test_csv_merge_plot_and_readme(mods, tiny_rows, tmp_path):
     png = plot.plot_ops(back, tmp_path / "ops.png", "tiny")
     assert png.read_bytes()[:4] == b"\x89PNG"
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nold\n{report.END}\n\n## Layout\nkept\n")
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nSTALE-BLOCK\n{report.END}\n\n## Layout\nkept\n")
     report.update_readme(readme, back)
     text = readme.read_text()
-    assert "old" not in text and text.endswith("## Layout\nkept\n")
+    assert "STALE-BLOCK" not in text and text.endswith("## Layout\nkept\n")
     assert "roofline fraction" in text and "GPU" in text and "not measured" in text

@@ -19,6 +19,11 @@ def _num(v) -> float | None:
     return None if math.isnan(x) else x
 
 
+# One colour per provider in every chart.
+COLOURS = {"reference": "C0", "cpp": "C1", "triton": "C6", "torch": "C2", "torch-fused": "C2", "torch-foreach": "C3",
+           "torch-forloop": "C4", "seed loop": "C5"}  # fmt: skip
+
+
 def _label(key: tuple, names: tuple) -> str:
     parts = []
     for name, v in zip(names, key):
@@ -29,7 +34,7 @@ def _label(key: tuple, names: tuple) -> str:
 
 
 def panels(rows, path, group_by, y, ylabel, title, series="provider", roofline=False, scale=1.0,
-           annotate=None, ncols=4) -> Path:  # fmt: skip
+           annotate=None, ncols=4, logy=False) -> Path:  # fmt: skip
     """Save a PNG of ``rows`` (those with a numeric ``y``) to ``path``.
 
     group_by: columns whose values make a panel; series: the column that makes a line or
@@ -57,7 +62,7 @@ def panels(rows, path, group_by, y, ylabel, title, series="provider", roofline=F
         if len(sizes) > 1:
             for name in names:
                 pts = sorted((float(r["numel"]), _num(r[y]) * scale) for r in sub if r[series] == name)
-                ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=name)
+                ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=name, color=COLOURS.get(name))
             if roofline:
                 best = {}
                 for r in sub:
@@ -65,7 +70,7 @@ def panels(rows, path, group_by, y, ylabel, title, series="provider", roofline=F
                         best.setdefault(float(r["numel"]), []).append(float(r["roofline_gbps"]))
                 pts = sorted((p, sorted(v)[len(v) // 2]) for p, v in best.items())
                 ax.plot([p for p, _ in pts], [v for _, v in pts], "k--", label="STREAM triad (roofline)")
-            ax.set(xscale="log", xlabel="elements (P)")
+            ax.set(xscale="log", xlabel="elements (P)", yscale="log" if logy else "linear")
         else:
             vals = [_num(next(r[y] for r in sub if r[series] == name)) * scale for name in names]
             bars = ax.bar(names, vals, color="#4f74b3")
@@ -82,7 +87,7 @@ def panels(rows, path, group_by, y, ylabel, title, series="provider", roofline=F
         if len(sizes) > 1:
             ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -112,4 +117,4 @@ def plot_meta_iteration(rows, path, title) -> Path:
 def plot_distributed(rows, path, title) -> Path:
     """meta_step() and all-reduce milliseconds against P, one line per process count."""
     sub = [r for r in rows if r["benchmark"] == "distributed"]
-    return panels(sub, path, ("op",), "median_s", "median ms", title, series="case", scale=1e3, ncols=2)
+    return panels(sub, path, ("op",), "median_s", "median ms", title, series="case", scale=1e3, ncols=2, logy=True)

@@ -50,6 +50,11 @@ def _x(v) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
 
+def _g(v) -> str:
+    x = _f(v)
+    return "—" if x is None else f"{x:.2g}"
+
+
 def _p(n) -> str:
     n = int(float(n))
     e = len(str(n)) - 1
@@ -201,14 +206,14 @@ def meta_table(rows, device="cpu") -> list[str]:
         lines = []
         for r in (r for r in sub if r["case"] == case):
             if r["median_s"] == "":
-                lines.append([r["provider"], h.NOT_MEASURED, "", "", "", "", r["note"].removeprefix(h.NOT_MEASURED + ": ")])
+                lines.append([r["provider"], r["note"], "", "", "", ""])
                 continue
             lines.append([r["provider"], f"{float(r['value']):.3g}", _x(r["ratio_vs_baseline"]),
-                          r["peak_mib"] or "—", r["max_abs_diff_vs_baseline"] or "—",
-                          r["max_abs_diff_vs_float64"] or "—", r["note"]])  # fmt: skip
-        first = next(r for r in sub if r["case"] == case)
-        out += [f"*{case}* ({first['threads']} thread(s), {first['rounds'] or '?'} rounds):", ""]
-        out += _table(["mode", "meta-it/s", "vs seed", "peak MiB", "max |Δθ| vs seed", "vs seed in float64", "note"],
+                          r["peak_mib"] or "—", _g(r["max_abs_diff_vs_baseline"]),
+                          _g(r["max_abs_diff_vs_float64"])])  # fmt: skip
+        first = next(r for r in sub if r["case"] == case and r["median_s"] != "")
+        out += [f"*{case}* ({first['threads']} thread(s), medians of {first['rounds']} rounds; {first['note']}):", ""]
+        out += _table(["mode", "meta-it/s", "vs seed", "peak MiB", "max abs Δθ vs seed", "vs seed in float64"],
                       lines) + [""]  # fmt: skip
     return out
 
@@ -248,6 +253,12 @@ def readme_section(rows) -> str:
                 "streams it keeps in flight (`batched_meta_update_` reads 6 arrays, the triad 2). `copy_`, the "
                 "old roofline, is listed too.", ""]  # fmt: skip
         for t in threads:
+            n_rounds = sorted({int(r["rounds"]) for r in rows if r["benchmark"] == "ops" and r["device"] == "cpu"
+                               and r["threads"] == t and r["rounds"]})  # fmt: skip
+            out += [f"*{t} thread(s)*, medians of {'/'.join(map(str, n_rounds))} interleaved rounds"
+                    + ("" if t == "1" else ": a parallel region waits for its slowest thread, and on this loaded "
+                       "machine that thread is often descheduled, so these numbers are dominated by scheduling "
+                       "noise; the 1-thread tables are the stable measurement") + ".", ""]  # fmt: skip
             out += [f"Targets, {t} thread(s):", ""] + targets(rows, "cpu", t) + [""]
             out += [f"Largest size per case, {t} thread(s) (baseline: the strongest PyTorch equivalent, "
                     "same rounds; per-parameter loop: the seed sketch's):", ""] + ops_table(rows, "cpu", t) + [""]
@@ -270,7 +281,10 @@ def readme_section(rows) -> str:
     info = _meta(rows, "distributed")
     if info:
         out += [f"**Distributed meta step** (`benchmarks/bench_distributed.py`; gloo, {info[0]}, {info[1]}): "
-                "`meta_step()` time (without the task's own cost) and the all-reduce alone, per process count.", ""]
+                "`meta_step()` time (without the task's own cost) and the all-reduce alone, per process count, "
+                "interleaved rounds with a barrier around each call. The share is the ratio of the two medians; "
+                "with two processes on two shared cores the small sizes are dominated by scheduling, where it "
+                "can exceed 100%.", ""]
         out += distributed_table(rows) + [""]
     out += ["Everything above is rendered by `python benchmarks/report.py --readme README.md` from "
             "`benchmarks/results/benchmarks.csv` (one schema: `benchmarks/harness.py: SCHEMA`); the charts are "

@@ -35,24 +35,20 @@ def _f(v):
         return None
 
 
-def _ms(v) -> str:
-    x = _f(v)
-    return "—" if x is None else f"{x * 1e3:.3g}"
+def _cell(template: str, scale: float = 1.0):
+    """A formatter of CSV values: ``template`` applied to value × ``scale``, "—" if blank."""
+
+    def fmt(v) -> str:
+        x = _f(v)
+        return "—" if x is None else template.format(x * scale)
+
+    return fmt
 
 
-def _pct(v) -> str:
-    x = _f(v)
-    return "—" if x is None else f"{x * 100:.0f}%"
-
-
-def _x(v) -> str:
-    x = _f(v)
-    return "—" if x is None else f"{x:.2f}×"
-
-
-def _g(v) -> str:
-    x = _f(v)
-    return "—" if x is None else f"{x:.2g}"
+_ms = _cell("{:.3g}", 1e3)  # seconds -> milliseconds
+_pct = _cell("{:.0f}%", 100)
+_x = _cell("{:.2f}×")
+_g = _cell("{:.2g}")
 
 
 def _p(n) -> str:

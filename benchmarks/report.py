@@ -264,9 +264,20 @@ def readme_section(rows) -> str:
         nm = not_measured(rows, "ops", "cpu")
         if nm:
             out += ["Not measured on the CPU: " + "; ".join(nm) + ".", ""]
-    gpu = [r for r in rows if r["device"] == "cuda" and r["median_s"] != ""]
-    out += ["**GPU** (ops, Triton, CUDA graphs): " + ("see the `cuda` rows of the CSV." if gpu else
-            "not measured (no GPU was available for these runs)."), ""]  # fmt: skip
+    gpu = [r for r in rows if r["device"] == "cuda" and r["benchmark"] == "ops" and r["median_s"] != ""]
+    if gpu:
+        launches = {r["op"]: r["value"] for r in rows if r["metric"] == "cuda_kernel_launches"}
+        out += [f"**Ops on the GPU** (`benchmarks/bench_ops.py --device cuda`; {gpu[0]['machine']}, "
+                f"{max(r['date'] for r in gpu)}):", ""] + ops_table(rows, "cuda") + [""]
+        out += ["triton, fraction of the triad roofline per P (one tensor):", ""]
+        out += fraction_table(rows, "cuda", provider="triton") + [""]
+        out += ["cpp, fraction of the triad roofline per P (one tensor):", ""]
+        out += fraction_table(rows, "cuda") + [""]
+        if launches:
+            out += ["CUDA kernels per cpp op call (200-tensor model): "
+                    + ", ".join(f"`{k}` {v}" for k, v in launches.items()) + ".", ""]
+    else:
+        out += ["**GPU** (ops, Triton, CUDA graphs): not measured (no GPU was available for these runs).", ""]
     info = _meta(rows, "meta_iteration")
     if info:
         out += [f"**Meta-iterations per second** (`benchmarks/bench_meta_iteration.py`; {info[0]}, {info[1]}): "

@@ -50,7 +50,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -45,10 +45,12 @@ test: install
 demo: install
 	$(PY) -m reptile_fused demo
 
+# Every script writes rows of one schema into benchmarks/results/benchmarks.csv
+# (benchmarks/harness.py); report.py regenerates the README's tables from it.
 bench: install
-	$(PY) benchmarks/bench_reference.py
-	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_ops.py --threads 1
 	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/report.py --readme README.md
 
 # On a lent GPU machine: uses the torch already installed there (no venv, no
 # downloads), builds in place for the local GPU, runs every gpu-marked test and the

@@ -38,21 +38,18 @@ float32 rounding alone moves the result).
     python benchmarks/bench_meta_iteration.py --quick              # reduced repeats (make gpu-check)
     python benchmarks/bench_meta_iteration.py --mini-size 42       # a smaller Mini-ImageNet image
 
-Writes benchmarks/results/meta_iteration_<device>.csv and .png.
+Writes rows of the harness schema (benchmarks/harness.py) into --out (default
+benchmarks/results/benchmarks.csv; rows of other runs stay) and the chart
+meta_iteration_<device>.png beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -62,6 +59,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import harness as h  # noqa: E402
+import plot  # noqa: E402
 
 from reptile_fused import ReptileOptimizer, available_backends  # noqa: E402
 from reptile_fused.batched import BatchedReptile  # noqa: E402
@@ -259,26 +260,14 @@ def check_agreement(net, cfg, device, modes):
 
 
 def time_modes(net, cfg, device, modes):
+    """Seconds per meta-iteration of each mode, one sample per round (harness.Timer:
+    rounds interleave the modes, rotating their order)."""
     runs = {}
     for mode in modes:
         model, xs, ys, _ = build(net, cfg, device)
-        runs[mode] = (make_mode(mode, model, cfg), xs, ys)
-        for _ in range(cfg.warmup):
-            runs[mode][0](xs, ys)
-        sync(device)
-    times = {m: [] for m in modes}
-    for r in range(cfg.rounds):
-        # Rotate the order every round: whichever mode runs first after another one
-        # meets different cache and frequency state.
-        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
-            run, xs, ys = runs[mode]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(cfg.iters):
-                run(xs, ys)
-            sync(device)
-            times[mode].append((time.perf_counter() - t0) / cfg.iters)
-    return times
+        runs[mode] = (lambda run=make_mode(mode, model, cfg), xs=xs, ys=ys: run(xs, ys))
+    timer = h.Timer(device.type, cfg.rounds, sync=lambda: sync(device))
+    return timer.samples(runs, calls=cfg.iters, warmup=cfg.warmup)
 
 
 def measure_memory(net, mode, cfg, device) -> dict:
@@ -331,35 +320,6 @@ def memory_in_subprocess(net, mode, args) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def chart(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nets = list(dict.fromkeys(r["net"] for r in rows))
-    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
-    for ax, net in zip(axes[0], nets):
-        sub = [r for r in rows if r["net"] == net]
-        names = [r["mode"] for r in sub]
-        vals = [float(r["meta_it_per_s"]) if r["meta_it_per_s"] not in ("", "not measured") else 0.0 for r in sub]
-        palette = {"seed": "#999999", "l2l": "#bbbbbb", "sequential": "#6b8ec7", "sequential_cl": "#4f74b3",
-                   "batched": "#2a5caa", "batched_cl": "#1d4a91", "graph": "#143d7a", "seed_cl": "#d8b0b0",
-                   "floor": "#e0c080"}
-        bars = ax.bar(names, vals, color=[palette.get(m, "#777777") for m in names])
-        for bar, r in zip(bars, sub):
-            label = "not measured" if r["meta_it_per_s"] == "not measured" else f"{float(r['speedup_vs_seed']):.2f}×"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{net} ({sub[0]['image']}), n={sub[0]['n']}, k={sub[0]['k']}, B={sub[0]['batch']}")
-        ax.set_ylabel("meta-iterations / s (median)")
-        ax.tick_params(axis="x", labelrotation=35)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-    fig.suptitle(f"Reptile meta-iteration throughput on {device} ({rows[0]['machine']}); × = vs seed loop")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -379,7 +339,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
     p.add_argument("--quick", action="store_true", help="reduced repeats")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--out", default=None, help="CSV path (default results/meta_iteration_<device>.csv)")
+    p.add_argument("--out", default=None, help="CSV path (default results/benchmarks.csv; rows of other runs stay)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv, namespace=Config())
     device = torch.device(args.device)
@@ -395,9 +355,6 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     graph_reason = graph_unavailable(device, args.backend) if "graph" in modes else None
     timed = [m for m in modes if not (m == "graph" and graph_reason)]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores"
-    if cuda:
-        machine = f"{torch.cuda.get_device_name(device)}, {machine}"
     backend = available_backends(device)[0] if args.backend == "auto" else args.backend
     rows = []
     for net in args.nets.split(","):
@@ -408,44 +365,39 @@ def main(argv=None):
                 args.rounds = 5 if args.quick else 15
             else:
                 args.rounds = (3 if args.quick else 25) if net == "omniglot" else (3 if args.quick else 7)
-        _, _, _, shape = build(net, args, device)
+        model, _, _, shape = build(net, args, device)
+        common = dict(
+            benchmark="meta_iteration", op="meta_iteration", device=device.type, dtype="float32",
+            case=f"{net} {'x'.join(map(str, shape))}, n={args.n}, k={args.k}, B={args.batch}, ways={args.ways}",
+            numel=sum(p.numel() for p in model.parameters()), tensors=len(list(model.parameters())),
+        )
         agree = check_agreement(net, args, device, timed)
         times = time_modes(net, args, device, timed)
-        seed_s = statistics.median(times["seed"]) if "seed" in times else None
+        net_rows = []
         for mode in modes:
-            row = dict(
-                net=net, mode=mode, n=args.n, k=args.k, batch=args.batch, ways=args.ways,
-                image="x".join(map(str, shape)), device=device.type, backend=backend,
-                threads=torch.get_num_threads(), rounds=args.rounds, iters_per_round=args.iters,
-                machine=machine, torch=torch.__version__,
-            )
             if mode not in times:
-                row.update(meta_it_per_s="not measured", median_s=graph_reason, speedup_vs_seed="",
-                           max_abs_diff_vs_seed="", max_abs_diff_vs_float64="", peak_mib="", memory_kind="")
-            else:
-                med = statistics.median(times[mode])
-                mem = {"peak_mib": float("nan"), "kind": "not measured"} if args.no_memory else memory_in_subprocess(net, mode, args)
-                row.update(
-                    meta_it_per_s=f"{1 / med:.4f}", median_s=f"{med:.5f}",
-                    min_s=f"{min(times[mode]):.5f}",
-                    speedup_vs_seed=f"{seed_s / med:.3f}" if seed_s else "",
-                    max_abs_diff_vs_seed=f"{agree[mode][0]:.2e}" if mode in agree else "",
-                    max_abs_diff_vs_float64=f"{agree[mode][1]:.2e}" if mode in agree else "",
-                    peak_mib=f"{mem['peak_mib']:.1f}", memory_kind=mem["kind"],
-                )
-            rows.append(row)
-            print(f"{net:13s} {mode:11s} {row['meta_it_per_s']:>12s} it/s  x{row['speedup_vs_seed'] or '-':>6s}  "
-                  f"peak {row['peak_mib'] or '-':>8s} MiB  diff {row['max_abs_diff_vs_seed'] or '-'}"
-                  f" (float64 {row['max_abs_diff_vs_float64'] or '-'})", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"meta_iteration_{device.type}.csv"
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    chart(rows, out.with_suffix(".png"), device.type)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+                net_rows.append(h.make_row(**common, provider=mode, note=f"{h.NOT_MEASURED}: {graph_reason}"))
+                continue
+            stats = h.summary(times[mode])
+            mem = {"peak_mib": float("nan"), "kind": "not measured"} if args.no_memory else memory_in_subprocess(net, mode, args)
+            diff = agree.get(mode, (None, None))
+            net_rows.append(h.make_row(
+                **common, provider=mode, **stats, metric="meta_it_per_s", value=1 / stats["median_s"],
+                peak_mib=None if mem["peak_mib"] != mem["peak_mib"] else round(mem["peak_mib"], 1), max_abs_diff_vs_baseline=diff[0], max_abs_diff_vs_float64=diff[1],
+                note=f"backend {backend}, {args.iters} meta-iteration(s) per round; memory: {mem['kind']}",
+            ))  # fmt: skip
+        h.add_ratios(net_rows, "seed")
+        for r in net_rows:
+            print(f"{net:13s} {r['provider']:13s} {r['value'] or '-':>10} it/s  x{r['ratio_vs_baseline'] or '-':>8}  "
+                  f"peak {r['peak_mib'] or '-':>8} MiB  diff {r['max_abs_diff_vs_baseline'] or '-'}"
+                  f" (float64 {r['max_abs_diff_vs_float64'] or '-'})  {r['note'] if not r['median_s'] else ''}",
+                  flush=True)  # fmt: skip
+        rows += net_rows
+    out = h.write_csv(Path(args.out) if args.out else RESULTS / "benchmarks.csv", rows)
+    png = plot.plot_meta_iteration(rows, out.parent / f"meta_iteration_{device.type}.png",
+                                   f"Reptile meta-iterations/s on {h.machine_description(device.type)}, "
+                                   f"{torch.get_num_threads()} thread(s); × = vs the seed loop")  # fmt: skip
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":

@@ -1,118 +1,57 @@
-"""Benchmark of the flat-buffer ops: the fused C++/CUDA kernels against the reference
-ops and PyTorch's best existing primitives, with the machine's copy bandwidth,
-measured in the same run, as the roofline.
+"""Benchmark of the flat-buffer ops: every backend (reference, cpp, triton) against
+PyTorch's best existing primitives and the seed sketch's per-parameter loops, with a
+STREAM triad, timed in the same rounds, as the roofline.
 
     python benchmarks/bench_ops.py                      # CPU, full sweep (a few minutes on 2 cores)
     python benchmarks/bench_ops.py --device cuda        # GPU sweep (adds P = 6.4e7)
     python benchmarks/bench_ops.py --quick              # fewer repeats and sizes
+    python benchmarks/bench_ops.py --ops task_end_ meta_update_ --dtypes bfloat16
 
-Writes ``ops_<device>_<date>.csv`` (one row per measurement), ``.png`` (charts) and
-``.md`` (the targets of issue 3 with the measured numbers) under ``--out``.
+Providers: ``reference``, ``cpp``, ``triton`` (the backends, on one flat buffer);
+``torch-fused`` / ``torch-foreach`` / ``torch-forloop`` (``torch.optim`` over the
+parameter tensors); ``torch`` (``theta.lerp_(tasks.mean(0), eps)``); ``seed loop``
+(the sketch's per-parameter Python loop).  A provider that cannot run here gets one
+row with ``note = "not measured: <why>"``.
 
-Timing: every variant of a case runs once per round, rounds interleave the variants
-(so background load hits them alike), and each reported time is the median over the
-rounds of the per-call time of a batch of calls.  Ratios compare medians from the
-same run.
+Writes rows of the harness schema into ``<out>/benchmarks.csv`` (rows of other runs
+stay), and ``<out>/ops_<tag>.png`` / ``.md`` for this run.  Timing, roofline and byte
+counts: ``benchmarks/harness.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from reptile_fused import reference as ref  # noqa: E402
-from reptile_fused.backends import cpp  # noqa: E402
+import harness as h  # noqa: E402
+import plot  # noqa: E402
+import report  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from reptile_fused.backends import get_backend, unavailable_reason  # noqa: E402
 
-
-# --------------------------------------------------------------------- timing
-
-
-class Timer:
-    def __init__(self, device: str, rounds: int, min_batch_s: float):
-        self.device = device
-        self.rounds = rounds
-        self.min_batch_s = min_batch_s
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def _batch(self, fn, calls: int) -> float:
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        self.sync()
-        return (time.perf_counter() - start) / calls
-
-    def calls_for(self, fn) -> int:
-        """Calls per batch so a batch lasts about min_batch_s (after a warm-up call)."""
-        fn()
-        one = self._batch(fn, 1)
-        return max(1, min(1000, int(self.min_batch_s / max(one, 1e-7))))
-
-    def compare(self, variants: dict, copy_numel: int | None = None) -> dict[str, float]:
-        """Median seconds per call for each variant, rounds interleaved.  With
-        ``copy_numel``, a copy of that many fp32 elements runs in the same rounds (key
-        ``"copy"``): the roofline under the same background load as the variants."""
-        if copy_numel is not None:
-            src = torch.randn(copy_numel, device=self.device)
-            dst = torch.empty_like(src)
-            variants = {**variants, "copy": lambda: dst.copy_(src)}
-        calls = {name: self.calls_for(fn) for name, fn in variants.items()}
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(self.rounds):
-            for name, fn in variants.items():
-                samples[name].append(self._batch(fn, calls[name]))
-        return {name: statistics.median(s) for name, s in samples.items()}
-
-
-# --------------------------------------------------------------------- cases
+BACKENDS = ("reference", "cpp", "triton")
+OPS = ("batched_meta_update_", "sgd_step_", "adam_step_", "task_end_", "meta_update_")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+N_TASKS = 5
 
 
 def _rand(n, device, dtype=torch.float32):
-    return torch.randn(n, device=device, dtype=dtype)
+    return torch.randn(n, device=device).to(dtype)
 
 
-def bench_batched(timer: Timer, device: str, sizes, n: int):
-    rows = []
-    for P in sizes:
-        theta, tasks = _rand(P, device), _rand(n * P, device).view(n, P)
-        eps = 0.5
-        variants = {
-            "reference": lambda: ref.batched_meta_update_(theta, tasks, eps, write_back=False),
-            "torch mean+lerp_": lambda: theta.lerp_(tasks.mean(0), eps),
-            "fused": lambda: cpp.batched_meta_update_(theta, tasks, eps, write_back=False),
-            "fused+write_back": lambda: cpp.batched_meta_update_(theta, tasks, eps, write_back=True),
-        }
-        times = timer.compare(variants, copy_numel=P)
-        copy_bw = 2 * 4 * P / times.pop("copy")
-        for name, t in times.items():
-            moved = (2 * n + 2 if name == "fused+write_back" else n + 2) * 4 * P
-            rows.append(dict(op="batched_meta_update_", impl=name, numel=P, tensors=1, n=n, seconds=t, bytes=moved,
-                             copy_GBps=copy_bw / 1e9))
-        del theta, tasks
-    return rows
-
-
-def _model(total: int, count: int, device: str):
-    """``count`` parameters of roughly equal size summing to ``total`` elements, as views
+def _model(total: int, count: int, device: str, dtype):
+    """``count`` parameters of about equal size summing to ``total`` elements, as views
     into one flat buffer (the layout ReptileOptimizer builds), with gradients."""
     sizes = [total // count + (1 if i < total % count else 0) for i in range(count)]
-    flat, flat_grad = _rand(total, device), _rand(total, device)
+    flat, flat_grad = _rand(total, device, dtype), _rand(total, device, dtype)
     params, start = [], 0
     for s in sizes:
         p = flat[start : start + s]
@@ -122,100 +61,177 @@ def _model(total: int, count: int, device: str):
     return flat, flat_grad, params
 
 
-def bench_sgd(timer: Timer, device: str, totals, counts):
-    rows = []
-    for total in totals:
-        for count in counts:
-            if count > total:
-                continue
-            flat, grad, params = _model(total, count, device)
-            buf = torch.zeros_like(flat)
-            kw = dict(lr=1e-3, momentum=0.9)
-            opt_fused = torch.optim.SGD(params, fused=True, **kw)
-            opt_foreach = torch.optim.SGD(params, foreach=True, **kw)
-            variants = {
-                "reference": lambda: ref.sgd_step_(flat, grad, buf, 1e-3, momentum=0.9),
-                "torch SGD fused": opt_fused.step,
-                "torch SGD foreach": opt_foreach.step,
-                "fused": lambda: cpp.sgd_step_(flat, grad, buf, 1e-3, momentum=0.9),
-            }
-            times = timer.compare(variants, copy_numel=total)
-            copy_bw = 2 * 4 * total / times.pop("copy")
-            for name, t in times.items():
-                rows.append(dict(op="sgd_step_ momentum", impl=name, numel=total, tensors=count, n="",
-                                 seconds=t, bytes=5 * 4 * total, copy_GBps=copy_bw / 1e9))
-            del flat, grad, params, buf, opt_fused, opt_foreach
+def _views(buf, flat, params):
+    """``buf`` split like ``params`` split ``flat``."""
+    return [buf[p.storage_offset() - flat.storage_offset() :][: p.numel()] for p in params]
+
+
+# --------------------------------------------------------------------- cases
+# Each builder returns (variants, baseline provider, bytes_moved kwargs).
+
+
+def case_batched(backends, device, P, count, dtype, write_back):
+    theta, tasks = _rand(P, device, dtype), _rand(N_TASKS * P, device, dtype).view(N_TASKS, P)
+    eps = 0.5
+    v = {name: (lambda be=be: be.batched_meta_update_(theta, tasks, eps, write_back=write_back))
+         for name, be in backends.items()}  # fmt: skip
+    if write_back:
+        def torch_lerp():
+            theta.lerp_(tasks.mean(0), eps)
+            tasks.copy_(theta.expand_as(tasks))
+    else:
+        def torch_lerp():
+            theta.lerp_(tasks.mean(0), eps)
+    v["torch"] = torch_lerp
+    return v, "torch", dict(n=N_TASKS, write_back=write_back)
+
+
+def _optimizers(cls, params, **kw):
+    out = {}
+    for name, flag in (("torch-fused", dict(fused=True)), ("torch-foreach", dict(foreach=True)),
+                       ("torch-forloop", dict(foreach=False))):  # fmt: skip
+        try:
+            out[name] = cls(params, **kw, **flag).step
+        except (RuntimeError, ValueError) as exc:  # e.g. no fused kernel for this device/dtype
+            out[name] = exc
+    return out
+
+
+def case_sgd(backends, device, P, count, dtype, momentum=True):
+    flat, grad, params = _model(P, count, device, dtype)
+    buf = torch.zeros_like(flat)
+    v = {name: (lambda be=be: be.sgd_step_(flat, grad, buf, 1e-3, momentum=0.9)) for name, be in backends.items()}
+    v.update(_optimizers(torch.optim.SGD, params, lr=1e-3, momentum=0.9))
+    return v, "torch-fused", dict(momentum=True)
+
+
+def case_adam(backends, device, P, count, dtype, amsgrad):
+    flat, grad, params = _model(P, count, device, dtype)
+    m, s = torch.zeros_like(flat), torch.zeros_like(flat)
+    vmax = torch.zeros_like(flat) if amsgrad else None
+    v = {name: (lambda be=be: be.adam_step_(flat, grad, m, s, vmax, 10, 1e-3, amsgrad=amsgrad))
+         for name, be in backends.items()}  # fmt: skip
+    v.update(_optimizers(torch.optim.Adam, params, lr=1e-3, amsgrad=amsgrad))
+    return v, "torch-fused", dict(amsgrad=amsgrad)
+
+
+def case_task_end(backends, device, P, count, dtype):
+    flat, _, params = _model(P, count, device, dtype)
+    anchor, acc = _rand(P, device, dtype), torch.zeros(P, device=device, dtype=h.opmath(dtype))
+    anchors, accs = _views(anchor, flat, params), _views(acc, flat, params)
+    v = {name: (lambda be=be: be.task_end_(flat, anchor, acc)) for name, be in backends.items()}
+
+    def foreach():
+        torch._foreach_add_(accs, params)
+        torch._foreach_copy_(params, anchors)
+
+    def seed_loop():  # the sketch: adapted_sum[name] += param, then param.copy_(original[name])
+        for p, a, c in zip(params, anchors, accs):
+            c.add_(p)
+            p.copy_(a)
+
+    v.update({"torch-foreach": foreach, "seed loop": seed_loop})
+    return v, "torch-foreach", {}
+
+
+def case_meta_update(backends, device, P, count, dtype):
+    flat, _, params = _model(P, count, device, dtype)
+    anchor, acc = _rand(P, device, dtype), _rand(P, device, h.opmath(dtype))
+    anchors, accs = _views(anchor, flat, params), _views(acc, flat, params)
+    seed_params = [p.clone() for p in params]  # the seed rebinds .data: keep it off the shared views
+    eps, n = 0.5, 3
+    v = {name: (lambda be=be: be.meta_update_(flat, anchor, acc, eps, n)) for name, be in backends.items()}
+
+    def foreach():
+        ends = torch._foreach_div(accs, float(n))
+        if dtype != acc.dtype:  # 16-bit params, float32 acc: lerp in float32, round once on store
+            starts = [a.float() for a in anchors]
+            torch._foreach_lerp_(starts, ends, eps)
+            torch._foreach_copy_(params, starts)
+        else:
+            torch._foreach_copy_(params, anchors)
+            torch._foreach_lerp_(params, ends, eps)
+        torch._foreach_zero_(accs)
+
+    def seed_loop():  # the sketch: param.data = original + meta_lr * (adapted_sum / n - original)
+        for p, a, c in zip(seed_params, anchors, accs):
+            p.data = (a + eps * (c / n - a)).to(p.dtype)
+            c.zero_()
+
+    v.update({"torch-foreach": foreach, "seed loop": seed_loop})
+    return v, "torch-foreach", {}
+
+
+def cases(op, sizes, counts, quick):
+    """(case text, builder kwargs, numel, tensors) for each case of ``op``; ``counts``:
+    tensor counts for sgd_step_ and for the others."""
+    if op == "batched_meta_update_":
+        for wb in (False, True):
+            for P in sizes["big"]:
+                yield f"n={N_TASKS}, write_back={wb}", dict(write_back=wb), P, 1
+    elif op == "sgd_step_":
+        for P in sizes["model"]:
+            for c in counts["sgd"]:
+                if c <= P:
+                    yield "momentum=0.9", {}, P, c
+    elif op == "adam_step_":
+        for ams in (False, True):
+            for P in sizes["model"][-1:] if quick else sizes["model"][-2:]:
+                for c in counts["other"]:
+                    yield f"amsgrad={ams}", dict(amsgrad=ams), P, c
+    else:
+        for P in sizes["reptile"]:
+            for c in counts["other"]:
+                yield "", {}, P, c
+
+
+BUILDERS = {"batched_meta_update_": case_batched, "sgd_step_": case_sgd, "adam_step_": case_adam,
+            "task_end_": case_task_end, "meta_update_": case_meta_update}  # fmt: skip
+
+
+def run_case(timer, device, op, case, kwargs, P, count, dtype, backends, providers=None, baseline=None):
+    """Rows of one case: each provider (only ``providers``, if given) and the STREAM
+    kernels, timed in the same rounds; ratios against ``baseline`` (default: the case's)."""
+    variants, case_baseline, byte_kw = BUILDERS[op](backends, device, P, count, dtype, **kwargs)
+    if providers:
+        variants = {k: v for k, v in variants.items() if k in providers}
+    common = dict(benchmark="ops", op=op, case=case, device=device, dtype=dtype, numel=P, tensors=count)
+    rows, runnable = [], {}
+    for name, fn in variants.items():
+        try:
+            if isinstance(fn, Exception):
+                raise fn
+            fn()
+            runnable[name] = fn
+        except (RuntimeError, ValueError, TypeError) as exc:
+            msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            rows.append(h.make_row(**common, provider=name, note=f"{h.NOT_MEASURED}: {msg}"))
+    nbytes = h.bytes_moved(op, P, dtype, **byte_kw)
+    foot = h.footprint_bytes(op, P, dtype, **{k: v for k, v in byte_kw.items() if k != "write_back"})
+    stats, bw = h.timed_with_roofline(timer, runnable, foot, device)
+    for name, s in stats.items():
+        rows.append(h.make_row(**common, provider=name, **s, bytes=nbytes, roofline_gbps=bw[h.TRIAD]))
+    for name in bw:
+        # The case's dtype goes into the case text: the STREAM buffers are float32 whatever the op's dtype.
+        rows.append(h.make_row(benchmark="roofline", op=name, case=roofline_case(op, case, dtype), provider="torch",
+                               device=device, dtype=torch.float32, numel=P, tensors=count, gbps=bw[name],
+                               roofline_gbps=bw[h.TRIAD], rounds=timer.rounds,
+                               note=f"footprint {foot} bytes"))  # fmt: skip
+    h.add_ratios(rows, baseline or case_baseline)
     return rows
 
 
-def bench_adam(timer: Timer, device: str, totals, counts):
-    rows = []
-    for total in totals:
-        for count in counts:
-            flat, grad, params = _model(total, count, device)
-            m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-            opt_fused = torch.optim.Adam(params, lr=1e-3, fused=True)
-            opt_foreach = torch.optim.Adam(params, lr=1e-3, foreach=True)
-            variants = {
-                "reference": lambda: ref.adam_step_(flat, grad, m, v, None, 10, 1e-3),
-                "torch Adam fused": opt_fused.step,
-                "torch Adam foreach": opt_foreach.step,
-                "fused": lambda: cpp.adam_step_(flat, grad, m, v, None, 10, 1e-3),
-            }
-            times = timer.compare(variants, copy_numel=total)
-            copy_bw = 2 * 4 * total / times.pop("copy")
-            for name, t in times.items():
-                rows.append(dict(op="adam_step_", impl=name, numel=total, tensors=count, n="", seconds=t,
-                                 bytes=7 * 4 * total, copy_GBps=copy_bw / 1e9))
-            del flat, grad, params, m, v, opt_fused, opt_foreach
-    return rows
+def roofline_case(op, case, dtype) -> str:
+    """The case text of the STREAM rows timed with ``op``'s case."""
+    return ", ".join(x for x in (op, case, str(dtype).removeprefix("torch.")) if x)
 
 
-def bench_reptile(timer: Timer, device: str, sizes, counts):
-    """task_end_ and meta_update_ on one flat buffer, and the per-tensor foreach
-    equivalents over `count` parameter tensors."""
-    rows = []
-    for P in sizes:
-        for count in counts:
-            flat, _, params = _model(P, count, device)
-            anchor, acc = _rand(P, device), _rand(P, device)
-            anchors = [anchor[p.storage_offset() - flat.storage_offset():][: p.numel()] for p in params]
-            accs = [acc[p.storage_offset() - flat.storage_offset():][: p.numel()] for p in params]
-
-            def foreach_task_end():
-                torch._foreach_add_(accs, params)
-                torch._foreach_copy_(params, anchors)
-
-            def foreach_meta_update():
-                torch._foreach_copy_(params, anchors)
-                torch._foreach_lerp_(params, torch._foreach_div(accs, 3.0), 0.5)
-                torch._foreach_zero_(accs)
-
-            te = {
-                "reference": lambda: ref.task_end_(flat, anchor, acc),
-                "torch foreach": foreach_task_end,
-                "fused": lambda: cpp.task_end_(flat, anchor, acc),
-            }
-            mu = {
-                "reference": lambda: ref.meta_update_(flat, anchor, acc, 0.5, 3),
-                "torch foreach_lerp_": foreach_meta_update,
-                "fused": lambda: cpp.meta_update_(flat, anchor, acc, 0.5, 3),
-            }
-            for op, variants, nbytes in (("task_end_", te, 5 * 4 * P), ("meta_update_", mu, 4 * 4 * P)):
-                times = timer.compare(variants, copy_numel=P)
-                copy_bw = 2 * 4 * P / times.pop("copy")
-                for name, t in times.items():
-                    rows.append(dict(op=op, impl=name, numel=P, tensors=count, n="", seconds=t, bytes=nbytes,
-                                     copy_GBps=copy_bw / 1e9))
-            del flat, params, anchor, acc, anchors, accs
-    return rows
-
-
-def kernel_launches(device: str) -> dict[str, int]:
-    """CUDA kernels launched by one call of each fused op on a 200-tensor model."""
+def kernel_launches(device: str) -> list[dict]:
+    """CUDA kernels launched by one call of each cpp op on a 200-tensor model (metric rows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    flat, grad, _ = _model(10**6, 200, device)
+    cpp = get_backend("cpp", device)
+    flat, grad, _ = _model(10**6, 200, device, torch.float32)
     m, v, acc, anchor = (torch.zeros_like(flat) for _ in range(4))
     tasks = _rand(5 * 10**6, device).view(5, -1)
     calls = {
@@ -225,155 +241,66 @@ def kernel_launches(device: str) -> dict[str, int]:
         "meta_update_": lambda: cpp.meta_update_(flat, anchor, acc, 0.5, 3),
         "batched_meta_update_": lambda: cpp.batched_meta_update_(flat, tasks, 0.5),
     }
-    out = {}
+    rows = []
     for name, fn in calls.items():
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        out[name] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return out
+        launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        rows.append(h.make_row(benchmark="ops", op=name, case="kernel launches, 200 tensors", provider="cpp",
+                               device=device, dtype=torch.float32, numel=10**6, tensors=200,
+                               metric="cuda_kernel_launches", value=launches))  # fmt: skip
+    return rows
 
 
-# --------------------------------------------------------------------- output
+def available(device: str, names=BACKENDS) -> tuple[dict, dict]:
+    """(backend modules that can run on ``device``, {name: why not} for the others)."""
+    ok, missing = {}, {}
+    for name in names:
+        reason = unavailable_reason(name, device)
+        if reason is None:
+            ok[name] = get_backend(name, device)
+        else:
+            missing[name] = reason
+    return ok, missing
 
 
-def machine_tag(device: str) -> str:
+def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), sizes=None, counts=None,
+        providers=None, min_batch_s=None, log=print, baseline=None) -> list[dict]:  # fmt: skip
+    """Every case of ``ops`` (the sweep of ``main``); returns the rows."""
+    rounds = rounds or (3 if quick else (9 if device == "cpu" else 15))
+    timer = h.Timer(device, rounds, min_batch_s or (0.02 if device == "cpu" else 0.005))
+    backends, missing = available(device, [n for n in BACKENDS if not providers or n in providers])
+    big = [10**4, 10**5, 10**6, 4 * 10**6, 16 * 10**6]
+    model = [10**5, 10**6, 16 * 10**6]
+    if quick:
+        big, model = [10**4, 10**6, 16 * 10**6], [10**6, 16 * 10**6]
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu-{os.cpu_count()}core"
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-")
-
-
-def write_csv(path: Path, rows, meta: dict) -> None:
-    with path.open("w", newline="") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=["op", "impl", "numel", "tensors", "n", "seconds", "bytes", "GBps",
-                                          "copy_GBps", "roofline_frac"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-
-
-def add_bandwidth(rows) -> dict[int, float]:
-    """GB/s and fraction of the copy bandwidth measured in the same rounds, per row;
-    returns the median copy bandwidth (bytes/s) per size over all cases."""
-    for r in rows:
-        r["GBps"] = round(r["bytes"] / r["seconds"] / 1e9, 3)
-        r["roofline_frac"] = round(r["GBps"] / r["copy_GBps"], 3)
-        r["copy_GBps"] = round(r["copy_GBps"], 3)
-        r["seconds"] = f"{r['seconds']:.6g}"
-    by_size: dict[int, list[float]] = {}
-    for r in rows:
-        by_size.setdefault(r["numel"], []).append(r["copy_GBps"] * 1e9)
-    return {k: statistics.median(v) for k, v in sorted(by_size.items())}
-
-
-def _t(rows, op, impl, numel, tensors=1):
-    for r in rows:
-        if r["op"] == op and r["impl"] == impl and r["numel"] == numel and r["tensors"] == tensors:
-            return float(r["seconds"]), r
-    return None, None
-
-
-def summary(rows, copy_bw, device: str, meta: dict, launches) -> str:
-    lines = [f"# Op benchmark: {meta['machine']} ({meta['date']})", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
-    big = max(r["numel"] for r in rows if r["op"] == "batched_meta_update_")
-    f, fr = _t(rows, "batched_meta_update_", "fused", big)
-    b, _ = _t(rows, "batched_meta_update_", "torch mean+lerp_", big)
-    n = fr["n"]
-    if device == "cpu":
-        ratio = b / f
-        lines.append(f"| batched_meta_update_ n={n}, P={big:.2g} fp32: >= 2x faster than `theta.lerp_(tasks.mean(0), eps)` "
-                     f"| {ratio:.2f}x ({f * 1e3:.1f} ms vs {b * 1e3:.1f} ms) | {'yes' if ratio >= 2 else 'NO'} |")
-        lines.append(f"| same: >= 80% of copy-bandwidth roofline for (n+2)*4*P bytes "
-                     f"| {fr['roofline_frac'] * 100:.0f}% ({fr['GBps']:.1f} GB/s vs copy {fr['copy_GBps']:.1f} GB/s "
-                     "in the same rounds) "
-                     f"| {'yes' if fr['roofline_frac'] >= 0.8 else 'NO'} |")
-        sgd = [r for r in rows if r["op"] == "sgd_step_ momentum" and r["tensors"] >= 200]
-        for total in sorted({r["numel"] for r in sgd}):
-            for count in sorted({r["tensors"] for r in sgd if r["numel"] == total}):
-                f, _ = _t(rows, "sgd_step_ momentum", "fused", total, count)
-                b, _ = _t(rows, "sgd_step_ momentum", "torch SGD fused", total, count)
-                ratio = b / f
-                lines.append(f"| sgd_step_ momentum, {count} tensors, {total:.2g} elements: >= 1.5x faster than "
-                             f"`torch.optim.SGD(momentum=0.9, fused=True)` | {ratio:.2f}x ({f * 1e3:.3f} ms vs "
-                             f"{b * 1e3:.3f} ms) | {'yes' if ratio >= 1.5 else 'NO'} |")
-    else:
-        for op in ("batched_meta_update_", "sgd_step_ momentum", "adam_step_", "task_end_", "meta_update_"):
-            cand = [r for r in rows if r["op"] == op and r["impl"] == "fused" and r["numel"] >= 6.4e7]
-            for r in cand:
-                lines.append(f"| {op}, P={r['numel']:.2g}, {r['tensors']} tensors: >= 90% of D2D copy bandwidth "
-                             f"| {r['roofline_frac'] * 100:.0f}% ({r['GBps']:.0f} GB/s) "
-                             f"| {'yes' if r['roofline_frac'] >= 0.9 else 'NO'} |")
-        if launches:
-            ok = all(v == 1 for v in launches.values())
-            lines.append(f"| one kernel launch per op per flat buffer (200-tensor model) | {launches} "
-                         f"| {'yes' if ok else 'NO'} |")
-    lines += ["", "Copy bandwidth (read + write, median over the cases of a size): "
-              + ", ".join(f"{k:.2g}: {v / 1e9:.1f} GB/s" for k, v in sorted(copy_bw.items()))]
-    return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, rows, copy_bw, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    ax = axes[0][0]
-    for impl in ("reference", "torch mean+lerp_", "fused", "fused+write_back"):
-        pts = sorted((r["numel"], float(r["seconds"])) for r in rows
-                     if r["op"] == "batched_meta_update_" and r["impl"] == impl)
-        ax.plot([p for p, _ in pts], [t * 1e3 for _, t in pts], marker="o", label=impl)
-    n = next(r["n"] for r in rows if r["op"] == "batched_meta_update_")
-    pts = sorted(copy_bw.items())
-    ax.plot([p for p, _ in pts], [(n + 2) * 4 * p / bw * 1e3 for p, bw in pts], "k--", label="roofline (copy bw)")
-    ax.set(xscale="log", yscale="log", xlabel="P (elements)", ylabel="ms per call",
-           title=f"batched_meta_update_, n={n}, fp32")
-    ax.legend(fontsize=8)
-
-    for ax, op, base in ((axes[0][1], "sgd_step_ momentum", "torch SGD fused"), (axes[1][0], "adam_step_",
-                                                                                  "torch Adam fused")):
-        for impl in sorted({r["impl"] for r in rows if r["op"] == op} - {base}):
-            pts = []
-            for r in rows:
-                if r["op"] == op and r["impl"] == impl:
-                    b, _ = _t(rows, op, base, r["numel"], r["tensors"])
-                    pts.append((f"{r['numel']:.0e}\n{r['tensors']}t", b / float(r["seconds"])))
-            ax.plot([p for p, _ in pts], [s for _, s in pts], marker="o", label=impl)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(yscale="log", ylabel=f"speed-up vs {base}", title=f"{op} (elements / tensors)")
-        ax.tick_params(axis="x", labelsize=7)
-        ax.legend(fontsize=8)
-
-    ax = axes[1][1]
-    for op in ("batched_meta_update_", "sgd_step_ momentum", "adam_step_", "task_end_", "meta_update_"):
-        pts = sorted((r["numel"], r["roofline_frac"]) for r in rows
-                     if r["op"] == op and r["impl"] == "fused" and r["tensors"] in (1, max_tensors(rows, op)))
-        best = {}
-        for p, f in pts:
-            best[p] = max(best.get(p, 0), f)
-        ax.plot(list(best), [v * 100 for v in best.values()], marker="o", label=op)
-    ax.axhline(100, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="elements", ylabel="% of copy bandwidth", title="fused kernels vs roofline")
-    ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def max_tensors(rows, op):
-    return max(r["tensors"] for r in rows if r["op"] == op)
-
-
-# --------------------------------------------------------------------- main
+        big, model = big + [64 * 10**6], model + [64 * 10**6]
+    reptile = [10**6, big[-1]]
+    if sizes:
+        big = model = reptile = list(sizes)
+    counts = {"sgd": counts or ([1, 200] if quick else [1, 20, 200]), "other": counts or [1, 200]}
+    rows = []
+    for op in ops:
+        for name, why in missing.items():
+            rows.append(h.make_row(benchmark="ops", op=op, provider=name, device=device,
+                                   note=f"{h.NOT_MEASURED}: {why}"))  # fmt: skip
+        for dname in dtypes:
+            for case, kw, P, count in cases(op, {"big": big, "model": model, "reptile": reptile}, counts, quick):
+                started = time.perf_counter()
+                new = run_case(timer, device, op, case, kw, P, count, DTYPES[dname], backends, providers, baseline)
+                rows += new
+                best = max((r for r in new if r["provider"] in backends and r["roofline_fraction"] != ""),
+                           key=lambda r: float(r["roofline_fraction"]), default=None)  # fmt: skip
+                log(f"{op:21s} {case:24s} {dname:8s} P={P:<9d} {count:>3d}t  "
+                    + (f"best {best['provider']} {float(best['roofline_fraction']):.0%} of triad  " if best else "")
+                    + f"({time.perf_counter() - started:.1f} s)")
+    if device == "cuda" and "cpp" in backends:
+        rows += kernel_launches(device)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -381,69 +308,43 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 9 CPU, 15 CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and rounds (a smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=h.RESULTS, help="results folder (benchmarks.csv, ops_<tag>.png/.md)")
     ap.add_argument("--tag", default=None, help="file name tag (default: the machine and thread count)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's).  On a loaded machine 1 thread is the stable "
                          "measurement: a parallel region waits for its slowest, possibly descheduled, thread")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="every case at these element counts")
+    ap.add_argument("--counts", type=int, nargs="+", default=None, help="parameter tensor counts (default: 1 20 200 for sgd_step_, 1 200 for the others)")
+    ap.add_argument("--providers", nargs="+", default=None, help="only these providers (default: all)")
+    ap.add_argument("--min-batch-s", type=float, default=None, help="seconds per timed batch of calls")
+    ap.add_argument("--baseline", default=None, help="provider every ratio compares against (default: per case, "
+                    "the strongest PyTorch equivalent)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    reason = cpp.unavailable_reason(torch.device(args.device))
-    if reason is not None:
+    reason = unavailable_reason("cpp", args.device)
+    if reason is not None and (not args.providers or "cpp" in args.providers):
         print(f"the fused backend cannot run on {args.device}: {reason}", file=sys.stderr)
         return 2
-    device = args.device
-    quick = args.quick
-    rounds = args.rounds or (3 if quick else (9 if device == "cpu" else 15))
-    timer = Timer(device, rounds, min_batch_s=0.02 if device == "cpu" else 0.005)
-    big = [10**4, 10**5, 10**6, 4 * 10**6, 16 * 10**6]
-    if device == "cuda":
-        big.append(64 * 10**6)
-    if quick:
-        big = [10**4, 10**6, 16 * 10**6] + ([64 * 10**6] if device == "cuda" else [])
-    counts = [1, 20, 200] if not quick else [1, 200]
-    model_totals = [10**5, 10**6, 16 * 10**6] if not quick else [10**6, 16 * 10**6]
-    if device == "cuda":
-        model_totals.append(64 * 10**6)
-
     started = time.perf_counter()
-    meta = {
-        "machine": machine_tag(device),
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "extension": cpp.build_info(),
-        "rounds": rounds,
-        "timing": "median over interleaved rounds of per-call time in a batch of calls",
-        "roofline": "fp32 copy_ of the case's element count, timed in the same rounds as the variants",
-        "load_average_at_start": os.getloadavg(),
-    }
-    print(f"bench_ops on {meta['machine']} ({device}), {rounds} rounds", flush=True)
-    rows = bench_batched(timer, device, big, n=5)
-    print("batched done", flush=True)
-    rows += bench_sgd(timer, device, model_totals, counts)
-    print("sgd done", flush=True)
-    rows += bench_adam(timer, device, model_totals[-2:] if not quick else model_totals[-1:], [1, 200])
-    print("adam done", flush=True)
-    rows += bench_reptile(timer, device, [10**6, big[-1]], [1, 200])
-    copy_bw = add_bandwidth(rows)
-    launches = kernel_launches(device) if device == "cuda" else None
-    meta["wall_seconds"] = round(time.perf_counter() - started, 1)
-    meta["load_average_at_end"] = os.getloadavg()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or (meta["machine"] if device == "cuda" else f"{meta['machine']}-{torch.get_num_threads()}thread")
-    stem = f"ops_{tag}_{meta['date']}"
-    write_csv(args.out / f"{stem}.csv", rows, meta)
-    text = summary(rows, copy_bw, device, meta, launches)
-    (args.out / f"{stem}.md").write_text(text)
-    plot(args.out / f"{stem}.png", rows, copy_bw, f"reptile_fused ops on {meta['machine']} ({meta['date']})")
+    env = h.environment(args.device)
+    print(f"bench_ops on {env['machine']} ({args.device}), {torch.get_num_threads()} thread(s)", flush=True)
+    rows = run(args.device, args.quick, args.rounds, args.ops, args.dtypes, args.sizes, args.counts,
+               args.providers, args.min_batch_s, log=lambda s: print(s, flush=True), baseline=args.baseline)  # fmt: skip
+    env["wall_seconds"] = round(time.perf_counter() - started, 1)
+    env["load_average_at_end"] = h.environment()["load_average"]
+    tag = args.tag or (h.machine_tag(args.device) if args.device == "cuda"
+                       else f"{h.machine_tag()}-{torch.get_num_threads()}thread")  # fmt: skip
+    csv_path = h.write_csv(args.out / "benchmarks.csv", rows)
+    stem = args.out / f"ops_{tag}"
+    text = report.ops_markdown(rows, env)
+    stem.with_suffix(".md").write_text(text)
+    plot.plot_ops(rows, stem.with_suffix(".png"), f"reptile_fused ops on {env['machine']}, "
+                  f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip
     print(text)
-    print(f"wrote {args.out / stem}.{{csv,md,png}}")
+    print(f"wrote {csv_path} and {stem}.{{md,png}}")
     return 0
 
 

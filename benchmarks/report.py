@@ -1,0 +1,326 @@
+"""Markdown tables from the results CSV (rows of the harness schema), and the README's
+benchmark section regenerated from them.
+
+    python benchmarks/report.py                                  # print the tables
+    python benchmarks/report.py --readme README.md               # rewrite the generated block
+
+The README block lies between the two marker comments ``BEGIN`` and ``END`` below; the
+text outside them is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness as h  # noqa: E402
+
+BEGIN = "<!-- BEGIN benchmarks/report.py: generated from benchmarks/results/benchmarks.csv -->"
+END = "<!-- END benchmarks/report.py -->"
+SEED = {"sgd_step_": "torch-forloop", "adam_step_": "torch-forloop", "task_end_": "seed loop",
+        "meta_update_": "seed loop", "batched_meta_update_": "reference"}  # fmt: skip
+SHARED = ("The machine was shared with other jobs during the runs (two other engineers' test runs on "
+          "the same 2 cores), so every time is a median of interleaved rounds and every ratio compares "
+          "medians from the same rounds.")  # fmt: skip
+
+
+def _f(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cell(template: str, scale: float = 1.0):
+    """A formatter of CSV values: ``template`` applied to value × ``scale``, "—" if blank."""
+
+    def fmt(v) -> str:
+        x = _f(v)
+        return "—" if x is None else template.format(x * scale)
+
+    return fmt
+
+
+_ms = _cell("{:.3g}", 1e3)  # seconds -> milliseconds
+_pct = _cell("{:.0f}%", 100)
+_x = _cell("{:.2f}×")
+_g = _cell("{:.2g}")
+
+
+def _p(n) -> str:
+    n = int(float(n))
+    e = len(str(n)) - 1
+    m = n / 10**e
+    return f"10{_sup(e)}" if m == 1 else f"{m:.3g}·10{_sup(e)}"
+
+
+def _sup(e: int) -> str:
+    return str(e).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))
+
+
+def _table(header, lines) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+
+
+def _find(rows, **kv):
+    for r in rows:
+        if all(str(r[k]) == str(v) for k, v in kv.items()):
+            return r
+    return None
+
+
+# --------------------------------------------------------------------- ops
+
+
+def ops_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
+    """One line per (op, case, dtype): the largest P, the largest tensor count."""
+    ops = [r for r in rows if r["benchmark"] == "ops" and r["device"] == device and r["median_s"] != ""
+           and (threads is None or str(r["threads"]) == str(threads))]  # fmt: skip
+    keys = list(dict.fromkeys((r["op"], r["case"], r["dtype"]) for r in ops))
+    lines = []
+    for op, case, dtype in keys:
+        sub = [r for r in ops if (r["op"], r["case"], r["dtype"]) == (op, case, dtype)]
+        P = max(int(r["numel"]) for r in sub)
+        t = max(int(r["tensors"]) for r in sub if int(r["numel"]) == P)
+        at = dict(op=op, case=case, dtype=dtype, numel=P, tensors=t)
+        mine = _find(sub, provider=provider, **at)
+        if mine is None:
+            continue
+        base = _find(sub, provider=mine["baseline_provider"], **at) if mine["baseline_provider"] else None
+        ref = _find(sub, provider="reference", **at)
+        seed = _find(sub, provider=SEED.get(op, ""), **at) if SEED.get(op) != "reference" else None
+        axpy = _find(rows, benchmark="roofline", op=h.AXPY, device=device, threads=mine["threads"],
+                     case=", ".join(x for x in (op, case, dtype) if x), numel=P, tensors=t)  # fmt: skip
+        lines.append([
+            f"`{op}`" + (f" {case}" if case else ""), dtype, _p(P), t,
+            _ms(mine["median_s"]),
+            f"{_ms(base['median_s'])} ({mine['baseline_provider']})" if base else "—",
+            _x(mine["ratio_vs_baseline"]),
+            _ms(ref["median_s"]) if ref else "—",
+            f"{_ms(seed['median_s'])} ({seed['provider']})" if seed else "—",
+            f"{int(mine['bytes']) / P:g}·P", f"{float(mine['gbps']):.1f}", f"{float(mine['roofline_gbps']):.1f}",
+            _pct(mine["roofline_fraction"]),
+            _pct(float(mine["gbps"]) / float(axpy["gbps"])) if axpy else "—",
+        ])  # fmt: skip
+    return _table(["op, case", "dtype", "P", "tensors", f"{provider} ms", "baseline ms", f"{provider} vs baseline",
+                   "reference ms", "per-parameter loop ms", "bytes moved", f"{provider} GB/s",
+                   "triad GB/s", "roofline fraction", "vs in-place axpy"], lines)  # fmt: skip
+
+
+def fraction_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
+    """Roofline fraction of ``provider`` per op and P (one flat tensor)."""
+    ops = [r for r in rows if r["benchmark"] == "ops" and r["device"] == device and r["provider"] == provider
+           and r["roofline_fraction"] != "" and (threads is None or str(r["threads"]) == str(threads))]  # fmt: skip
+    sizes = sorted({int(r["numel"]) for r in ops})
+    keys = list(dict.fromkeys((r["op"], r["case"], r["dtype"]) for r in ops))
+    lines = []
+    for op, case, dtype in keys:
+        cells = []
+        for P in sizes:
+            r = _find(ops, op=op, case=case, dtype=dtype, numel=P, tensors=1)
+            cells.append(_pct(r["roofline_fraction"]) if r else "")
+        lines.append([f"`{op}`" + (f" {case}" if case else ""), dtype] + cells)
+    return _table(["op, case", "dtype"] + [_p(P) for P in sizes], lines)
+
+
+def roofline_line(rows, device="cpu", threads=None) -> str:
+    rf = [r for r in rows if r["benchmark"] == "roofline" and r["device"] == device
+          and (threads is None or str(r["threads"]) == str(threads))]  # fmt: skip
+    parts = []
+    for P in sorted({int(r["numel"]) for r in rf}):
+        tri = sorted(float(r["gbps"]) for r in rf if int(r["numel"]) == P and r["op"] == h.TRIAD)
+        cop = sorted(float(r["gbps"]) for r in rf if int(r["numel"]) == P and r["op"] == h.COPY)
+        axpy = sorted(float(r["gbps"]) for r in rf if int(r["numel"]) == P and r["op"] == h.AXPY)
+        parts.append(f"{_p(P)}: triad {tri[len(tri) // 2]:.1f}, copy {cop[len(cop) // 2]:.1f}"
+                     + (f", in-place axpy {axpy[len(axpy) // 2]:.1f}" if axpy else ""))
+    return "; ".join(parts)
+
+
+def not_measured(rows, benchmark, device) -> list[str]:
+    seen = {}
+    for r in rows:
+        if r["benchmark"] == benchmark and r["device"] == device and r["note"].startswith(h.NOT_MEASURED):
+            seen.setdefault(r["provider"], r["note"])
+    return [f"`{p}` ({n.removeprefix(h.NOT_MEASURED + ': ')})" for p, n in seen.items()]
+
+
+def targets(rows, device="cpu", threads=None) -> list[str]:
+    """The targets of issue 3, from the rows."""
+    ops = [r for r in rows if r["benchmark"] == "ops" and r["device"] == device and r["median_s"] != ""
+           and (threads is None or str(r["threads"]) == str(threads)) and r["dtype"] == "float32"]  # fmt: skip
+    lines = []
+    bm = [r for r in ops if r["op"] == "batched_meta_update_" and r["provider"] == "cpp"]
+    for wb in ("False", "True"):
+        cand = [r for r in bm if r["case"].endswith(f"write_back={wb}")]
+        if not cand:
+            continue
+        r = max(cand, key=lambda r: int(r["numel"]))
+        base = _find(ops, op=r["op"], case=r["case"], numel=r["numel"], provider="torch")
+        lines.append([f"`batched_meta_update_` {r['case']}, P = {_p(r['numel'])}: ≥ 2× torch "
+                      "(`theta.lerp_(tasks.mean(0), eps)`" + (" + write-back copy" if wb == "True" else "") + ")",
+                      f"{_x(r['ratio_vs_baseline'])} ({_ms(r['median_s'])} vs {_ms(base['median_s'])} ms)",
+                      "yes" if (_f(r["ratio_vs_baseline"]) or 0) >= 2 else "NO"])  # fmt: skip
+        lines.append([f"same: ≥ 80% of the triad roofline for {int(r['bytes']) // int(r['numel'])}·P bytes",
+                      f"{_pct(r['roofline_fraction'])} ({float(r['gbps']):.1f} vs {float(r['roofline_gbps']):.1f} GB/s)",
+                      "yes" if float(r["roofline_fraction"]) >= 0.8 else "NO"])  # fmt: skip
+    for r in sorted((r for r in ops if r["op"] == "sgd_step_" and r["provider"] == "cpp" and int(r["tensors"]) >= 200),
+                    key=lambda r: int(r["numel"])):  # fmt: skip
+        base = _find(ops, op=r["op"], case=r["case"], numel=r["numel"], tensors=r["tensors"], provider="torch-fused")
+        lines.append([f"`sgd_step_` momentum, {r['tensors']} tensors, P = {_p(r['numel'])}: ≥ 1.5× torch-fused",
+                      f"{_x(r['ratio_vs_baseline'])} ({_ms(r['median_s'])} vs {_ms(base['median_s']) if base else '—'} ms)",
+                      "yes" if (_f(r["ratio_vs_baseline"]) or 0) >= 1.5 else "NO"])  # fmt: skip
+    return _table(["target", "measured", "met"], lines)
+
+
+def ops_markdown(rows, env) -> str:
+    """The .md written beside one bench_ops run."""
+    dev = next((r["device"] for r in rows if r["benchmark"] == "ops"), "cpu")
+    lines = [f"# Op benchmark: {env['machine']} ({env['date']})", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", SHARED, "", "## Targets", ""] + targets(rows, dev)
+    lines += ["", "## Largest size per case", ""] + ops_table(rows, dev)
+    lines += ["", "## cpp: fraction of the STREAM-triad roofline, one tensor", ""] + fraction_table(rows, dev)
+    lines += ["", "STREAM GB/s in the same rounds (median over cases): " + roofline_line(rows, dev)]
+    nm = not_measured(rows, "ops", dev)
+    if nm:
+        lines += ["", "Not measured: " + "; ".join(nm)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- other benchmarks
+
+
+def meta_table(rows, device="cpu") -> list[str]:
+    out = []
+    sub = [r for r in rows if r["benchmark"] == "meta_iteration" and r["device"] == device]
+    for case in dict.fromkeys(r["case"] for r in sub):
+        lines = []
+        for r in (r for r in sub if r["case"] == case):
+            if r["median_s"] == "":
+                lines.append([r["provider"], r["note"], "", "", "", ""])
+                continue
+            lines.append([r["provider"], f"{float(r['value']):.3g}", _x(r["ratio_vs_baseline"]),
+                          r["peak_mib"] or "—", _g(r["max_abs_diff_vs_baseline"]),
+                          _g(r["max_abs_diff_vs_float64"])])  # fmt: skip
+        first = next(r for r in sub if r["case"] == case and r["median_s"] != "")
+        out += [f"*{case}* ({first['threads']} thread(s), medians of {first['rounds']} rounds; {first['note']}):", ""]
+        out += _table(["mode", "meta-it/s", "vs seed", "peak MiB", "max abs Δθ vs seed", "vs seed in float64"],
+                      lines) + [""]  # fmt: skip
+    return out
+
+
+def distributed_table(rows) -> list[str]:
+    sub = [r for r in rows if r["benchmark"] == "distributed"]
+    lines = []
+    for r in (r for r in sub if r["op"] == "meta_step"):
+        red = _find(sub, op="all_reduce", case=r["case"], numel=r["numel"])
+        lines.append([r["case"], _p(r["numel"]), _ms(r["median_s"]), _ms(red["median_s"]) if red else "—",
+                      _pct(r["value"]) if r["metric"] == "all_reduce_share" else "—"])  # fmt: skip
+    return _table(["processes", "P", "meta_step ms", "all-reduce ms", "all-reduce share"], lines)
+
+
+def _meta(rows, benchmark):
+    sub = [r for r in rows if r["benchmark"] == benchmark]
+    if not sub:
+        return None
+    return sub[0]["machine"], max(r["date"] for r in sub), sub[0]["torch"]
+
+
+def readme_section(rows) -> str:
+    out = [BEGIN, ""]
+    info = _meta(rows, "ops")
+    if info:
+        machine, date, torch_version = info
+        threads = sorted({r["threads"] for r in rows if r["benchmark"] == "ops" and r["device"] == "cpu"})
+        out += [f"**Fused ops on the CPU** (`benchmarks/bench_ops.py`; {machine}, torch {torch_version}, "
+                f"{date}; threads: {', '.join(threads)}). {SHARED} Bytes are what each op must read plus write "
+                "(`benchmarks/harness.py: bytes_moved`; `batched_meta_update_` with write-back moves (2n+2)·4·P), "
+                "and the roofline is a STREAM triad `a = b + s·c` into a preallocated output over the same "
+                "footprint, timed in the same rounds; the roofline fraction is (bytes / median) / triad GB/s. "
+                "Fractions above 100% at one thread are not faster-than-memory kernels: STREAM counts 3 words per "
+                "triad element, but the CPU also reads each output line before writing it (write-allocate, 4 words "
+                "moved), which the in-place ops never pay (they write lines they have just read: compare the "
+                "in-place axpy `a += s·b` below, same rounds), and one core's bandwidth grows with the number of "
+                "streams it keeps in flight (`batched_meta_update_` reads 6 arrays, the triad 2). `copy_`, the "
+                "old roofline, is listed too.", ""]  # fmt: skip
+        for t in threads:
+            n_rounds = sorted({int(r["rounds"]) for r in rows if r["benchmark"] == "ops" and r["device"] == "cpu"
+                               and r["threads"] == t and r["rounds"]})  # fmt: skip
+            out += [f"*{t} thread(s)*, medians of {'/'.join(map(str, n_rounds))} interleaved rounds"
+                    + ("" if t == "1" else ": a parallel region waits for its slowest thread, and on this loaded "
+                       "machine that thread is often descheduled, so these numbers are dominated by scheduling "
+                       "noise; the 1-thread tables are the stable measurement") + ".", ""]  # fmt: skip
+            out += [f"Targets, {t} thread(s):", ""] + targets(rows, "cpu", t) + [""]
+            out += [f"Largest size per case, {t} thread(s) (baseline: the strongest PyTorch equivalent, "
+                    "same rounds; per-parameter loop: the seed sketch's):", ""] + ops_table(rows, "cpu", t) + [""]
+            out += [f"cpp, fraction of the triad roofline per P (one tensor), {t} thread(s):", ""]
+            out += fraction_table(rows, "cpu", t) + [""]
+            out += [f"STREAM GB/s in the same rounds, {t} thread(s): {roofline_line(rows, 'cpu', t)}.", ""]
+        nm = not_measured(rows, "ops", "cpu")
+        if nm:
+            out += ["Not measured on the CPU: " + "; ".join(nm) + ".", ""]
+    gpu = [r for r in rows if r["device"] == "cuda" and r["benchmark"] == "ops" and r["median_s"] != ""]
+    if gpu:
+        launches = {r["op"]: r["value"] for r in rows if r["metric"] == "cuda_kernel_launches"}
+        out += [f"**Ops on the GPU** (`benchmarks/bench_ops.py --device cuda`; {gpu[0]['machine']}, "
+                f"{max(r['date'] for r in gpu)}):", ""] + ops_table(rows, "cuda") + [""]
+        out += ["triton, fraction of the triad roofline per P (one tensor):", ""]
+        out += fraction_table(rows, "cuda", provider="triton") + [""]
+        out += ["cpp, fraction of the triad roofline per P (one tensor):", ""]
+        out += fraction_table(rows, "cuda") + [""]
+        if launches:
+            out += ["CUDA kernels per cpp op call (200-tensor model): "
+                    + ", ".join(f"`{k}` {v}" for k, v in launches.items()) + ".", ""]
+    else:
+        out += ["**GPU** (ops, Triton, CUDA graphs): not measured (no GPU was available for these runs).", ""]
+    info = _meta(rows, "meta_iteration")
+    if info:
+        out += [f"**Meta-iterations per second** (`benchmarks/bench_meta_iteration.py`; {info[0]}, {info[1]}): "
+                "one meta-iteration = n tasks × k inner SGD steps + the meta update, the modes are described in "
+                "the script; max |Δθ| compares θ after one meta-iteration with the seed loop's, and with the seed "
+                "loop run in float64 (what float32 rounding alone moves).", ""]  # fmt: skip
+        out += meta_table(rows, "cpu")
+    info = _meta(rows, "distributed")
+    if info:
+        out += [f"**Distributed meta step** (`benchmarks/bench_distributed.py`; gloo, {info[0]}, {info[1]}): "
+                "`meta_step()` time (without the task's own cost) and the all-reduce alone, per process count, "
+                "interleaved rounds with a barrier around each call. The share is the ratio of the two medians; "
+                "with two processes on two shared cores the small sizes are dominated by scheduling, where it "
+                "can exceed 100%.", ""]
+        out += distributed_table(rows) + [""]
+    out += ["Everything above is rendered by `python benchmarks/report.py --readme README.md` from "
+            "`benchmarks/results/benchmarks.csv` (one schema: `benchmarks/harness.py: SCHEMA`); the charts are "
+            "`benchmarks/results/*.png`.", "", END]  # fmt: skip
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, rows) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: the markers are missing:\n{BEGIN}\n{END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + readme_section(rows) + tail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--csv", type=Path, nargs="+", default=[h.RESULTS / "benchmarks.csv"])
+    ap.add_argument("--readme", type=Path, default=None, help="rewrite the generated block of this README")
+    args = ap.parse_args(argv)
+    rows = [r for path in args.csv for r in h.read_csv(path)]
+    if args.readme:
+        update_readme(args.readme, rows)
+        print(f"updated {args.readme}")
+    else:
+        print(readme_section(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

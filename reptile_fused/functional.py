@@ -43,7 +43,7 @@ def _query_metrics(model: nn.Module, x: Tensor, y: Tensor, loss_fn, forward=None
 
 # Where batched=None picks batched mode.  On the CPU it measured no faster than
 # sequential on the Omniglot-style net and slower on the Mini-ImageNet-style one
-# (n task activations at once leave the caches; benchmarks/results/meta_iteration_cpu.csv).
+# (n task activations at once leave the caches; benchmarks/results/benchmarks.csv, meta_iteration rows).
 AUTO_BATCHED_DEVICES = ("cuda",)
 
 

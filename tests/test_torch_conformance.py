@@ -181,3 +181,30 @@ def test_hyperparameters_of_the_other_inner_optimizer_are_refused():
     assert set(opt.defaults) == {"lr", "meta_lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"}
     opt = ReptileOptimizer(p, inner_optimizer="adam")
     assert set(opt.defaults) == {"lr", "meta_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}
+
+
+CUDA_BACKENDS = ["cpp", "triton"]
+# On CUDA the kernels follow torch's operation order but nvcc and Triton choose their own
+# fused multiply-adds and torch's CUDA sqrt is correctly rounded: a few ulp, as the README says.
+CUDA_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inner_step_matches_torch_on_cuda(case, dtype, backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} cannot run on CUDA here")
+    cls, oi = case
+    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in oi.kwargs.items()}
+    if cls is torch.optim.Adam:
+        kwargs.setdefault("betas", (0.9, 0.999))
+    ours_model, torch_model = model("mlp", dtype).cuda(), model("mlp", dtype).cuda()
+    ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer=INNER[cls], backend=backend, **kwargs)
+    theirs = cls(torch_model.parameters(), foreach=False, **kwargs)
+    data = [(x.cuda(), y.cuda()) for x, y in inputs("mlp", dtype)]
+    train(ours_model, ours, "mlp", data, set_to_none=False)
+    train(torch_model, theirs, "mlp", data, set_to_none=False)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, **CUDA_TOL[dtype])

@@ -16,12 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from numerics import DTYPES, assert_contract, dtype_id, opmath
+from numerics import DTYPES, assert_contract, dtype_id, opmath  # noqa: F401 (DTYPES, dtype_id: for the op files)
 from reptile_fused import reference as ref
 from reptile_fused.backends import BACKENDS, available_backends, get_backend
-from reptile_fused.backends.op_table import OP_NAMES as OPS
-
-__all__ = ["DTYPES", "OPS", "dtype_id", "opmath"]
+from reptile_fused.backends.op_table import OP_NAMES as OPS  # noqa: F401 (for the op files)
 
 CPU_BACKENDS = available_backends("cpu")
 FUSED = ("cpp", "triton")

@@ -12,12 +12,10 @@ import torch
 pytest.importorskip("triton")
 
 from reptile_fused import reference as R  # noqa: E402
-from triton_numerics import assert_contract  # noqa: E402
+from numerics import DTYPES, assert_contract, dtype_id, opmath  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def _clones(*ts):
     return [None if t is None else t.clone() for t in ts]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("size", (1, 4097, (1 << 20) + 3))
 def test_compiled_ops_match_reference(T, size, dtype):
     p, g, b, m = (_randn(size, dtype, s) for s in range(4))
@@ -68,8 +66,7 @@ def test_compiled_ops_match_reference(T, size, dtype):
     for o, r, n in zip(out, ref, ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")):
         assert_contract(o, r, f"adam {n}")
 
-    opmath = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    acc = _randn(size, opmath, 6)
+    acc = _randn(size, opmath(dtype), 6)
     ref, out = _clones(p, b, acc), _clones(p, b, acc)
     R.task_end_(*ref)
     T.task_end_(*out)

@@ -1,13 +1,13 @@
 """CUDA-only behaviour of the cpp backend: CUDA-graph capture and replay of whole
 meta-iterations with a step size that changes between replays, and one kernel
-launch per op.  (The op-vs-reference cases on CUDA live in test_cpp_ops.py.)"""
+launch per op.  (The op-vs-reference cases on CUDA live in tests/ops/.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cpp_cases import assert_matches
+from numerics import assert_contract
 from reptile_fused import reference as ref
 from reptile_fused.backends import cpp
 
@@ -85,7 +85,7 @@ def test_graph_replay_meta_iteration_with_changing_eps(dtype):
         _meta_iteration(ref, want, value)
         torch.cuda.synchronize()
         for k in ("theta", "exp_avg", "exp_avg_sq", "acc", "step"):
-            assert_matches(live[k], want[k], f"{k} after replay with eps={value}")
+            assert_contract(live[k], want[k], f"{k} after replay with eps={value}")
 
 
 def test_graph_replay_batched_meta_update():
@@ -108,8 +108,8 @@ def test_graph_replay_batched_meta_update():
         eps.fill_(value)
         graph.replay()
         ref.batched_meta_update_(want_theta, want_tasks, value)
-        assert_matches(theta, want_theta, f"theta, eps={value}")
-        assert_matches(tasks, want_tasks, f"tasks, eps={value}")
+        assert_contract(theta, want_theta, f"theta, eps={value}")
+        assert_contract(tasks, want_tasks, f"tasks, eps={value}")
 
 
 def _kernel_launches(fn) -> int:

@@ -1,77 +1,13 @@
-"""The reference ops against torch.optim and against the formulas they stand for."""
-
-import itertools
+"""The reference itself against the formulas of the numerics contract: 16-bit buffers
+are float32 math rounded once, task_end_/meta_update_ compute Reptile's mean, tensor
+scalars equal number scalars, empty buffers are fine, and bad input is refused (with
+the messages every backend must repeat: the ``bad input`` tests of each op)."""
 
 import pytest
 import torch
 
+from numerics import opmath
 from reptile_fused import reference as ref
-
-SHAPES = [(7, 3), (5,), (2, 3, 4), (1,), (33,)]
-
-
-def _flat_problem(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
-    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in SHAPES] for _ in range(12)]
-    return params, grads
-
-
-def _cat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-SGD_OPTIONS = [
-    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
-    for m, d, wd, n, mx in itertools.product([0.0, 0.9], [0.0, 0.3], [0.0, 0.01], [False, True], [False, True])
-    if not (n and (m == 0 or d != 0))
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=str)
-def test_sgd_step_matches_torch_sgd(dtype, opts):
-    params, grads = _flat_problem(dtype)
-    theirs = [p.clone().requires_grad_() for p in params]
-    torch_opt = torch.optim.SGD(theirs, lr=0.05, foreach=False, **opts)
-    flat = _cat(params)
-    buf = torch.zeros_like(flat) if opts["momentum"] else None
-    for k, gs in enumerate(grads):
-        for p, g in zip(theirs, gs):
-            p.grad = g.clone()
-        torch_opt.step()
-        ref.sgd_step_(flat, _cat(gs), buf, 0.05, first_step=(k == 0), **opts)
-    assert torch.equal(flat, _cat([p.detach() for p in theirs]))
-    if buf is not None:
-        assert torch.equal(buf, _cat([torch_opt.state[p]["momentum_buffer"] for p in theirs]))
-
-
-ADAM_OPTIONS = [
-    dict(betas=b, weight_decay=wd, amsgrad=a, maximize=mx)
-    for b, wd, a, mx in itertools.product([(0.9, 0.999), (0.0, 0.999)], [0.0, 0.01], [False, True], [False, True])
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=str)
-def test_adam_step_matches_torch_adam(dtype, opts):
-    params, grads = _flat_problem(dtype, seed=1)
-    theirs = [p.clone().requires_grad_() for p in params]
-    torch_opt = torch.optim.Adam(theirs, lr=0.01, eps=1e-6, foreach=False, **opts)
-    flat = _cat(params)
-    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-    vmax = torch.zeros_like(flat) if opts["amsgrad"] else None
-    beta1, beta2 = opts["betas"]
-    for k, gs in enumerate(grads):
-        for p, g in zip(theirs, gs):
-            p.grad = g.clone()
-        torch_opt.step()
-        ref.adam_step_(
-            flat, _cat(gs), m, v, vmax, k + 1, 0.01, beta1=beta1, beta2=beta2, eps=1e-6,
-            weight_decay=opts["weight_decay"], amsgrad=opts["amsgrad"], maximize=opts["maximize"],
-        )
-    assert torch.equal(flat, _cat([p.detach() for p in theirs]))
-    assert torch.equal(v, _cat([torch_opt.state[p]["exp_avg_sq"] for p in theirs]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -99,7 +35,7 @@ def test_task_end_and_meta_update(dtype):
     g = torch.Generator().manual_seed(4)
     theta = torch.randn(50, generator=g).to(dtype)
     anchor = theta.clone()
-    acc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    acc_dtype = opmath(dtype)
     acc = torch.zeros(50, dtype=acc_dtype)
     adapted = [torch.randn(50, generator=g).to(dtype) for _ in range(3)]
     for a in adapted:
@@ -113,26 +49,6 @@ def test_task_end_and_meta_update(dtype):
     assert not acc.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 5])
-@pytest.mark.parametrize("write_back", [True, False])
-def test_batched_meta_update(dtype, n, write_back):
-    g = torch.Generator().manual_seed(5)
-    theta = torch.randn(37, generator=g).to(dtype)
-    tasks = torch.randn(n, 37, generator=g).to(dtype)
-    before = tasks.clone()
-    opm = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    mean = before.to(opm).sum(0) / n
-    t = theta.to(opm)
-    expected = (t + 0.25 * (mean - t)).to(dtype)
-    ref.batched_meta_update_(theta, tasks, 0.25, write_back=write_back)
-    torch.testing.assert_close(theta, expected, rtol=0, atol=0) if n == 1 else torch.testing.assert_close(theta, expected)
-    if write_back:
-        assert torch.equal(tasks, theta.expand(n, -1))
-    else:
-        assert torch.equal(tasks, before)
-
-
 def test_tensor_scalars_equal_number_scalars():
     g = torch.Generator().manual_seed(6)
     p1 = torch.randn(20, generator=g)
@@ -142,7 +58,7 @@ def test_tensor_scalars_equal_number_scalars():
     ref.adam_step_(p1, grad, m1, v1, None, 2, 0.01)
     ref.adam_step_(p2, grad, m2, v2, None, torch.tensor(2.0), torch.tensor(0.01))
     assert torch.equal(p1, p2)
-    acc1, acc2 = torch.randn(20, generator=g), None
+    acc1 = torch.randn(20, generator=g)
     acc2 = acc1.clone()
     ref.meta_update_(p1, p2.clone(), acc1, 0.3, 4)
     ref.meta_update_(p2, p2.clone(), acc2, torch.tensor(0.3), torch.tensor(4.0))

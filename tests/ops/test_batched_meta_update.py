@@ -1,0 +1,130 @@
+"""batched_meta_update_: ``theta <- theta + meta_lr * (mean of the task rows - theta)``,
+optionally written back into every row; the reference against the formula, and every
+backend against the reference (every dtype, awkward sizes, rows and alignments, meta_lr
+as a number or a tensor, property-based cases, bad input)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+from ops.cases import (
+    DTYPES, backend_module, bad_input_test, dtype_id, large_test, opmath, property_cases, refused, run_batched,
+    scalars_test, sizes, targets, unaligned_test, z,
+)
+from reptile_fused import reference as ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("write_back", [True, False])
+def test_reference_is_the_formula(dtype, n, write_back):
+    g = torch.Generator().manual_seed(5)
+    theta = torch.randn(37, generator=g).to(dtype)
+    tasks = torch.randn(n, 37, generator=g).to(dtype)
+    before = tasks.clone()
+    opm = opmath(dtype)
+    mean = before.to(opm).sum(0) / n
+    t = theta.to(opm)
+    expected = (t + 0.25 * (mean - t)).to(dtype)
+    ref.batched_meta_update_(theta, tasks, 0.25, write_back=write_back)
+    torch.testing.assert_close(theta, expected, rtol=0, atol=0) if n == 1 else torch.testing.assert_close(theta, expected)
+    if write_back:
+        assert torch.equal(tasks, theta.expand(n, -1))
+    else:
+        assert torch.equal(tasks, before)
+
+
+# (rows, write_back, how meta_lr is given)
+ROWS = [(5, True, "python"), (1, True, "python"), (5, False, "dev-f32"), (1, False, "dev-f32")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend", "size"), targets(per_backend=sizes))
+def test_sizes(device, backend, size, dtype):
+    for rows, write_back, kind in ROWS:
+        run_batched(backend, device, size, dtype, rows=rows, write_back=write_back, kind=kind)
+
+
+test_unaligned = unaligned_test("batched_meta_update_", also=[(1025, dict(rows=3, meta_lr=0.3))])
+test_large = large_test("batched_meta_update_", rows=2)  # rows are covered below; size is the point here
+
+
+# (size, offset) for every row count; Triton's interpreter gets the smaller sizes.
+ROW_SIZES = {
+    "default": ((1, 0), (17, 0), (4099, 0), (4099, 1), (1024, 3)),
+    "triton": ((1, 0), (17, 0), (1025, 0), (1025, 1), (1024, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("write_back", [True, False])
+@pytest.mark.parametrize(("device", "backend"), targets())
+def test_rows(device, backend, rows, write_back, dtype):
+    for size, offset in sizes(backend, ROW_SIZES):
+        run_batched(backend, device, size, dtype, rows=rows, offset=offset, write_back=write_back, seed=size)
+
+
+test_scalars_as_tensors = scalars_test("batched_meta_update_", meta_lr=0.375)
+
+
+@property_cases(
+    rows=st.integers(1, 16),
+    meta_lr=st.floats(0.0, 1.0),
+    write_back=st.booleans(),
+)
+def test_property(backend, size, offset, dtype, rows, meta_lr, write_back, seed):
+    run_batched(backend, "cpu", size, dtype, rows=rows, offset=offset, seed=seed, meta_lr=meta_lr,
+                write_back=write_back)
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def _shape(ops, device):
+    theta, tasks = torch.randn(8, device=device), torch.randn(3, 7, device=device)
+    return (lambda: ops.batched_meta_update_(theta, tasks, 0.5)), [theta, tasks]
+
+
+def _empty(ops, device):
+    theta, tasks = torch.randn(8, device=device), torch.randn(0, 8, device=device)
+    return (lambda: ops.batched_meta_update_(theta, tasks, 0.5)), [theta]
+
+
+def _dtype(ops, device):
+    theta, tasks = torch.randn(8, device=device), torch.randn(2, 8, device=device, dtype=torch.float64)
+    return (lambda: ops.batched_meta_update_(theta, tasks, 0.5)), [theta, tasks]
+
+
+BAD = {
+    "tasks 0 rows": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(0, 8, device=d), 0.5)),
+    "tasks wrong P": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 9, device=d), 0.5)),
+    "tasks 1-D": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), z(16, device=d), 0.5)),
+    "tasks dtype": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, dtype=torch.float64, device=d), 0.5)),
+    "shape, watched": _shape,
+    "empty, watched": _empty,
+    "dtype, watched": _dtype,
+}  # fmt: skip
+
+test_bad_input_rejected_like_reference = bad_input_test(BAD)
+
+
+@pytest.mark.parametrize(("device", "backend"), targets())
+def test_nothing_half_applied(device, backend):
+    theta, tasks = torch.ones(8, device=device), torch.full((2, 9), 3.0, device=device)
+    with pytest.raises(ValueError):
+        backend_module(backend, device).batched_meta_update_(theta, tasks, 0.5)
+    assert torch.equal(theta, torch.ones(8, device=device))
+    assert torch.equal(tasks, torch.full((2, 9), 3.0, device=device))
+
+
+@pytest.mark.parametrize(("device", "backend"), targets(only=("cpp", "triton")))
+def test_meta_lr_on_another_device_rejected(device, backend):
+    # The reference reads tensor scalars with .item(); a kernel that reads the scalar on
+    # the device needs it on the buffers' device or the CPU.
+    z8 = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="meta_lr is on meta"):
+        backend_module(backend, device).batched_meta_update_(z8, torch.zeros(2, 8, device=device),
+                                                             torch.tensor(0.5, device="meta"))

@@ -293,8 +293,12 @@ def _batched_meta_update_kernel(
 # --------------------------------------------------------------------------- autotuning
 
 # Block sizes / warps worth trying for a memory-bound elementwise pass; large blocks
-# amortise the per-program scalar work, more warps keep enough loads in flight.
-_TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+# amortise the per-program scalar work, more warps keep enough loads in flight.  At
+# most 16 elements per thread and 8 warps: compiled for sm_90 without a GPU
+# (tests/gpu_ready/test_triton_aot.py), 32 elements per thread (4096/4, 8192/8) spill
+# to local memory for float64 Adam and for unaligned buffers, and 8192/16 caps the
+# registers at 128 per thread, which spills float64 Adam too.
+_TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
 # REPTILE_FUSED_TRITON_TUNE=quick (read at import) tunes over two configurations only:
 # `make gpu-check` uses it so that a cold Triton cache costs seconds, not minutes
 # (every kernel variant is compiled once per configuration the pruning keeps).
@@ -307,10 +311,14 @@ def _configs() -> list:
 
 
 def _prune_for_size(configs, named_args, **kwargs):
-    """Blocks much larger than the buffer only waste lanes: keep those that fit."""
+    """Blocks much larger than the buffer only waste lanes: keep those that fit.  Float64
+    buffers keep at most 8 elements per thread: with 16, Adam spills on unaligned buffers."""
     n = named_args["n_elements"]
     limit = max(1024, triton.next_power_of_2(max(int(n), 1)))
     kept = [c for c in configs if c.kwargs["BLOCK"] <= limit]
+    first = next((v for v in named_args.values() if isinstance(v, Tensor)), None)
+    if first is not None and first.dtype == torch.float64:
+        kept = [c for c in kept if c.kwargs["BLOCK"] <= 8 * 32 * c.num_warps]
     return kept or configs[:1]
 
 

@@ -6,7 +6,7 @@ it enumerates every kernel variant the launchers can produce (by calling them ov
 grid built from the op table's schemas), compiles a covering set of them for sm_90 and
 the all-flags-on variants for sm_80 and sm_75 too (when the installed Triton targets
 them), for every autotuning configuration, aligned and not, and reports on each.
-Measured here (2 shared cores, Triton 3.8): 215 compiles in about 35 s wall;
+Measured here (2 shared cores under load, Triton 3.8, cold cache): 135 compiles in 45-70 s wall;
 ``triton_aot.py --all`` (every one of the 880 variants) takes several minutes and is
 not part of the suite.
 """

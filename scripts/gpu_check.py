@@ -83,6 +83,10 @@ class Check:
 
     # ------------------------------------------------------------ running
 
+    def left(self, at_most: float) -> float:
+        """Seconds a helper command may take: at most ``at_most``, never past the budget."""
+        return max(1.0, min(at_most, self.deadline - time.monotonic()))
+
     def cubins(self) -> int:
         return sum(1 for _ in self.triton_cache.rglob("*.cubin")) if self.triton_cache.exists() else 0
 
@@ -183,7 +187,7 @@ class Check:
         if self.ext_ok:  # the resource report of the fresh build: registers, no stack, no spills
             rep = subprocess.run([self.py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                                   "tests/gpu_ready/test_cuda_build.py"], cwd=ROOT, env=self.env,
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+                                 capture_output=True, text=True, timeout=self.left(120))  # fmt: skip
             (self.work / "build_resources.log").write_text(rep.stdout + rep.stderr)
             regs = re.findall(r"sm_\d+\w*: \d+ kernels, registers \S+", rep.stdout)
             st.headline = regs + ([] if rep.returncode == 0 else ["resource check FAILED (stack or spills), see build_resources.log"])
@@ -207,7 +211,7 @@ class Check:
         target = ["tests/gpu_ready/test_cuda_paths.py"] if self.dry else ["tests"]
         select = ["-m", "gpu", "-k", selector]
         ids = subprocess.run(base + ["--collect-only"] + select + target, cwd=ROOT, env=self.env,
-                             capture_output=True, text=True, timeout=180).stdout  # fmt: skip
+                             capture_output=True, text=True, timeout=self.left(180)).stdout  # fmt: skip
         nodes = [line.strip() for line in ids.splitlines() if "::" in line]
         if not nodes:
             st.detail = "no tests selected"

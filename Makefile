@@ -13,6 +13,12 @@ endif
 # `make wheel` compiles for TORCH_CUDA_ARCH_LIST when you set it (environment or
 # command line), else for setup.py's fat default list; never for the 9.0 below.
 WHEEL_ARCHS := $(if $(filter environment% command%,$(origin TORCH_CUDA_ARCH_LIST)),$(TORCH_CUDA_ARCH_LIST))
+# `make gpu-check` builds for the local GPU with every core: it passes these on only
+# when the caller set them (environment or command line), never the defaults below.
+GPU_ARCHS := $(if $(filter environment% command%,$(origin TORCH_CUDA_ARCH_LIST)),$(TORCH_CUDA_ARCH_LIST))
+GPU_JOBS := $(if $(filter environment% command%,$(origin MAX_JOBS)),$(MAX_JOBS))
+GPU_CHECK_ENV := env $(if $(GPU_ARCHS),,-u TORCH_CUDA_ARCH_LIST) $(if $(GPU_JOBS),,-u MAX_JOBS) \
+	$(if $(GPU_ARCHS),TORCH_CUDA_ARCH_LIST='$(GPU_ARCHS)') $(if $(GPU_JOBS),MAX_JOBS='$(GPU_JOBS)')
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
@@ -21,7 +27,7 @@ PROJECT_STAMP := $(VENV)/.project-stamp
 CSRC := reptile_fused/backends/cpp/csrc
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
-.PHONY: install test demo bench gpu-check gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
+.PHONY: install test demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,15 +59,20 @@ bench: install
 	$(PY) benchmarks/report.py --readme README.md
 
 # On a lent GPU machine: uses the torch already installed there (no venv, no
-# downloads), builds in place for the local GPU, runs every gpu-marked test and the
-# benchmarks with reduced repeats, and writes logs/CSV/charts to $(OUT).
+# downloads), builds in place for the local GPU's architecture with every core, then
+# runs the stages of scripts/gpu_check.sh (smoke, cpp and Triton GPU tests, benchmarks),
+# each writing $(OUT)/summary.md and $(OUT)/gpu_check.tgz as it ends (6 minutes).
 OUT ?= benchmarks/results
 gpu-check:
-	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(OUT)
+	$(GPU_CHECK_ENV) PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(OUT)
+
+# The same stages on a machine without a GPU (what tests/gpu_ready/test_gpu_check.py runs).
+gpu-check-dry: install
+	PYTHON=$(PY) scripts/gpu_check.sh --dry-run $(OUT)
 
 # Same machine, the GPU tests run from an installed CUDA wheel instead (issue 8).
 gpu-check-wheel:
-	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh --wheel $(OUT)
+	$(GPU_CHECK_ENV) PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh --wheel $(OUT)
 
 # Wheels (docs/wheels.md), built against the venv's torch, into $(WHEEL_DIR).
 # `make test` builds and checks the CPU wheel itself (tests/test_wheel.py).

@@ -498,18 +498,19 @@ def test_reptile_train_running_stat_batch_norm(monkeypatch):
 # ---------------------------------------------------------------- GPU: CUDA graphs
 
 
-def capturable_backend():
-    names = [b for b in available_backends("cuda") if b in ("cpp", "triton")]
-    if not names:
-        pytest.skip("no capturable backend (cpp or triton) is available on CUDA in this build")
-    return names[0]
+@pytest.fixture(params=["cpp", "triton"])
+def capturable_backend(request):
+    """Every backend that can be captured: each capture test runs on cpp and on triton."""
+    if request.param not in available_backends("cuda"):
+        pytest.skip(f"backend {request.param!r} is not available on CUDA in this build")
+    return request.param
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [SGD_CASES[1], ADAM_CASES[0]], ids=case_id)
 @pytest.mark.parametrize("reset", ["task", "never"])
-def test_graph_replay_equals_eager_with_annealing(case, reset, monkeypatch):
-    backend = capturable_backend()
+def test_graph_replay_equals_eager_with_annealing(case, reset, monkeypatch, capturable_backend):
+    backend = capturable_backend
     # Same kernels in both runs: deterministic cuDNN algorithms, no TF32.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -542,8 +543,8 @@ def test_graph_replay_equals_eager_with_annealing(case, reset, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_graph_replay_is_one_replay_per_meta_iteration_and_rejects_new_shapes():
-    backend = capturable_backend()
+def test_graph_replay_is_one_replay_per_meta_iteration_and_rejects_new_shapes(capturable_backend):
+    backend = capturable_backend
     xs, ys = omniglot_data(iters=3, steps=2, n=5, batch=10)
     model = conv().cuda()
     br = BatchedReptile(model, 5, lr=0.1, backend=backend, capture=True)
@@ -556,8 +557,8 @@ def test_graph_replay_is_one_replay_per_meta_iteration_and_rejects_new_shapes():
 
 
 @pytest.mark.gpu
-def test_graph_capture_auto_runs_new_shapes_eagerly_with_a_warning():
-    backend = capturable_backend()
+def test_graph_capture_auto_runs_new_shapes_eagerly_with_a_warning(capturable_backend):
+    backend = capturable_backend
     xs, ys = omniglot_data(iters=2, steps=2, n=5, batch=10)
     a, b = conv().cuda(), conv().cuda()
     auto = BatchedReptile(a, 5, lr=0.1, backend=backend, capture="auto")

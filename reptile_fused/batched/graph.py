@@ -37,25 +37,43 @@ class CapturedIteration:
     warm-up has done this call's work.
     """
 
-    def __init__(self, run: Callable[[Tensor, Tensor, int | None], None], xs: Tensor, ys: Tensor, inner_steps: int | None):
+    def __init__(
+        self,
+        run: Callable[[Tensor, Tensor, int | None], None],
+        xs: Tensor,
+        ys: Tensor,
+        inner_steps: int | None,
+        device: torch.device | None = None,
+        prepare: Callable[[Tensor, Tensor, int | None], None] | None = None,
+    ):
         for t in (xs, ys):
             if t.device.type != "cuda":
                 raise ValueError(f"capture: xs and ys must be CUDA tensors, got one on {t.device}")
         self.key = graph_key(xs, ys, inner_steps)
-        static_x, static_y = xs.clone(), ys.clone()
-        side = torch.cuda.Stream(device=static_x.device)
-        side.wait_stream(torch.cuda.current_stream(static_x.device))
-        with torch.cuda.stream(side):
-            run(static_x, static_y, inner_steps)
-        torch.cuda.current_stream(static_x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run(static_x, static_y, inner_steps)
+        # The model's GPU, current for the warm-up, the capture and every replay: streams,
+        # the graph's memory pool and launches that use the current device (Triton's) all
+        # follow it, so a model on cuda:1 works while cuda:0 is current.
+        self.device = torch.device(device if device is not None else xs.device)
+        with torch.cuda.device(self.device):
+            static_x, static_y = xs.clone(), ys.clone()
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                run(static_x, static_y, inner_steps)
+                # Whatever the recorded call will launch that the warm-up did not (kernel
+                # variants compile at their first launch, which a capture forbids).
+                if prepare is not None:
+                    prepare(static_x, static_y, inner_steps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run(static_x, static_y, inner_steps)
         self.graph = graph
         self.static = (static_x, static_y)
 
     def replay(self, xs: Tensor, ys: Tensor) -> None:
         static_x, static_y = self.static
-        static_x.copy_(xs)
-        static_y.copy_(ys)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            static_x.copy_(xs)
+            static_y.copy_(ys)
+            self.graph.replay()

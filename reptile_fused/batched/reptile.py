@@ -198,6 +198,9 @@ class BatchedReptile:
         self._steps_pending = 0  # inner steps since the last meta step
         self._fresh = True  # the inner state holds nothing yet (SGD's first-step rule)
         self._adam_step = 0  # shared by all rows: every row steps together
+        # The first_step flags the inner steps have launched with: each is its own kernel
+        # variant for Triton, which must be compiled before a capture records it.
+        self._first_steps_launched: set[bool] = set()
         self._capture_requested = capture
         self.capture = self._resolve_capture(capture)
         self._graph: CapturedIteration | None = None
@@ -356,6 +359,7 @@ class BatchedReptile:
                 {key: g.state_buffer(key).view(-1) for key in inner.state_keys(self.inner_optimizer, h)},
                 lr=g.lr_t if g.lr_t is not None else h["lr"], step=step, first_step=self._fresh,
             )  # fmt: skip
+        self._first_steps_launched.add(self._fresh)
         self._adam_step += 1
         self._fresh = False
         self._steps_pending += 1
@@ -428,11 +432,44 @@ class BatchedReptile:
             return
         self._sync_rows()
         if self._graph is None:
-            self._graph = CapturedIteration(self._run_iteration, xs, ys, inner_steps)
+            self._graph = CapturedIteration(
+                self._run_iteration, xs, ys, inner_steps, device=self._groups[0].device, prepare=self._prepare_capture
+            )
             for g in self._groups:
                 g.theta_version = g.version()
             return
         self._graph.replay(xs, ys)
+
+    def _capture_first_steps(self, xs: Tensor, inner_steps: int | None) -> set[bool]:
+        """The first_step flags the iteration about to run (or be recorded) will launch with."""
+        steps = xs.shape[0] if inner_steps is None else inner_steps
+        if steps == 0:
+            return set()
+        return {self._fresh} | ({False} if steps > 1 else set())
+
+    @torch.no_grad()
+    def _prepare_capture(self, xs: Tensor, ys: Tensor, inner_steps: int | None) -> None:
+        """Launch, on scratch copies, every kernel variant the recorded iteration will launch
+        and the warm-up did not: Triton compiles (and tunes) a variant at its first launch,
+        which must not happen inside a CUDA-graph capture.
+
+        The only state-dependent variant is SGD's first-step rule: with
+        ``reset_inner_state="never"`` and one inner step the warm-up iteration takes the
+        first step (the momentum buffer is written, not read) and the recorded one a later
+        step.  The scratch buffers have the real ones' lengths, dtypes and alignment, so
+        the launch also fills the autotuner's cache for the recorded call.
+        """
+        if self.inner_optimizer != "sgd":
+            return
+        h = self.hyper
+        for first_step in sorted(self._capture_first_steps(xs, inner_steps) - self._first_steps_launched):
+            for g in self._groups:
+                state = {key: g.state_buffer(key).clone().view(-1) for key in inner.state_keys("sgd", h)}
+                inner.step_(
+                    g.backend, "sgd", h, g.tasks.clone().view(-1), g.grad.clone().view(-1), state,
+                    lr=g.lr_t if g.lr_t is not None else h["lr"], step=1, first_step=first_step,
+                )  # fmt: skip
+            self._first_steps_launched.add(first_step)
 
     def _run_iteration(self, xs: Tensor, ys: Tensor, inner_steps: int | None) -> None:
         if inner_steps is None:

@@ -26,7 +26,9 @@ block instead: the interpreter is slow and timing it means nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import struct
 
 import torch
@@ -70,6 +72,18 @@ def _scalar_f64(bits, ptr, FROM_PTR: tl.constexpr):
     else:
         value = _f64_from_bits(bits)
     return value
+
+
+@triton.jit
+def _div(x, y, OPMATH: tl.constexpr):
+    # Triton's float32 `/` is div.full.f32 on NVIDIA GPUs (up to 2 ulp off); torch divides
+    # correctly rounded.  div_rn is the IEEE division (float32 only; float64 `/` is already
+    # div.rn.f64).
+    if OPMATH == tl.float64:
+        r = x / y
+    else:
+        r = tl.div_rn(x, y)
+    return r
 
 
 @triton.jit
@@ -199,7 +213,7 @@ def _adam_kernel(
         bias_correction1 = _f64_from_bits(bias_correction1_bits)
         bias_correction2_sqrt = _f64_from_bits(bias_correction2_sqrt_bits)
     lr = _scalar_f64(lr_bits, lr_ptr, LR_FROM_PTR)
-    neg_step_size = (-(lr / bias_correction1)).to(OPMATH)
+    neg_step_size = (-_div(lr, bias_correction1, tl.float64)).to(OPMATH)
     bc2_sqrt = bias_correction2_sqrt.to(OPMATH)
     eps = _scalar(eps_bits, None, False, OPMATH)
 
@@ -208,11 +222,11 @@ def _adam_kernel(
             _load(max_exp_avg_sq_ptr, offs, mask, OPMATH, BF16_BITS), v, propagate_nan=tl.PropagateNan.ALL
         )
         _store(max_exp_avg_sq_ptr, offs, vmax, mask, BF16_BITS)
-        denom = _sqrt(vmax, OPMATH) / bc2_sqrt + eps
+        denom = _div(_sqrt(vmax, OPMATH), bc2_sqrt, OPMATH) + eps
     else:
-        denom = _sqrt(v, OPMATH) / bc2_sqrt + eps
+        denom = _div(_sqrt(v, OPMATH), bc2_sqrt, OPMATH) + eps
     # addcdiv computes value * t1 / t2 left to right.
-    p = p + (neg_step_size * m) / denom
+    p = p + _div(neg_step_size * m, denom, OPMATH)
     _store(exp_avg_ptr, offs, m, mask, BF16_BITS)
     _store(exp_avg_sq_ptr, offs, v, mask, BF16_BITS)
     _store(param_ptr, offs, p, mask, BF16_BITS)
@@ -243,7 +257,7 @@ def _meta_update_kernel(
     acc = tl.load(acc_ptr + offs, mask=mask)
     meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
     n = _scalar(n_bits, n_ptr, N_FROM_PTR, OPMATH)
-    _store(param_ptr, offs, a + meta_lr * (acc / n - a), mask, BF16_BITS)
+    _store(param_ptr, offs, a + meta_lr * (_div(acc, n, OPMATH) - a), mask, BF16_BITS)
     tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
 
 
@@ -266,7 +280,7 @@ def _batched_meta_update_kernel(
         total += _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
     t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
     meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
-    new = t + meta_lr * (total / tl.cast(n_rows, OPMATH) - t)
+    new = t + meta_lr * (_div(total, tl.cast(n_rows, OPMATH), OPMATH) - t)
     _store(theta_ptr, offs, new, mask, BF16_BITS)
     if WRITE_BACK:
         stored = tl.load(theta_ptr + offs, mask=mask)
@@ -279,19 +293,32 @@ def _batched_meta_update_kernel(
 # --------------------------------------------------------------------------- autotuning
 
 # Block sizes / warps worth trying for a memory-bound elementwise pass; large blocks
-# amortise the per-program scalar work, more warps keep enough loads in flight.
-_TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+# amortise the per-program scalar work, more warps keep enough loads in flight.  At
+# most 16 elements per thread and 8 warps: compiled for sm_90 without a GPU
+# (tests/gpu_ready/test_triton_aot.py), 32 elements per thread (4096/4, 8192/8) spill
+# to local memory for float64 Adam and for unaligned buffers, and 8192/16 caps the
+# registers at 128 per thread, which spills float64 Adam too.
+_TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
+# REPTILE_FUSED_TRITON_TUNE=quick (read at import) tunes over two configurations only:
+# `make gpu-check` uses it so that a cold Triton cache costs seconds, not minutes
+# (every kernel variant is compiled once per configuration the pruning keeps).
+_QUICK_TUNE_SPACE = ((1024, 4), (4096, 8))
+TUNE_SPACE = _QUICK_TUNE_SPACE if os.environ.get("REPTILE_FUSED_TRITON_TUNE", "") == "quick" else _TUNE_SPACE
 
 
 def _configs() -> list:
-    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _TUNE_SPACE]
+    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in TUNE_SPACE]
 
 
 def _prune_for_size(configs, named_args, **kwargs):
-    """Blocks much larger than the buffer only waste lanes: keep those that fit."""
+    """Blocks much larger than the buffer only waste lanes: keep those that fit.  Float64
+    buffers keep at most 8 elements per thread: with 16, Adam spills on unaligned buffers."""
     n = named_args["n_elements"]
     limit = max(1024, triton.next_power_of_2(max(int(n), 1)))
     kept = [c for c in configs if c.kwargs["BLOCK"] <= limit]
+    first = next((v for v in named_args.values() if isinstance(v, Tensor)), None)
+    if first is not None and first.dtype == torch.float64:
+        kept = [c for c in kept if c.kwargs["BLOCK"] <= 8 * 32 * c.num_warps]
     return kept or configs[:1]
 
 
@@ -332,6 +359,14 @@ def _warps_for(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
+def _on_device(t: Tensor):
+    """Make ``t``'s GPU the current one for the launch: Triton launches on the current
+    device (and its current stream), whatever device the pointers are on."""
+    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def _launch(raw, tuned, n_elements: int, block: int | None, args: tuple, consts: dict) -> None:
     """Launch over ``n_elements``: fixed ``block`` if given (or under the interpreter), else autotuned."""
     if interpreting():
@@ -339,10 +374,12 @@ def _launch(raw, tuned, n_elements: int, block: int | None, args: tuple, consts:
         # nothing for torch.compile to trace under the interpreter anyway.
         block = block or INTERPRET_BLOCK
         raw[(triton.cdiv(n_elements, block),)](*args, **consts, BLOCK=block)
-    elif block is not None:
-        wrap_triton(raw)[(triton.cdiv(n_elements, block),)](*args, **consts, BLOCK=block, num_warps=_warps_for(block))
-    else:
-        wrap_triton(tuned)[lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)](*args, **consts)
+        return
+    with _on_device(args[0]):
+        if block is not None:
+            wrap_triton(raw)[(triton.cdiv(n_elements, block),)](*args, **consts, BLOCK=block, num_warps=_warps_for(block))
+        else:
+            wrap_triton(tuned)[lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)](*args, **consts)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -405,9 +442,10 @@ def sgd(
         LR_FROM_PTR=lr_t is not None,
         HAS_MOMENTUM=has_momentum,
         HAS_WEIGHT_DECAY=weight_decay != 0,
-        NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize),
-        FIRST_STEP=bool(first_step),
+        # Without momentum the flags below change nothing: fixed, so they make no new variant.
+        NESTEROV=bool(nesterov) and has_momentum,
+        FIRST_STEP=bool(first_step) and has_momentum,
         OPMATH=_opmath(param),
         BF16_BITS=_bf16_bits(param),
     )

@@ -26,11 +26,12 @@
 
 #include "../checks.h"
 #include "../element_math.h"
+#include "grid.h"
 
 namespace reptile_fused {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = grid::kThreads;
 constexpr int kMaxDevices = 64;
 
 // N elements moved as one access: one 128-bit transaction when N * sizeof(T) == 16
@@ -60,7 +61,7 @@ __device__ __forceinline__ double load_scalar(const ScalarArg& s) {
   }
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) { return grid::aligned16(reinterpret_cast<std::uintptr_t>(p)); }
 
 // SM count per device, asked once (not a stream operation, so capture-safe anyway).
 int sm_count(int device) {
@@ -74,32 +75,26 @@ int sm_count(int device) {
   return n;
 }
 
-// Grid-stride over [0, numel): VEC-wide accesses, then a single-element tail.  The
-// op computes its per-thread coefficients once (prepare), reading device scalars.
+// Grid-stride over [0, numel): VEC-wide accesses, then a single-element tail (the
+// index arithmetic is grid.h's, which a CPU test runs over an emulated grid).  The op
+// computes its per-thread coefficients once (prepare), reading device scalars.
 template <int VEC, typename Op>
 __global__ void __launch_bounds__(kThreads) flat_kernel(const Op op, int64_t numel) {
   const auto coef = op.prepare();
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t full = numel / VEC;
-  for (int64_t v = tid; v < full; v += stride) op.template apply<VEC>(v * VEC, coef);
-  if constexpr (VEC > 1) {
-    for (int64_t i = full * VEC + tid; i < numel; i += stride) op.template apply<1>(i, coef);
-  }
+  const grid::Thread t = grid::thread_of(blockIdx.x, blockDim.x, gridDim.x, threadIdx.x);
+  grid::for_each<VEC>(numel, t, [&](int64_t i, auto width) { op.template apply<decltype(width)::value>(i, coef); });
 }
 
 // Launches flat_kernel on the current stream: 16-byte accesses when `aligned`.
 template <typename scalar_t, typename Op>
 void launch(const Op& op, int64_t numel, bool aligned, const at::Tensor& like) {
   if (numel == 0) return;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = grid::vec_of(sizeof(scalar_t));
   const c10::cuda::CUDAGuard guard(like.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  const int64_t units = aligned ? (numel + kVec - 1) / kVec : numel;
   // Enough resident threads to saturate memory (8 blocks of 256 per SM), no more:
   // the grid-stride loop covers the rest.
-  const int64_t max_blocks = static_cast<int64_t>(sm_count(like.device().index())) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(max_blocks, (units + kThreads - 1) / kThreads)));
+  const int blocks = static_cast<int>(grid::blocks_for(numel, aligned, kVec, sm_count(like.device().index())));
   if (aligned) {
     flat_kernel<kVec><<<blocks, kThreads, 0, stream>>>(op, numel);
   } else {
@@ -271,7 +266,7 @@ struct BatchedMetaOp {
       for (int k = 0; k < N; ++k) total[k] = static_cast<opmath_t>(rv.v[k]);
     }
     for (int64_t r = 1; r < n_rows; ++r) {
-      const Pack<scalar_t, N> rv = load_pack<N>(rows + r * P + i);
+      const Pack<scalar_t, N> rv = load_pack<N>(rows + grid::row_offset(r, P, i));
 #pragma unroll
       for (int k = 0; k < N; ++k) total[k] = total[k] + static_cast<opmath_t>(rv.v[k]);
     }
@@ -281,7 +276,7 @@ struct BatchedMetaOp {
       tv.v[k] = static_cast<scalar_t>(meta_element<opmath_t>(static_cast<opmath_t>(tv.v[k]), total[k], c.meta_lr, c.n));
     store_pack<N>(theta + i, tv);
     if (write_back)
-      for (int64_t r = 0; r < n_rows; ++r) store_pack<N>(rows + r * P + i, tv);
+      for (int64_t r = 0; r < n_rows; ++r) store_pack<N>(rows + grid::row_offset(r, P, i), tv);
   }
 };
 
@@ -362,8 +357,8 @@ void batched_meta_update_cuda(const at::Tensor& theta, const at::Tensor& tasks, 
     BatchedMetaOp<scalar_t> op{theta.data_ptr<scalar_t>(), tasks.data_ptr<scalar_t>(), tasks.size(0),
                                theta.numel(), write_back, lr_arg};
     // Every row must start 16-byte aligned too, so P * sizeof(scalar_t) must be a multiple of 16.
-    const bool aligned =
-        aligned16(op.theta) && aligned16(op.rows) && (op.P * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
+    const bool aligned = aligned16(op.theta) &&
+                         grid::rows_aligned(reinterpret_cast<std::uintptr_t>(op.rows), op.P, sizeof(scalar_t));
     launch<scalar_t>(op, theta.numel(), aligned, theta);
   });
 }

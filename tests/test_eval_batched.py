@@ -191,3 +191,62 @@ def test_eval_batch_tasks_must_be_positive():
     net, opt = _trained()
     with pytest.raises(ValueError, match="eval-batch-tasks"):
         evaluate(net, opt, _problem(), "test", 2, 3, 2, False, torch.Generator(), batch_tasks=0)
+
+
+# ---------------------------------------------------------------------- command line and training
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    from fewshot_fixtures import make_folder
+    from reptile_fused.app.cli import main
+
+    root = make_folder(tmp_path_factory.mktemp("folder"), classes=8, per_class=4, size=8)
+    torch.set_num_threads(1)
+    runs = {}
+    for bt in ("1", "2"):
+        run = tmp_path_factory.mktemp(f"run{bt}") / "run"
+        assert main(["train", "--data-root", str(root), "--out", str(run), "--dataset", "folder", "--image-size", "8",
+                     "--channels", "1", "--model", "omniglot", "--train-fraction", "0.6", "--classes", "3",
+                     "--shots", "1", "--train-shots", "2", "--inner-batch", "3", "--inner-iters", "2",
+                     "--meta-iters", "4", "--eval-interval", "2", "--eval-batch", "2", "--eval-iters", "3",
+                     "--eval-batch-tasks", bt, "--quiet"]) == 0
+        runs[bt] = run
+    return runs
+
+
+def test_train_periodic_evaluation_is_the_same_batched(folder_run):
+    import csv
+
+    rows = {}
+    for bt, run in folder_run.items():
+        with open(run / "metrics.csv", newline="") as f:
+            rows[bt] = [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
+    assert rows["1"] == rows["2"] and len(rows["1"]) == 2
+
+
+def test_eval_cli_batched_equals_sequential_and_says_so(folder_run, tmp_path, capsys):
+    import json
+
+    from reptile_fused.app.cli import main
+
+    results = {}
+    for bt in ("1", "5"):
+        out = tmp_path / f"{bt}.json"
+        assert main(["eval", "--checkpoint", str(folder_run["1"]), "--eval-samples", "7", "--eval-batch-tasks", bt,
+                     "--json", str(out), "--quiet"]) == 0
+        results[bt] = json.loads(out.read_text())
+    assert results["5"]["settings"]["eval_batch_tasks"] == 5 and results["1"]["settings"]["eval_batch_tasks"] == 1
+    assert results["5"]["accuracy"] == results["1"]["accuracy"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder_run["1"]), "--eval-batch-tasks", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "reptile-fused eval: error: --eval-batch-tasks must be >= 1, got 0"
+
+
+def test_eval_progress_bar_shows_rate_and_time_left(folder_run, capsys):
+    from reptile_fused.app.cli import main
+
+    assert main(["eval", "--checkpoint", str(folder_run["1"]), "--eval-samples", "6", "--eval-batch-tasks", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "6/6 tasks" in err and "left" in err and ("task/s" in err or "s/task" in err)

@@ -49,6 +49,8 @@ class _Rows:
 
     def __init__(self, flat, names: list[str], group: dict, n: int):
         b = flat.buffer
+        if len(set(flat.steps)) > 1:
+            raise NotBatchableError("the optimizer's parameters are at different inner step counts")
         self.buffer = b
         self.backend = flat.backend
         self.group = group
@@ -87,8 +89,6 @@ class BatchedAdapter:
         self._flat_names = []
         covered = set()
         for f in self._flats:
-            if len(set(f.steps)) > 1:
-                raise NotBatchableError("the optimizer's parameters are at different inner step counts")
             missing = [p for p in f.buffer.params if id(p) not in names]
             if missing:
                 raise NotBatchableError("the optimizer holds parameters that are not the model's")

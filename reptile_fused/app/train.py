@@ -30,7 +30,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from ..distributed import rank_and_world, shard
-from .evaluate import Restorer, adapt, evaluate_task
+from .evaluate import EvalBatching, Restorer, adapt, draw_task
 from ..models import build_model
 from ..optimizer import ReptileOptimizer
 from .problems import build_problem
@@ -71,7 +71,11 @@ class Trainer:
     """A run: model, optimizer, task source and the state needed to resume it."""
 
     def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
-                 problem=None, spec=None, progress: bool = True, memory_format=None):
+                 problem=None, spec=None, progress: bool = True, memory_format=None, eval_batch_tasks: int = 1,
+                 notice=None):
+        """``eval_batch_tasks`` > 1: the periodic evaluation adapts its tasks (one per
+        evaluation split) at once under vmap (same tasks, same draws); ``notice`` gets the
+        one-line reason when that does not apply."""
         config.validate()
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -95,6 +99,11 @@ class Trainer:
         self.elapsed = 0.0
         self.stop_requested = False
         self.extended_from = None  # set by resume(): the meta_iters a resumed run was extended from
+        if not isinstance(eval_batch_tasks, int) or eval_batch_tasks < 1:
+            raise ValueError(f"--eval-batch-tasks must be >= 1, got {eval_batch_tasks}")
+        self.eval_batch_tasks = eval_batch_tasks
+        self.notice = notice
+        self._batching: EvalBatching | None = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -193,13 +202,21 @@ class Trainer:
         return total, steps, meta_lr
 
     def evaluate_now(self) -> dict[str, float]:
+        """One task per evaluation split, drawn in the split order; adapted together when
+        ``eval_batch_tasks`` > 1 (the draws and the scores do not depend on it)."""
         c = self.config
-        restorer = Restorer(self.opt)
-        return {
-            split: evaluate_task(self.model, self.opt, self.problem, self.problem.eval_task(split, self.eval_gen),
-                                 c.eval_batch, c.eval_iters, c.transductive, self.eval_gen, restorer)
-            for split in self.problem.eval_splits
-        }
+        if self._batching is None:
+            self._batching = EvalBatching(self.model, self.opt, self.problem, self.eval_batch_tasks)
+        splits = self.problem.eval_splits
+        drawn = [draw_task(self.problem, split, c.eval_batch, c.eval_iters, self.eval_gen) for split in splits]
+        scores = []
+        for start in range(0, len(drawn), self._batching.batch_tasks):
+            scores += self._batching.score(self.model, self.opt, self.problem, drawn[start:start + self._batching.batch_tasks],
+                                           c.eval_batch, c.eval_iters, c.transductive, Restorer(self.opt))
+        if self._batching.notice and self.notice is not None:
+            self.notice(self._batching.notice)
+            self.notice = None  # once per run
+        return dict(zip(splits, scores))
 
     def _iteration_done(self) -> None:
         """Called after every iteration, before its checkpoint (a seam for tests to interrupt a run)."""

@@ -1,4 +1,4 @@
-"""The ``reptile-fused`` command line: ``demo``, ``train``, ``eval`` and ``presets``.
+"""The ``reptile-fused`` command line: ``demo``, ``train``, ``eval``, ``plot`` and ``presets``.
 
 Hyperparameters keep the flag names of the authors' code (openai/supervised-reptile),
 so their commands carry over: ``--classes`` (alias ``--ways``), ``--shots``,
@@ -165,9 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --inner-optimizer sgd (the authors' flag)")
     h.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0, as the authors)")
     h.add_argument("--adam-beta2", type=float, default=None, help="Adam beta2 (default 0.999)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard event files into RUN_DIR "
+                        "(needs tensorboard: pip install 'reptile-fused[tensorboard]')")
     t.add_argument("--checkpoint-interval", type=int, default=None,
                    help="iterations between checkpoints (default 1000; one is always written at the end)")
     _add_runtime(t)
+
+    pl = sub.add_parser("plot", help="draw one or several runs' metrics.csv on one chart",
+                        description="Loss and evaluation scores against meta-iterations of each RUN_DIR's "
+                                    "metrics.csv on one chart (e.g. Reptile against FOMAML).")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.csv)")
+    pl.add_argument("--out", required=True, help="the image to write (.png, .pdf, .svg, ...)")
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
@@ -256,6 +265,8 @@ def cmd_train(args) -> int:
     device = _device(args.device)
     _check_backend(args.backend, device)
     _eval_batch_tasks(args, device)  # refuse a bad --eval-batch-tasks before any work
+    if args.tensorboard:
+        _check_tensorboard()
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
     if not init_from_environment(device.type):
         return _train(args, device)
@@ -326,7 +337,7 @@ def _train_locked(args, device, run_dir: Path) -> int:
     if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
                          memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
-                         notice=_notice)
+                         notice=_notice, tensorboard=args.tensorboard)
         c = trainer.config
         print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {c.meta_iters:,}"
               + (f" (extended from {trainer.extended_from:,}; meta step {c.meta_step_at(trainer.iteration):.4g} now, "
@@ -340,7 +351,7 @@ def _train_locked(args, device, run_dir: Path) -> int:
             raise CLIError(str(exc)) from exc
         trainer = Trainer(config, device=device, backend=args.backend, run_dir=run_dir, progress=not args.quiet,
                           memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
-                          notice=_notice)
+                          notice=_notice, tensorboard=args.tensorboard)
         c = config
         what = (f"sine waves ({c.effective_train_shots} points per training task, {c.shots}-shot evaluation)"
                 if c.dataset == "sine" else
@@ -369,6 +380,13 @@ def _eval_batch_tasks(args, device) -> int:
     if n < 1:
         raise CLIError(f"--eval-batch-tasks must be >= 1, got {n}")
     return n
+
+
+def _check_tensorboard() -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise CLIError("--tensorboard needs the tensorboard package: pip install 'reptile-fused[tensorboard]'") from None
 
 
 def _notice(line: str) -> None:
@@ -478,6 +496,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CLIError("plot draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
+    from .curves import CurvesError, plot_runs
+    from .demo import figure_path
+
+    out = _check_output(figure_path(args.out), "--out")
+    try:
+        plot_runs(args.runs, out)
+    except CurvesError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write the chart ({_reason(exc)})") from None
+    print(f"Wrote {out} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
+
+
 def cmd_presets(args) -> int:
     print(f"{'preset':40s} {'dataset':13s} {'paper accuracy':>15s}")
     for name, p in PRESETS.items():
@@ -488,7 +525,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "presets": cmd_presets}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "presets": cmd_presets}
 
 
 def main(argv=None) -> int:

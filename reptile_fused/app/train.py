@@ -109,6 +109,7 @@ class Trainer:
         self.eval_batch_tasks = eval_batch_tasks
         self.notice = notice
         self._batching: EvalBatching | None = None
+        self._told_batching = False
         self.curves = curves
         self.tensorboard = tensorboard
         self._curves_drawn_at: float | None = None  # perf_counter of the last curves.png
@@ -268,9 +269,9 @@ class Trainer:
         for start in range(0, len(drawn), self._batching.batch_tasks):
             scores += self._batching.score(self.model, self.opt, self.problem, drawn[start:start + self._batching.batch_tasks],
                                            c.eval_batch, c.eval_iters, c.transductive, Restorer(self.opt))
-        if self._batching.notice and self.notice is not None:
+        if self._batching.notice and self.notice is not None and not self._told_batching:
             self.notice(self._batching.notice)
-            self.notice = None  # once per run
+            self._told_batching = True  # once per run
         return dict(zip(splits, scores))
 
     def _iteration_done(self) -> None:

@@ -111,7 +111,8 @@ def _add_eval_protocol(g) -> None:
     g.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
                    help="classify all queries in one batch (batch-norm statistics shared across queries)")
     g.add_argument("--eval-batch-tasks", type=int, default=None, metavar="N",
-                   help="evaluation tasks adapted at once under vmap (same tasks and scores as one at a time; "
+                   help="evaluation tasks adapted at once under vmap (the same tasks as one at a time, scores equal up to "
+                        "float32 rounding; "
                         "default: 32 on CUDA, 1 on the CPU, where batching measured no faster)")
 
 

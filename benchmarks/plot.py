@@ -118,3 +118,14 @@ def plot_distributed(rows, path, title) -> Path:
     """meta_step() and all-reduce milliseconds against P, one line per process count."""
     sub = [r for r in rows if r["benchmark"] == "distributed"]
     return panels(sub, path, ("op",), "median_s", "median ms", title, series="case", scale=1e3, ncols=2, logy=True)
+
+
+def plot_eval(rows, path, title) -> Path:
+    """Evaluation tasks per second per mode (sequential, batched_N), one panel per net."""
+    sub = [r for r in rows if r["benchmark"] == "eval"]
+
+    def note(r):
+        ratio = _num(r.get("ratio_vs_baseline"))
+        return f"{ratio:.2f}×" if ratio is not None else ""
+
+    return panels(sub, path, ("case",), "value", "evaluation tasks / s (median)", title, annotate=note, ncols=2)

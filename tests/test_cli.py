@@ -38,7 +38,8 @@ def test_train_then_eval_omniglot(omniglot_root, tmp_path, capsys):
                "--eval-interval", "2", "--eval-batch", "2", "--eval-iters", "2", "--checkpoint-interval", "4",
                "--quiet"])
     assert rc == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.csv"], "no temporary files left"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv"], \
+        "no temporary files left"
     rows = _rows(run / "metrics.csv")
     assert [int(r["iteration"]) for r in rows] == [0, 2, 4]
     assert list(rows[0]) == ["iteration", "meta_step", "loss", "train_acc", "test_acc", "wall_s"]

@@ -1,4 +1,4 @@
-"""The ``reptile-fused`` command line: ``demo``, ``train``, ``eval`` and ``presets``.
+"""The ``reptile-fused`` command line: ``demo``, ``train``, ``eval``, ``plot`` and ``presets``.
 
 Hyperparameters keep the flag names of the authors' code (openai/supervised-reptile),
 so their commands carry over: ``--classes`` (alias ``--ways``), ``--shots``,
@@ -110,6 +110,10 @@ def _add_eval_protocol(g) -> None:
     g.add_argument("--eval-iters", type=int, default=None, help="inner iterations when adapting at evaluation")
     g.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
                    help="classify all queries in one batch (batch-norm statistics shared across queries)")
+    g.add_argument("--eval-batch-tasks", type=int, default=None, metavar="N",
+                   help="evaluation tasks adapted at once under vmap (the same tasks as one at a time, scores equal up to "
+                        "float32 rounding; "
+                        "default: 32 on CUDA, 1 on the CPU, where batching measured no faster)")
 
 
 # ---------------------------------------------------------------------- parser
@@ -162,9 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --inner-optimizer sgd (the authors' flag)")
     h.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0, as the authors)")
     h.add_argument("--adam-beta2", type=float, default=None, help="Adam beta2 (default 0.999)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard event files into RUN_DIR "
+                        "(needs tensorboard: pip install 'reptile-fused[tensorboard]')")
     t.add_argument("--checkpoint-interval", type=int, default=None,
                    help="iterations between checkpoints (default 1000; one is always written at the end)")
     _add_runtime(t)
+
+    pl = sub.add_parser("plot", help="draw one or several runs' metrics.csv on one chart",
+                        description="Loss and evaluation scores against meta-iterations of each RUN_DIR's "
+                                    "metrics.csv on one chart (e.g. Reptile against FOMAML).")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.csv)")
+    pl.add_argument("--out", required=True, help="the image to write (.png, .pdf, .svg, ...)")
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
@@ -252,6 +265,9 @@ def cmd_train(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
+    _eval_batch_tasks(args, device)  # refuse a bad --eval-batch-tasks before any work
+    if args.tensorboard:
+        _check_tensorboard()
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
     if not init_from_environment(device.type):
         return _train(args, device)
@@ -321,7 +337,8 @@ def _train_locked(args, device, run_dir: Path) -> int:
     explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS}
     if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
-                         memory_format=_memory_format(args))
+                         memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
+                         notice=_notice, tensorboard=args.tensorboard)
         c = trainer.config
         print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {c.meta_iters:,}"
               + (f" (extended from {trainer.extended_from:,}; meta step {c.meta_step_at(trainer.iteration):.4g} now, "
@@ -334,7 +351,8 @@ def _train_locked(args, device, run_dir: Path) -> int:
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
         trainer = Trainer(config, device=device, backend=args.backend, run_dir=run_dir, progress=not args.quiet,
-                          memory_format=_memory_format(args))
+                          memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
+                          notice=_notice, tensorboard=args.tensorboard)
         c = config
         what = (f"sine waves ({c.effective_train_shots} points per training task, {c.shots}-shot evaluation)"
                 if c.dataset == "sine" else
@@ -352,6 +370,28 @@ def _train_locked(args, device, run_dir: Path) -> int:
     print(f"Evaluate with: reptile-fused eval --checkpoint {trainer.checkpoint_path}"
           + (f" --data-root {c.data_root}" if c.data_root else "") + (" --transductive" if c.transductive else ""))
     return 0
+
+
+def _eval_batch_tasks(args, device) -> int:
+    from .batched_eval import default_eval_batch_tasks
+
+    n = args.eval_batch_tasks
+    if n is None:
+        return default_eval_batch_tasks(device)
+    if n < 1:
+        raise CLIError(f"--eval-batch-tasks must be >= 1, got {n}")
+    return n
+
+
+def _check_tensorboard() -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise CLIError("--tensorboard needs the tensorboard package: pip install 'reptile-fused[tensorboard]'") from None
+
+
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -399,8 +439,10 @@ def cmd_eval(args) -> int:
     # The inner optimizer's trained state (Adam moments) adapts at test time too, as in the authors' code.
     opt.load_state_dict(ckpt["optimizer"])
     generator = torch.Generator().manual_seed(args.seed)
+    batch_tasks = _eval_batch_tasks(args, device)
     result = evaluate(model, opt, problem, split, args.eval_samples, config.eval_batch, config.eval_iters,
-                      config.transductive, generator, progress=not args.quiet)
+                      config.transductive, generator, progress=not args.quiet, batch_tasks=batch_tasks,
+                      notice=_notice)
     metric = problem.metric
     value, ci = result[metric], result["ci95"]
     key = "accuracy" if metric == "acc" else "mse"
@@ -414,6 +456,7 @@ def cmd_eval(args) -> int:
             "eval_batch": config.eval_batch, "eval_iters": config.eval_iters, "transductive": config.transductive,
             "learning_rate": config.learning_rate, "inner_optimizer": config.inner_optimizer,
             "seed": args.seed, "device": str(device), "backend": opt.backends[0],
+            "eval_batch_tasks": result["batch_tasks"],
         },
     }
     ci_text = "n/a" if ci is None else (f"{100 * ci:.2f}" if key == "accuracy" else f"{ci:.4f}")
@@ -454,6 +497,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CLIError("plot draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
+    from .curves import CurvesError, plot_runs
+    from .demo import figure_path
+
+    out = _check_output(figure_path(args.out), "--out")
+    try:
+        plot_runs(args.runs, out)
+    except CurvesError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write the chart ({_reason(exc)})") from None
+    print(f"Wrote {out} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
+
+
 def cmd_presets(args) -> int:
     print(f"{'preset':40s} {'dataset':13s} {'paper accuracy':>15s}")
     for name, p in PRESETS.items():
@@ -464,7 +526,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "presets": cmd_presets}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "presets": cmd_presets}
 
 
 def main(argv=None) -> int:

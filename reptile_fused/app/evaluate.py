@@ -31,9 +31,14 @@ Z95 = 1.959963984540054
 
 
 def adapt(model: nn.Module, opt: ReptileOptimizer, loss_fn: Callable, x: Tensor, y: Tensor,
-          batch: int, iters: int, generator: torch.Generator) -> Tensor | None:
-    """``iters`` inner steps on mini-batches of ``(x, y)``; returns the summed loss (device tensor)."""
-    order = inner_batches(x.shape[0], batch, iters, generator).to(x.device)
+          batch: int, iters: int, generator: torch.Generator | None, order: Tensor | None = None) -> Tensor | None:
+    """``iters`` inner steps on mini-batches of ``(x, y)``; returns the summed loss (device tensor).
+
+    The mini-batches are drawn from ``generator``, unless ``order`` gives them (drawn before).
+    """
+    if order is None:
+        order = inner_batches(x.shape[0], batch, iters, generator)
+    order = order.to(x.device)
     total = None
     for idx in order:
         opt.zero_grad()
@@ -67,13 +72,17 @@ class Restorer:
 
 
 def evaluate_task(model, opt, problem, task: Task, eval_batch: int, eval_iters: int, transductive: bool,
-                  generator: torch.Generator, restorer: Restorer | None = None) -> float:
-    """Score (accuracy or MSE) of one task after adaptation; weights and state are restored."""
+                  generator: torch.Generator | None, restorer: Restorer | None = None,
+                  order: Tensor | None = None) -> float:
+    """Score (accuracy or MSE) of one task after adaptation; weights and state are restored.
+
+    The inner mini-batches come from ``generator``, or from ``order`` when given.
+    """
     restorer = restorer or Restorer(opt)
     was_training = model.training
     try:
         model.train()
-        adapt(model, opt, problem.loss, task.support_x, task.support_y, eval_batch, eval_iters, generator)
+        adapt(model, opt, problem.loss, task.support_x, task.support_y, eval_batch, eval_iters, generator, order)
         model.eval()
         # Without batch norm (the sine MLP) the two protocols coincide; one batch is faster.
         out = predict(model, task.support_x, task.query_x, transductive or problem.kind == "regression")
@@ -95,26 +104,100 @@ def mean_ci95(values: list[float]) -> tuple[float, float | None]:
     return mean, Z95 * math.sqrt(var / n)
 
 
+def draw_task(problem, split: str, eval_batch: int, eval_iters: int, generator: torch.Generator):
+    """One evaluation task and its inner mini-batches, drawn as the sequential protocol draws them."""
+    task = problem.eval_task(split, generator)
+    return task, inner_batches(task.support_x.shape[0], eval_batch, eval_iters, generator)
+
+
+def uses_one_batch(problem, transductive: bool) -> bool:
+    # Without batch norm (the sine MLP) the two protocols coincide; one batch is faster.
+    return transductive or problem.kind == "regression"
+
+
+def score_tasks_batched(adapter, problem, drawn: list, transductive: bool) -> list[float]:
+    """Scores of the ``(task, order)`` pairs in ``drawn``, adapted all at once by ``adapter``
+    (a :class:`~reptile_fused.app.batched_eval.BatchedAdapter`)."""
+    tasks = [t for t, _ in drawn]
+    sx = torch.stack([t.support_x for t in tasks])
+    sy = torch.stack([t.support_y for t in tasks])
+    orders = torch.stack([o for _, o in drawn]).to(sx.device)  # [n, iters, batch]
+    rows = torch.arange(len(tasks), device=sx.device)[:, None, None]
+    # [iters, n, batch, ...]: task i's mini-batch at inner step s is xs[s, i].
+    xs, ys = sx[rows, orders].transpose(0, 1), sy[rows, orders].transpose(0, 1)
+    adapted = adapter.adapt(xs, ys)
+    out = adapter.predict(adapted, sx, torch.stack([t.query_x for t in tasks]), uses_one_batch(problem, transductive))
+    return [problem.score(out[i], t.query_y) for i, t in enumerate(tasks)]
+
+
+class EvalBatching:
+    """How evaluation tasks are adapted: ``batch_tasks`` at once under vmap, or one at a
+    time where batching does not apply (then :attr:`notice` says why, in one line)."""
+
+    def __init__(self, model, opt, problem, batch_tasks: int):
+        if not isinstance(batch_tasks, int) or batch_tasks < 1:
+            raise ValueError(f"--eval-batch-tasks must be >= 1, got {batch_tasks}")
+        self.batch_tasks = batch_tasks
+        self.adapter = None
+        self.notice = None
+        if batch_tasks > 1:
+            from .batched_eval import BatchedAdapter, NotBatchableError
+
+            try:
+                self.adapter = BatchedAdapter(model, opt, problem.loss)
+            except NotBatchableError as exc:
+                self.fall_back(exc)
+
+    def fall_back(self, exc) -> None:
+        self.adapter = None
+        self.notice = f"note: evaluating one task at a time (--eval-batch-tasks {self.batch_tasks} does not apply: {exc})"
+
+    def score(self, model, opt, problem, drawn: list, eval_batch: int, eval_iters: int, transductive: bool,
+              restorer: Restorer) -> list[float]:
+        """Scores of the drawn ``(task, order)`` pairs, batched where possible."""
+        if self.adapter is not None and len(drawn) > 1:
+            from .batched_eval import NotBatchableError
+
+            try:
+                return score_tasks_batched(self.adapter, problem, drawn, transductive)
+            except NotBatchableError as exc:  # vmap cannot run the model: nothing was changed
+                self.fall_back(exc)
+        return [evaluate_task(model, opt, problem, task, eval_batch, eval_iters, transductive, None, restorer, order)
+                for task, order in drawn]
+
+
 def evaluate(model, opt, problem, split: str, num_samples: int, eval_batch: int, eval_iters: int,
-             transductive: bool, generator: torch.Generator, progress: bool = False) -> dict:
-    """The protocol over ``num_samples`` tasks: ``{metric, "ci95", "tasks"}`` (metric: acc or mse)."""
+             transductive: bool, generator: torch.Generator, progress: bool = False, batch_tasks: int = 1,
+             notice: Callable[[str], None] | None = None) -> dict:
+    """The protocol over ``num_samples`` tasks: ``{metric, "ci95", "tasks"}`` (metric: acc or mse).
+
+    ``batch_tasks`` tasks adapt at once (:class:`EvalBatching`); the tasks and their
+    mini-batches are the same whatever ``batch_tasks``.  ``notice`` receives the one-line
+    reason when batching does not apply.
+    """
     if num_samples < 1:
         raise ValueError(f"--eval-samples must be >= 1, got {num_samples}")
     restorer = Restorer(opt)
-    scores = []
+    batching = EvalBatching(model, opt, problem, batch_tasks)
+    told = False
+    scores: list[float] = []
     bar = _progress(num_samples, progress, f"eval {split}")
-    for _ in range(num_samples):
-        task = problem.eval_task(split, generator)
-        scores.append(evaluate_task(model, opt, problem, task, eval_batch, eval_iters, transductive,
-                                    generator, restorer))
+    try:
+        while len(scores) < num_samples:
+            n = min(batching.batch_tasks, num_samples - len(scores))
+            drawn = [draw_task(problem, split, eval_batch, eval_iters, generator) for _ in range(n)]
+            scores.extend(batching.score(model, opt, problem, drawn, eval_batch, eval_iters, transductive, restorer))
+            if batching.notice and not told and notice is not None:
+                notice(batching.notice)
+                told = True
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix({problem.metric: f"{math.fsum(scores) / len(scores):.4f}"}, refresh=False)
+    finally:
         if bar is not None:
-            bar.update(1)
-            if len(scores) % 20 == 0 or len(scores) == num_samples:
-                bar.set_postfix({problem.metric: f"{math.fsum(scores) / len(scores):.4f}"})
-    if bar is not None:
-        bar.close()
+            bar.close()
     mean, ci = mean_ci95(scores)
-    return {problem.metric: mean, "ci95": ci, "tasks": num_samples}
+    return {problem.metric: mean, "ci95": ci, "tasks": num_samples, "batch_tasks": batching.batch_tasks if batching.adapter else 1}
 
 
 def _progress(total, enabled, desc):
@@ -122,4 +205,7 @@ def _progress(total, enabled, desc):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    # Rate and estimated time to finish from the first update on; smoothing 0.1 steadies
+    # the estimate over a run whose batches take similar times.
+    return tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, smoothing=0.1,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tasks [{elapsed}<{remaining} left, {rate_fmt}{postfix}]")

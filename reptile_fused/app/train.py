@@ -30,13 +30,16 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from ..distributed import rank_and_world, shard
-from .evaluate import Restorer, adapt, evaluate_task
+from .evaluate import EvalBatching, Restorer, adapt, draw_task
 from ..models import build_model
 from ..optimizer import ReptileOptimizer
 from .problems import build_problem
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
+CURVES_NAME = "curves.png"
+# metrics.csv columns -> TensorBoard tags (score columns go under eval/).
+TENSORBOARD_TAGS = {"meta_step": "train/meta_step", "loss": "train/loss"}
 # Evaluation tasks come from their own generator so that changing --eval-interval
 # does not change which training tasks a run sees.
 EVAL_SEED_OFFSET = 0x5EED
@@ -71,7 +74,13 @@ class Trainer:
     """A run: model, optimizer, task source and the state needed to resume it."""
 
     def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
-                 problem=None, spec=None, progress: bool = True, memory_format=None):
+                 problem=None, spec=None, progress: bool = True, memory_format=None, eval_batch_tasks: int = 1,
+                 notice=None, curves: bool = True, tensorboard: bool = False):
+        """``eval_batch_tasks`` > 1: the periodic evaluation adapts its tasks (one per
+        evaluation split) at once under vmap (same tasks, same draws); ``notice`` gets the
+        one-line reason when that does not apply.  ``curves``: keep ``RUN_DIR/curves.png``
+        up to date (needs matplotlib; skipped with a notice without it).  ``tensorboard``:
+        also write the metrics as TensorBoard event files into ``RUN_DIR``."""
         config.validate()
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -95,6 +104,17 @@ class Trainer:
         self.elapsed = 0.0
         self.stop_requested = False
         self.extended_from = None  # set by resume(): the meta_iters a resumed run was extended from
+        if not isinstance(eval_batch_tasks, int) or eval_batch_tasks < 1:
+            raise ValueError(f"--eval-batch-tasks must be >= 1, got {eval_batch_tasks}")
+        self.eval_batch_tasks = eval_batch_tasks
+        self.notice = notice
+        self._batching: EvalBatching | None = None
+        self._told_batching = False
+        self.curves = curves
+        self.tensorboard = tensorboard
+        self._curves_drawn_at: float | None = None  # perf_counter of the last curves.png
+        self._curves_cost = 0.0  # seconds spent drawing it
+        self._writer = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -166,6 +186,51 @@ class Trainer:
             return
         with open(self.metrics_path, "a", newline="") as f:
             csv.DictWriter(f, self.metric_columns()).writerow(row)
+        if self._writer is not None:
+            step = int(row["iteration"])
+            for key in self.metric_columns()[1:]:
+                if key != "wall_s" and row.get(key) not in (None, ""):
+                    self._writer.add_scalar(TENSORBOARD_TAGS.get(key, f"eval/{key}"), float(row[key]), step)
+            self._writer.flush()
+        self.refresh_curves()
+
+    def refresh_curves(self, force: bool = False) -> None:
+        """Redraw ``RUN_DIR/curves.png`` from metrics.csv.  At every evaluation, except that
+        drawing (about 0.2 s) may take at most 5 % of the run's time: with frequent
+        evaluations of a fast run it is redrawn less often, and always at the end."""
+        if not self.curves or self.run_dir is None or not self.is_main:
+            return
+        now = time.perf_counter()
+        if not force and self._curves_drawn_at is not None and self._curves_cost > 0.05 * (now - self._curves_started):
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.curves = False
+            if self.notice is not None:
+                self.notice(f"note: no {CURVES_NAME} (it is drawn with matplotlib: pip install 'reptile-fused[demo]')")
+            return
+        from .curves import CurvesError, plot_run
+
+        try:
+            plot_run(self.run_dir)
+        except CurvesError:  # no evaluation row yet
+            return
+        self._curves_drawn_at = time.perf_counter()
+        self._curves_cost += self._curves_drawn_at - now
+
+    def _open_writer(self) -> None:
+        if not self.tensorboard or self.run_dir is None or not self.is_main or self._writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a resumed run drops the events written after its checkpoint, as metrics.csv does.
+        self._writer = SummaryWriter(str(self.run_dir), purge_step=self.iteration if self.iteration else None)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # ------------------------------------------------------------------ training
 
@@ -193,13 +258,21 @@ class Trainer:
         return total, steps, meta_lr
 
     def evaluate_now(self) -> dict[str, float]:
+        """One task per evaluation split, drawn in the split order; adapted together when
+        ``eval_batch_tasks`` > 1 (the draws and the scores do not depend on it)."""
         c = self.config
-        restorer = Restorer(self.opt)
-        return {
-            split: evaluate_task(self.model, self.opt, self.problem, self.problem.eval_task(split, self.eval_gen),
-                                 c.eval_batch, c.eval_iters, c.transductive, self.eval_gen, restorer)
-            for split in self.problem.eval_splits
-        }
+        if self._batching is None:
+            self._batching = EvalBatching(self.model, self.opt, self.problem, self.eval_batch_tasks)
+        splits = self.problem.eval_splits
+        drawn = [draw_task(self.problem, split, c.eval_batch, c.eval_iters, self.eval_gen) for split in splits]
+        scores = []
+        for start in range(0, len(drawn), self._batching.batch_tasks):
+            scores += self._batching.score(self.model, self.opt, self.problem, drawn[start:start + self._batching.batch_tasks],
+                                           c.eval_batch, c.eval_iters, c.transductive, Restorer(self.opt))
+        if self._batching.notice and self.notice is not None and not self._told_batching:
+            self.notice(self._batching.notice)
+            self._told_batching = True  # once per run
+        return dict(zip(splits, scores))
 
     def _iteration_done(self) -> None:
         """Called after every iteration, before its checkpoint (a seam for tests to interrupt a run)."""
@@ -208,6 +281,8 @@ class Trainer:
         c = self.config
         self.model.train()
         self._prepare_csv()
+        self._curves_started = time.perf_counter()
+        self._open_writer()
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -258,6 +333,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.close()
+        self.refresh_curves(force=True)
         self.elapsed = time.perf_counter() - start
         return self.model
 

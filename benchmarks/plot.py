@@ -103,15 +103,15 @@ def plot_ops(rows, path, title) -> Path:
                   roofline=True)  # fmt: skip
 
 
+def _ratio_note(r) -> str:
+    ratio = _num(r.get("ratio_vs_baseline"))
+    return f"{ratio:.2f}×" if ratio is not None else ""
+
+
 def plot_meta_iteration(rows, path, title) -> Path:
     """Meta-iterations per second per mode, one panel per net; bars say × vs the seed loop."""
     sub = [r for r in rows if r["benchmark"] == "meta_iteration"]
-
-    def note(r):
-        ratio = _num(r.get("ratio_vs_baseline"))
-        return f"{ratio:.2f}×" if ratio is not None else ""
-
-    return panels(sub, path, ("case",), "value", "meta-iterations / s (median)", title, annotate=note, ncols=2)
+    return panels(sub, path, ("case",), "value", "meta-iterations / s (median)", title, annotate=_ratio_note, ncols=2)
 
 
 def plot_distributed(rows, path, title) -> Path:
@@ -121,11 +121,6 @@ def plot_distributed(rows, path, title) -> Path:
 
 
 def plot_eval(rows, path, title) -> Path:
-    """Evaluation tasks per second per mode (sequential, batched_N), one panel per net."""
+    """Evaluation tasks per second per mode (sequential, batched_N), one panel per net; bars say × vs sequential."""
     sub = [r for r in rows if r["benchmark"] == "eval"]
-
-    def note(r):
-        ratio = _num(r.get("ratio_vs_baseline"))
-        return f"{ratio:.2f}×" if ratio is not None else ""
-
-    return panels(sub, path, ("case",), "value", "evaluation tasks / s (median)", title, annotate=note, ncols=2)
+    return panels(sub, path, ("case",), "value", "evaluation tasks / s (median)", title, annotate=_ratio_note, ncols=2)

@@ -24,15 +24,7 @@ import torch
 
 from ..op_table import OP_NAMES, OPS, bind
 
-__all__ = [
-    "sgd_step_",
-    "adam_step_",
-    "task_end_",
-    "meta_update_",
-    "batched_meta_update_",
-    "unavailable_reason",
-    "build_info",
-]
+__all__ = [*OP_NAMES, "unavailable_reason", "build_info"]
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "

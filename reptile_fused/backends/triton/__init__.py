@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import BackendUnavailableError
-from ..op_table import OPS, bind
+from ..op_table import OP_NAMES, OPS, bind
 
 try:
     from . import ops as _registration
@@ -38,7 +38,7 @@ except Exception as exc:  # noqa: BLE001 - any failure to load Triton means "una
     _ops = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["sgd_step_", "adam_step_", "task_end_", "meta_update_", "batched_meta_update_", "unavailable_reason"]
+__all__ = [*OP_NAMES, "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -145,6 +145,34 @@ def test_reptile_bookkeeping_survives_a_forwarding_wrapper():
     assert opt.tasks_in_meta_batch == 0
 
 
+class _CopyingWrapper:
+    """What older Lightning releases did: copy the optimizer's __dict__ and subclass its class."""
+
+    def __init__(self, optimizer):
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        self._optimizer = optimizer
+        self.__class__ = type("Copying" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+def test_reptile_bookkeeping_survives_a_dict_copying_wrapper():
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.05, meta_lr=0.5)
+    wrapper = _CopyingWrapper(opt)
+    x, y = batches(1)[0]
+    run_task(model, wrapper, x, y)
+    assert opt.tasks_in_meta_batch == 1
+    with pytest.raises(RuntimeError, match="meta-batch is open"):
+        ReptileOptimizer.step(wrapper)
+    restored = ReptileOptimizer(make_model(seed=2).parameters(), lr=0.05, meta_lr=0.5)
+    restored.load_state_dict(opt.state_dict())
+    assert restored.tasks_in_meta_batch == 1
+    wrapper.meta_step()
+    assert opt.tasks_in_meta_batch == 0 and wrapper.tasks_in_meta_batch == 0
+
+
 class _ReptileModule:
     """Built lazily so the module imports without Lightning."""
 

@@ -5,13 +5,14 @@ from .backends import BackendUnavailableError, available_backends, get_backend
 from .batched import BatchedReptile, NotBatchableError
 from .flat import FlatBuffer
 from .functional import reptile_adapt, reptile_train
-from .optimizer import MetaStepView, ReptileOptimizer
+from .optimizer import MetaLRScheduler, MetaStepView, ReptileOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ReptileOptimizer",
     "MetaStepView",
+    "MetaLRScheduler",
     "BatchedReptile",
     "NotBatchableError",
     "FlatBuffer",

@@ -19,6 +19,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.utils.dlpack
 from torch import Tensor
 
 from ._validate import SUPPORTED_DTYPES
@@ -141,12 +142,23 @@ class FlatBuffer:
                         raise ValueError("sparse gradients are not supported")
                     self.grad_views[i].copy_(p.grad)
         for i, p in enumerate(self.params):
-            p.data = self._view(self.data, i)
+            p.data = self._own_storage_view(i)
             p.grad = self.grad_views[i]
             _remember_owner(p, self)
         self._data_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
         self._whole = (Segment(0, len(self.params) - 1, 0, total),)
+
+    def _own_storage_view(self, i: int) -> Tensor:
+        """Parameter ``i``'s slice of ``data`` as a tensor with a storage of its own.
+
+        Same memory as ``view(data, i)``, but the storage object (``untyped_storage()``,
+        its ``data_ptr()`` and ``nbytes()``) covers this parameter alone: tools that find
+        tied weights by storage (safetensors, Accelerate, Transformers) see separate
+        tensors rather than ``n`` views of one storage to deduplicate.  DLPack's
+        zero-copy exchange builds it; the new storage keeps the flat buffer alive.
+        """
+        return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(self._view(self.data, i)))
 
     def _view(self, buf: Tensor, i: int) -> Tensor:
         off = self.offsets[i]
@@ -168,6 +180,13 @@ class FlatBuffer:
 
     def check_layout(self) -> None:
         """Raise if a parameter no longer lives in this buffer (moved with ``.to()``, ``.half()``, ...)."""
+        if torch.compiler.is_compiling():
+            # Data pointers cannot be traced (torch.compile(opt.step, fullgraph=True)).
+            # Inside a compiled step only what the compiler guards on is checked; a
+            # compiled step re-traces when a device, dtype or shape changes, and the
+            # eager task(), meta_step() and state_dict() run the full check below.
+            self._check_device_dtype()
+            return
         # Runs every step: one C-level pass over the pointers in the common case.
         if list(map(Tensor.data_ptr, self.params)) == self._data_ptrs:
             return
@@ -180,13 +199,22 @@ class FlatBuffer:
                     "this one no longer holds it; only the newest optimizer over a parameter can update it. Keep "
                     "one optimizer per set of parameters (to start another from this one's state, use state_dict())."
                 )
-            if p.data_ptr() != self._data_ptrs[i] or p.device != self.device or p.dtype != self.dtype:
-                raise RuntimeError(
-                    f"parameter {i} of shape {tuple(self.shapes[i])} no longer lives in the optimizer's flat "
-                    f"buffer (it is now {p.dtype} on {p.device}; the buffer is {self.dtype} on {self.device}). "
-                    "Moving, casting or changing the memory format of a model after creating its optimizer "
-                    "is not supported: do that first, then create the ReptileOptimizer (or pass it memory_format=)."
-                )
+            if p.data_ptr() != self._data_ptrs[i]:
+                self._moved(i, p)
+        self._check_device_dtype()
+
+    def _check_device_dtype(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.device != self.device or p.dtype != self.dtype:
+                self._moved(i, p)
+
+    def _moved(self, i: int, p: Tensor) -> None:
+        raise RuntimeError(
+            f"parameter {i} of shape {tuple(self.shapes[i])} no longer lives in the optimizer's flat "
+            f"buffer (it is now {p.dtype} on {p.device}; the buffer is {self.dtype} on {self.device}). "
+            "Moving, casting or changing the memory format of a model after creating its optimizer "
+            "is not supported: do that first, then create the ReptileOptimizer (or pass it memory_format=)."
+        )
 
     def pending_grads(self) -> tuple[list[bool] | None, list[tuple[int, Tensor]]]:
         """Which parameters have a gradient this step (``None``: all of them, in the buffer),
@@ -195,7 +223,10 @@ class FlatBuffer:
         Checks only; nothing is modified, so a bad gradient anywhere leaves everything as it was.
         """
         grads = [p.grad for p in self.params]
-        if all(map(operator.is_, grads, self.grad_views)) and list(map(Tensor.data_ptr, grads)) == self._grad_ptrs:
+        if all(map(operator.is_, grads, self.grad_views)) and (
+            torch.compiler.is_compiling() or list(map(Tensor.data_ptr, grads)) == self._grad_ptrs
+        ):
+            # (Under torch.compile identity is enough: the views are the buffer's own.)
             return None, []
         active = []
         foreign = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Callable
 
@@ -70,6 +71,22 @@ class _Flat:
 
     def restore_inner_state(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
         self.state, self.steps = saved
+
+
+class _MetaBatchState:
+    """The meta-batch bookkeeping of one ``ReptileOptimizer``, shared by reference with any wrapper."""
+
+    __slots__ = ("owner_ref", "tasks_done", "in_task", "view")
+
+    def __init__(self, owner: "ReptileOptimizer"):
+        self.owner_ref = weakref.ref(owner)
+        self.tasks_done = 0  # tasks finished since the last meta step
+        self.in_task = False
+        self.view: MetaStepView | None = None
+
+    @property
+    def owner(self) -> "ReptileOptimizer":
+        return self.owner_ref()
 
 
 class ReptileOptimizer(Optimizer):
@@ -164,9 +181,12 @@ class ReptileOptimizer(Optimizer):
         self.memory_format = memory_format
         self._flats: list[_Flat] = []
         self._frozen: list[Tensor] = []
-        self._tasks_done = 0
-        self._in_task = False
-        self._meta_view: MetaStepView | None = None
+        # Everything that changes between tasks lives in one object: a wrapper that copies
+        # this optimizer's __dict__ or forwards attribute reads to it (Lightning's
+        # LightningOptimizer, Accelerate's AcceleratedOptimizer) calls task()/meta_step()
+        # with itself as ``self``; mutating this shared object, never assigning attributes
+        # on ``self``, keeps one meta-batch whoever calls.
+        self._meta = _MetaBatchState(self)
         self._sync: MetaBatchSync | None = None
         group = resolve_process_group(process_group)
         given = dict(
@@ -232,7 +252,7 @@ class ReptileOptimizer(Optimizer):
             )
         inner.hyperparameters(self.inner_optimizer, {k: v for k, v in param_group.items() if k != "params"})
         inner.check_hyperparameters({**self.defaults, **param_group}, self.inner_optimizer)
-        if self._tasks_done or self._in_task:
+        if self._meta.tasks_done or self._meta.in_task:
             raise RuntimeError("add_param_group() in the middle of a meta-batch; call meta_step() first")
         # Resolve backends before the group is registered, so an unavailable backend changes nothing.
         for device in devices:
@@ -287,7 +307,7 @@ class ReptileOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._in_task and self._tasks_done:
+        if not self._meta.in_task and self._meta.tasks_done:
             raise RuntimeError(
                 "step() outside task() while a meta-batch is open: call meta_step() (or meta_gradient()) first"
             )
@@ -353,19 +373,19 @@ class ReptileOptimizer(Optimizer):
         one more copy of it in memory while the task runs; nothing with
         ``reset_inner_state="task"``'s empty state).
         """
-        if self._in_task:
+        if self._meta.in_task:
             raise RuntimeError("task() blocks cannot be nested: finish the current task first")
         for f in self._flats:
             f.buffer.check_layout()
         with torch.no_grad():
-            if self._tasks_done == 0:
+            if self._meta.tasks_done == 0:
                 self._capture_anchor()
             if self.reset_inner_state == "task":
                 for f in self._flats:
                     f.reset_inner_state()
             # What a failed task must not leave behind: the inner state it started from.
             saved = [f.save_inner_state() for f in self._flats]
-        self._in_task = True
+        self._meta.in_task = True
         try:
             yield
         except BaseException:
@@ -373,15 +393,15 @@ class ReptileOptimizer(Optimizer):
                 for f, state in zip(self._flats, saved):
                     f.buffer.data.copy_(f.anchor)
                     f.restore_inner_state(state)
-            self._in_task = False
+            self._meta.in_task = False
             raise
         with torch.no_grad():
             for f in self._flats:
                 f.buffer.check_layout()
             for f in self._flats:
                 f.backend.task_end_(f.buffer.data, f.anchor, f.acc)
-        self._in_task = False
-        self._tasks_done += 1
+        self._meta.in_task = False
+        self._meta.tasks_done += 1
 
     def _capture_anchor(self) -> None:
         for f in self._flats:
@@ -391,28 +411,28 @@ class ReptileOptimizer(Optimizer):
     @property
     def tasks_in_meta_batch(self) -> int:
         """How many tasks have finished since the last meta step."""
-        return self._tasks_done
+        return self._meta.tasks_done
 
     def _close_meta_batch(self, what: str) -> float:
         """Checks, then the number of tasks in the meta-batch (summed over ranks when distributed)."""
-        if self._in_task:
+        if self._meta.in_task:
             raise RuntimeError(f"{what} inside task(): finish the task first")
         for f in self._flats:
             f.buffer.check_layout()
         if self._sync is None:
-            if self._tasks_done == 0:
+            if self._meta.tasks_done == 0:
                 raise RuntimeError(f"{what} before any task finished: run at least one `with opt.task():` block")
-            return float(self._tasks_done)
+            return float(self._meta.tasks_done)
         # Distributed: a rank may have no task of its own this time, but it must still
         # take part in the collective and apply the same update as the others.
-        if self._tasks_done == 0:
+        if self._meta.tasks_done == 0:
             self._capture_anchor()
         for f in self._flats:
-            f.acc_ext[-1].fill_(self._tasks_done)
+            f.acc_ext[-1].fill_(self._meta.tasks_done)
             self._sync.all_reduce_sum_(f.acc_ext)
         # One host read per meta step: every rank sees the same global count, so a
         # meta-batch with no task anywhere fails identically on all ranks.
-        total = float(self._flats[0].acc_ext[-1]) if self._flats else float(self._tasks_done)
+        total = float(self._flats[0].acc_ext[-1]) if self._flats else float(self._meta.tasks_done)
         if total == 0:
             raise RuntimeError(f"{what} before any task finished on any rank")
         return total
@@ -443,12 +463,12 @@ class ReptileOptimizer(Optimizer):
         self._end_meta_batch()
 
     def _end_meta_batch(self) -> None:
-        self._tasks_done = 0
+        self._meta.tasks_done = 0
         if self.reset_inner_state == "meta_step":
             for f in self._flats:
                 f.reset_inner_state()
-        if self._meta_view is not None:
-            self._meta_view._opt_called = True
+        if self._meta.view is not None:
+            self._meta.view._opt_called = True
 
     @property
     def meta_optimizer(self) -> "MetaStepView":
@@ -460,9 +480,9 @@ class ReptileOptimizer(Optimizer):
             ...
             opt.meta_step(); sched.step()
         """
-        if self._meta_view is None:
-            self._meta_view = MetaStepView(self)
-        return self._meta_view
+        if self._meta.view is None:
+            self._meta.view = MetaStepView(self._meta.owner)
+        return self._meta.view
 
     @property
     def state(self) -> "_StateView":
@@ -496,7 +516,7 @@ class ReptileOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, backends={self.backends}, "
-                 f"reset_inner_state={self.reset_inner_state!r}, tasks_in_meta_batch={self._tasks_done})"]
+                 f"reset_inner_state={self.reset_inner_state!r}, tasks_in_meta_batch={self._meta.tasks_done})"]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             lines.extend(f"    {k}: {v}" for k, v in sorted(group.items()) if k not in ("params", "param_names"))
@@ -511,11 +531,11 @@ class ReptileOptimizer(Optimizer):
         inner optimizer state and, while a meta-batch is open, the anchor and the task
         accumulator (``task_sum``).  Not allowed inside ``task()``.
         """
-        if self._in_task:
+        if self._meta.in_task:
             raise RuntimeError("state_dict() inside task(): save between tasks or after meta_step()")
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        if self._tasks_done and self._sync is not None and self._sync.world_size > 1:
+        if self._meta.tasks_done and self._sync is not None and self._sync.world_size > 1:
             raise RuntimeError(
                 "state_dict() in the middle of a distributed meta-batch: the task sums are split over "
                 "the ranks until meta_step(); save after meta_step()"
@@ -529,7 +549,7 @@ class ReptileOptimizer(Optimizer):
             b = f.buffer
             for i, p in enumerate(b.params):
                 entry = {k: v if k == "step" else v.clone() for k, v in f.inner_entry(i, self.inner_optimizer).items()}
-                if self._tasks_done:
+                if self._meta.tasks_done:
                     entry["anchor"] = b.view(f.anchor, i).clone()
                     entry["task_sum"] = b.view(f.acc, i).clone()
                 if entry:
@@ -538,6 +558,10 @@ class ReptileOptimizer(Optimizer):
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = [index[id(p)] for p in group["params"]]
+            # Also in the groups (not only in "reptile"): tools that keep only "state" and
+            # "param_groups" (torch.distributed.checkpoint) then still resume exactly, and
+            # a template without the meta-batch's anchors is refused instead of misread.
+            packed["tasks_in_meta_batch"] = self._meta.tasks_done
             groups.append(packed)
         state_dict = {
             "state": state,
@@ -545,7 +569,7 @@ class ReptileOptimizer(Optimizer):
             "reptile": {
                 "format": _FORMAT_VERSION,
                 "inner_optimizer": self.inner_optimizer,
-                "tasks_in_meta_batch": self._tasks_done,
+                "tasks_in_meta_batch": self._meta.tasks_done,
                 "reset_inner_state": self.reset_inner_state,
             },
         }
@@ -557,20 +581,28 @@ class ReptileOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; every check passes before anything changes."""
-        if self._in_task:
+        if self._meta.in_task:
             raise RuntimeError("load_state_dict() inside task()")
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        meta = state_dict.get("reptile")
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
-            raise ValueError("not a ReptileOptimizer state_dict (missing or unknown 'reptile' section)")
-        if meta["inner_optimizer"] != self.inner_optimizer:
-            raise ValueError(
-                f"state_dict is for inner_optimizer={meta['inner_optimizer']!r}, this optimizer uses {self.inner_optimizer!r}"
-            )
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict (it needs 'state' and 'param_groups')")
         groups = state_dict["param_groups"]
+        meta = state_dict.get("reptile")
+        if meta is not None:
+            if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
+                raise ValueError("not a ReptileOptimizer state_dict (unknown 'reptile' section)")
+            saved_inner = meta["inner_optimizer"]
+        else:
+            # Tools that keep only "state" and "param_groups" (torch.distributed.checkpoint):
+            # the groups name the inner optimizer by its hyperparameters.
+            saved_inner = _inner_optimizer_of(groups)
+        if saved_inner != self.inner_optimizer:
+            raise ValueError(
+                f"state_dict is for inner_optimizer={saved_inner!r}, this optimizer uses {self.inner_optimizer!r}"
+            )
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
         params_by_index: dict[int, Tensor] = {}
@@ -582,12 +614,19 @@ class ReptileOptimizer(Optimizer):
                 )
             for idx, p in zip(g_saved["params"], g_own["params"]):
                 params_by_index[idx] = p
-        tasks = int(meta["tasks_in_meta_batch"])
+        saved_state = state_dict["state"]
+        counts = {int(g["tasks_in_meta_batch"]) for g in groups if "tasks_in_meta_batch" in g}
+        if meta is not None:
+            counts.add(int(meta["tasks_in_meta_batch"]))
+        if len(counts) > 1:
+            raise ValueError(f"state_dict disagrees with itself on the tasks in the meta-batch: {sorted(counts)}")
+        tasks = counts.pop() if counts else 0
+        if not tasks and any("anchor" in e or "task_sum" in e for e in saved_state.values()):
+            raise ValueError("state_dict has a meta-batch's anchor but no count of its tasks ('tasks_in_meta_batch')")
         where: dict[int, tuple[_Flat, int]] = {}
         for f in self._flats:
             for i, p in enumerate(f.buffer.params):
                 where[id(p)] = (f, i)
-        saved_state = state_dict["state"]
         for idx, entry in saved_state.items():
             if idx not in params_by_index:
                 raise ValueError(f"state_dict has state for parameter {idx}, which no param group lists")
@@ -614,7 +653,7 @@ class ReptileOptimizer(Optimizer):
         # All checks passed: apply.
         for g_saved, g_own in zip(groups, self.param_groups):
             for k, v in g_saved.items():
-                if k != "params":
+                if k not in ("params", "tasks_in_meta_batch"):
                     g_own[k] = v
         with torch.no_grad():
             for f in self._flats:
@@ -637,9 +676,21 @@ class ReptileOptimizer(Optimizer):
                         b.view(f.state_buffer(key), i).copy_(value)
                         if key == "momentum_buffer":
                             f.steps[i] = 1
-        self._tasks_done = tasks
+        self._meta.tasks_done = tasks
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _inner_optimizer_of(groups: list[dict]) -> str | None:
+    """The inner optimizer a state_dict's param groups were saved with: Adam's groups hold
+    ``betas``, SGD's ``momentum`` (each holds only its own optimizer's hyperparameters)."""
+    kinds = {"adam" if "betas" in g else "sgd" if "momentum" in g else None for g in groups}
+    if len(kinds) != 1 or None in kinds:
+        raise ValueError(
+            "not a ReptileOptimizer state_dict: no 'reptile' section, and its param groups do not name "
+            "one inner optimizer (Adam's hold 'betas', SGD's 'momentum')"
+        )
+    return kinds.pop()
 
 
 class _MetaLRGroup(MutableMapping):
@@ -708,6 +759,60 @@ class MetaStepView(Optimizer):
 
     def __repr__(self) -> str:
         return f"MetaStepView({self._owner.__class__.__name__})"
+
+
+class MetaLRScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler on ``opt.meta_optimizer`` presented as a scheduler of ``opt`` itself.
+
+    For frameworks that accept only schedulers of the optimizers they were given
+    (PyTorch Lightning's ``configure_optimizers``)::
+
+        sched = MetaLRScheduler(LinearLR(opt.meta_optimizer, 1.0, 0.0, total_iters=n))
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    ``optimizer`` is the ``ReptileOptimizer``; ``step()``, ``get_last_lr()``,
+    ``state_dict()`` and ``load_state_dict()`` are the wrapped scheduler's, so it anneals
+    each group's ``meta_lr`` and never the inner ``lr``.
+    """
+
+    def __init__(self, scheduler):
+        # Deliberately not calling LRScheduler.__init__: it would take a step of its own
+        # and write ``initial_lr`` into the inner optimizer's groups.
+        view = getattr(scheduler, "optimizer", None)
+        if not isinstance(view, MetaStepView):
+            raise TypeError(
+                "MetaLRScheduler wraps a scheduler built on a ReptileOptimizer's meta_optimizer, e.g. "
+                "MetaLRScheduler(LinearLR(opt.meta_optimizer, ...)); got one on "
+                f"{type(view).__name__}"
+            )
+        self.scheduler = scheduler
+        self.optimizer = view._owner
+
+    def step(self, *args, **kwargs) -> None:
+        self.scheduler.step(*args, **kwargs)
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def get_lr(self):
+        return self.scheduler.get_lr()
+
+    @property
+    def last_epoch(self) -> int:
+        return self.scheduler.last_epoch
+
+    @property
+    def base_lrs(self) -> list[float]:
+        return self.scheduler.base_lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"MetaLRScheduler({type(self.scheduler).__name__} on meta_lr)"
 
 
 def _rebuild(cls, groups, config, state_dict):

@@ -145,23 +145,28 @@ def bind(op: OpDef, kernel: Callable[..., None], before_call: Callable[[torch.de
     """The Python function of ``op`` for one backend: reference signature, shared check, ``kernel(*schema_args)``.
 
     ``before_call(device, op_name)`` runs after the check and before the kernel (the
-    Triton backend uses it to refuse devices it cannot run on)."""
-    signature = op.python_signature
+    Triton backend uses it to refuse devices it cannot run on).  The function is written
+    out with the reference's parameters (no ``inspect.Signature.bind`` per call), so
+    ``torch.compile(fullgraph=True)`` traces through it to the registered op."""
+    reference_fn = getattr(reference, op.name)
+    names = list(inspect.signature(reference_fn).parameters)
     check_params = tuple(inspect.signature(op.check).parameters)
     first = op.args[0].name
 
-    @torch.no_grad()
-    def call(*args, **kwargs) -> None:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = bound.arguments
+    def run(values: dict) -> None:
         op.check(*(values[name] for name in check_params))
         device = values[first].device
         if before_call is not None:
             before_call(device, op.name)
         kernel(*_kernel_args(op, values, device))
 
-    call.__name__ = call.__qualname__ = op.name
-    call.__signature__ = signature
+    source = f"def {op.name}({', '.join(names)}):\n    run({{{', '.join(f'{n!r}: {n}' for n in names)}}})\n"
+    namespace: dict = {"run": run}
+    exec(source, namespace)  # noqa: S102 - the source is built from the reference signature only
+    call = namespace[op.name]
+    call.__defaults__ = inspect.unwrap(reference_fn).__defaults__
+    call.__kwdefaults__ = inspect.unwrap(reference_fn).__kwdefaults__
+    call.__signature__ = inspect.signature(reference_fn)
     call.__doc__ = f"``reference.{op.name}`` in one fused pass (same signature, checks and numerics)."
-    return call
+    call.__module__ = __name__
+    return torch.no_grad()(call)

@@ -562,6 +562,11 @@ class ReptileOptimizer(Optimizer):
             # "param_groups" (torch.distributed.checkpoint) then still resume exactly, and
             # a template without the meta-batch's anchors is refused instead of misread.
             packed["tasks_in_meta_batch"] = self._meta.tasks_done
+            # How many of the group's parameters carry inner state, so a loader that got
+            # "state" only partly (dcp.load fills only its template's keys) is refused.
+            packed["inner_state_entries"] = sum(
+                1 for p in group["params"] if any(k in _INNER_KEYS for k in state.get(index[id(p)], ()))
+            )
             groups.append(packed)
         state_dict = {
             "state": state,
@@ -650,10 +655,21 @@ class ReptileOptimizer(Optimizer):
             if missing:
                 raise ValueError(f"state_dict is mid-meta-batch but has no anchor for parameters {missing}")
 
+        for n, g_saved in enumerate(groups):
+            expected = int(g_saved.get("inner_state_entries", 0))
+            present = sum(1 for idx in g_saved["params"] if any(k in _INNER_KEYS for k in saved_state.get(idx, ())))
+            if present < expected:
+                raise ValueError(
+                    f"state_dict param group {n} says {expected} parameter(s) had inner-optimizer state (momentum, "
+                    f"Adam moments) but only {present} came with it. torch.distributed.checkpoint's dcp.load fills "
+                    "only the keys of the template it is given: build the template from an optimizer that has "
+                    "stepped (see the README's section on training frameworks)."
+                )
+
         # All checks passed: apply.
         for g_saved, g_own in zip(groups, self.param_groups):
             for k, v in g_saved.items():
-                if k not in ("params", "tasks_in_meta_batch"):
+                if k not in ("params", "tasks_in_meta_batch", "inner_state_entries"):
                     g_own[k] = v
         with torch.no_grad():
             for f in self._flats:
@@ -679,6 +695,9 @@ class ReptileOptimizer(Optimizer):
         self._meta.tasks_done = tasks
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+_INNER_KEYS = frozenset(("step", *inner.STATE_KEYS["sgd"], *inner.STATE_KEYS["adam"]))
 
 
 def _inner_optimizer_of(groups: list[dict]) -> str | None:

@@ -348,6 +348,10 @@ def test_dcp_save_load_files(tmp_path):
         late, late_opt = fresh(4)
         with pytest.raises(ValueError, match="mid-meta-batch but has no anchor"):
             load(late, late_opt, tmp_path / "open")
+        # A fresh template has no inner-state keys, so dcp.load brings none: refused, not reset silently.
+        late, late_opt = fresh(5)
+        with pytest.raises(ValueError, match="had inner-optimizer state .* only 0 came with it"):
+            load(late, late_opt, tmp_path / "closed")
 
 
 def test_state_dict_without_reptile_section_is_checked_like_one_with_it():

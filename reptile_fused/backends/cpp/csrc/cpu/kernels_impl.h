@@ -144,7 +144,7 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
 // chunk is in cache: on some CPUs (MKL's vector math) torch's float32/float64 sqrt is
 // not correctly rounded, and torch.optim.Adam uses it, so an exact sqrt here would
 // differ from torch in the last bit of about one element in a hundred.
-constexpr int64_t kSqrtChunk = 4096;
+constexpr int64_t kSqrtChunk = 32768;
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,

@@ -208,3 +208,23 @@ def test_inner_step_matches_torch_on_cuda(case, dtype, backend):
     train(torch_model, theirs, "mlp", data, set_to_none=False)
     for a, b in zip(ours_model.parameters(), torch_model.parameters()):
         torch.testing.assert_close(a, b, **CUDA_TOL[dtype])
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="Triton's interpreter is not available")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inner_step_on_the_triton_interpreter_matches_torch(case, dtype):
+    """The Triton kernels (in the interpreter here) follow the same arithmetic; numpy's
+    own fused multiply-adds and sqrt may differ from torch's in the last bits."""
+    cls, oi = case
+    kwargs = dict(oi.kwargs)
+    if cls is torch.optim.Adam:
+        kwargs.setdefault("betas", (0.9, 0.999))
+    ours_model, torch_model = model("mlp", dtype), model("mlp", dtype)
+    ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer=INNER[cls], backend="triton", **kwargs)
+    theirs = cls(torch_model.parameters(), foreach=False, **kwargs)
+    data = inputs("mlp", dtype)
+    train(ours_model, ours, "mlp", data, set_to_none=False)
+    train(torch_model, theirs, "mlp", data, set_to_none=False)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, **CUDA_TOL[dtype])

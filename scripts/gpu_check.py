@@ -259,7 +259,7 @@ class Check:
     def s_bench_ops(self, st: Stage) -> str:
         status = self.bench(st, [[self.py, "benchmarks/bench_ops.py", "--device", "cuda", "--quick", "--out", str(self.work / "bench")]],
                             "bench_ops.log")  # fmt: skip
-        for path in sorted((self.work / "bench").glob("ops_*.csv")):
+        for path in sorted((self.work / "bench").glob("benchmarks.csv")):
             st.headline += roofline_headline(path)
         return status
 
@@ -333,25 +333,36 @@ class Check:
         tmp.replace(self.out / "gpu_check.tgz")
 
 
+def _harness_rows(path: Path, benchmark: str) -> list[dict]:
+    """Rows of one benchmark from a CSV in the harness schema (benchmarks/harness.py)."""
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("benchmark") == benchmark and r.get("median_s")]
+
+
 def roofline_headline(path: Path) -> list[str]:
-    """Per op: the fused kernel's bandwidth as a fraction of the copy roofline, at the largest size."""
-    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    """Per op and fused backend: bandwidth and fraction of the triad roofline measured in
+    the same rounds, at the largest size."""
+    rows = [r for r in _harness_rows(path, "ops") if r["provider"] in ("cpp", "triton") and r.get("roofline_fraction")]
     out = []
-    for op in sorted({r["op"] for r in rows}):
-        fused = [r for r in rows if r["op"] == op and r["impl"].startswith("fused")]
-        if not fused:
-            continue
-        top = max(int(r["numel"]) for r in fused)
-        fr = [float(r["roofline_frac"]) for r in fused if int(r["numel"]) == top]
-        gb = [float(r["GBps"]) for r in fused if int(r["numel"]) == top]
-        out.append(f"{op}: fused {statistics.median(gb):.0f} GB/s = {statistics.median(fr):.2f} of copy at numel {top}")
+    for op, provider in sorted({(r["op"], r["provider"]) for r in rows}):
+        sub = [r for r in rows if r["op"] == op and r["provider"] == provider]
+        top = max(int(float(r["numel"])) for r in sub)
+        at_top = [r for r in sub if int(float(r["numel"])) == top]
+        gb = statistics.median(float(r["gbps"]) for r in at_top)
+        frac = statistics.median(float(r["roofline_fraction"]) for r in at_top)
+        out.append(f"{op} {provider}: {gb:.0f} GB/s = {frac:.2f} of the triad roofline at numel {top}")
     return out
 
 
 def meta_headline(path: Path) -> list[str]:
-    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
-    return [f"{r.get('net')} {r.get('backend')} {r.get('mode')}: {float(r['meta_it_per_s']):.1f} meta-it/s "
-            f"(x{r.get('speedup_vs_seed')} vs seed)" for r in rows if r.get("meta_it_per_s")]  # fmt: skip
+    """Meta-iterations per second per net and mode, with the ratio to the baseline of the same rounds."""
+    out = []
+    for r in _harness_rows(path, "meta_iteration"):
+        if r.get("metric") != "meta_it_per_s" or not r.get("value"):
+            continue
+        ratio = f" (x{float(r['ratio_vs_baseline']):.2f} vs {r['baseline_provider']})" if r.get("ratio_vs_baseline") else ""
+        out.append(f"{r['case']} {r['provider']}: {float(r['value']):.1f} meta-it/s{ratio}")
+    return out
 
 
 def main(argv=None) -> int:

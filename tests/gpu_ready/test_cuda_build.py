@@ -10,9 +10,7 @@ architecture and runs this right after the build.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,17 +22,11 @@ EXPECTED_KERNELS = len(OPS) * 4 * 2
 
 
 def cuobjdump() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "cuobjdump").exists():
-            return str(Path(home) / "bin" / "cuobjdump")
-    if shutil.which("cuobjdump"):
-        return shutil.which("cuobjdump")
-    spec = importlib.util.find_spec("triton")
-    if spec and spec.origin:
-        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        if bundled.exists():
-            return str(bundled)
-    return None
+    """Where cuobjdump is: the wheel check's own search (toolkit, PATH, Triton's bundled one)."""
+    spec = importlib.util.spec_from_file_location("wheel_check", Path(__file__).resolve().parents[2] / "scripts" / "wheel_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuobjdump()
 
 
 def resource_usage(library: str, tool: str) -> dict[str, dict[str, int]]:

@@ -23,8 +23,9 @@ BEGIN = "<!-- BEGIN benchmarks/report.py: generated from benchmarks/results/benc
 END = "<!-- END benchmarks/report.py -->"
 SEED = {"sgd_step_": "torch-forloop", "adam_step_": "torch-forloop", "task_end_": "seed loop",
         "meta_update_": "seed loop", "batched_meta_update_": "reference"}  # fmt: skip
-SHARED = ("The machine was shared with other jobs during the runs (two other engineers' test runs on "
-          "the same 2 cores), so every time is a median of interleaved rounds and every ratio compares "
+SHARED = ("The machine was shared with other jobs during most of these runs (other engineers' test runs on "
+          "the same 2 cores; the 1-thread op tables were rerun later on a quieter machine, so their roofline "
+          "GB/s are higher), so every time is a median of interleaved rounds and every ratio compares "
           "medians from the same rounds.")  # fmt: skip
 
 

@@ -52,10 +52,6 @@ DEFAULTS = {
     "eps": 1e-8,
     "amsgrad": False,
 }
-# torch.optim's implementation switches.  One implementation runs here whatever they
-# say (the backend's fused kernel), with torch's for-loop arithmetic, so they are
-# accepted and do nothing; differentiable=True is refused.
-IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def hyperparameters(inner_optimizer: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +69,9 @@ def hyperparameters(inner_optimizer: str, given: Mapping[str, Any]) -> dict[str,
 
 
 def check_implementation_flags(flags: Mapping[str, Any]) -> None:
-    """``foreach``, ``fused``, ``capturable`` select nothing here; ``differentiable=True`` is refused."""
+    """torch.optim's implementation switches: one implementation runs here whatever they say
+    (the backend's fused kernel, with torch's for-loop arithmetic), so ``foreach``, ``fused``
+    and ``capturable`` are accepted and do nothing; ``differentiable=True`` is refused."""
     if flags.get("differentiable"):
         raise ValueError(
             "differentiable=True is not supported: the inner steps run in fused kernels outside autograd, "

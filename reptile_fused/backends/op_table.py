@@ -149,7 +149,8 @@ def bind(op: OpDef, kernel: Callable[..., None], before_call: Callable[[torch.de
     out with the reference's parameters (no ``inspect.Signature.bind`` per call), so
     ``torch.compile(fullgraph=True)`` traces through it to the registered op."""
     reference_fn = getattr(reference, op.name)
-    names = list(inspect.signature(reference_fn).parameters)
+    signature = op.python_signature
+    names = list(signature.parameters)
     check_params = tuple(inspect.signature(op.check).parameters)
     first = op.args[0].name
 
@@ -166,7 +167,7 @@ def bind(op: OpDef, kernel: Callable[..., None], before_call: Callable[[torch.de
     call = namespace[op.name]
     call.__defaults__ = inspect.unwrap(reference_fn).__defaults__
     call.__kwdefaults__ = inspect.unwrap(reference_fn).__kwdefaults__
-    call.__signature__ = inspect.signature(reference_fn)
+    call.__signature__ = signature
     call.__doc__ = f"``reference.{op.name}`` in one fused pass (same signature, checks and numerics)."
     call.__module__ = __name__
     return torch.no_grad()(call)

@@ -121,8 +121,22 @@ def host_value(x: ScalarLike) -> float | None:
     return scalar_value(x)
 
 
-def check_sgd_step(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, lr: ScalarLike, momentum: float) -> None:
+def check_update(param: Tensor, update: Tensor | None, name: str = "update") -> None:
+    """First-order MAML's update buffer: laid out like ``param``, in its opmath dtype (like
+    the task accumulator), and not one of the buffers the op reads."""
+    if update is None:
+        return
+    check_flat(update, like=param, dtype=opmath_dtype(param.dtype), name=name)
+    if update.data_ptr() == param.data_ptr() and update.numel():
+        raise ValueError(f"{name} must be a buffer of its own, not the parameter buffer")
+
+
+def check_sgd_step(
+    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, lr: ScalarLike, momentum: float,
+    update: Tensor | None = None,
+) -> None:  # fmt: skip
     check_flat(param, grad=grad, momentum_buffer=momentum_buffer)
+    check_update(param, update)
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("sgd_step_: momentum != 0 needs a momentum_buffer")
     check_scalar_tensor(lr, "lr", param.device)
@@ -137,9 +151,11 @@ def check_adam_step(
     step: ScalarLike,
     lr: ScalarLike,
     amsgrad: bool,
+    update: Tensor | None = None,
 ) -> None:
     """Also ``step >= 1`` where the step can be read without a device synchronisation."""
     check_flat(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+    check_update(param, update)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
     check_scalar_tensor(step, "step", param.device)
@@ -149,9 +165,10 @@ def check_adam_step(
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {value}")
 
 
-def check_task_end(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
+def check_task_end(param: Tensor, anchor: Tensor, acc: Tensor, update: Tensor | None = None) -> None:
     check_flat(param, anchor=anchor)
     check_flat(acc, like=param, dtype=opmath_dtype(param.dtype), name="acc")
+    check_update(param, update)
 
 
 def check_meta_update(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike, n: ScalarLike) -> None:
@@ -164,6 +181,20 @@ def check_meta_update(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: Scala
         raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {value}")
 
 
-def check_batched_meta_update(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike) -> None:
+def check_batched_meta_update(
+    theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, updates: Tensor | None = None
+) -> None:
     check_batched(theta, tasks)
     check_scalar_tensor(meta_lr, "meta_lr", theta.device)
+    if updates is not None:
+        _check_one(updates, "updates")
+        if updates.shape != tasks.shape or not updates.is_contiguous():
+            raise ValueError(
+                f"updates must be a contiguous buffer of the tasks' shape {tuple(tasks.shape)}, got {tuple(updates.shape)}"
+            )
+        if updates.device != theta.device:
+            raise ValueError(f"updates is on {updates.device} but theta is on {theta.device}")
+        if updates.dtype != opmath_dtype(theta.dtype):
+            raise TypeError(
+                f"updates must have dtype {opmath_dtype(theta.dtype)} for {theta.dtype} parameters, got {updates.dtype}"
+            )

@@ -54,6 +54,19 @@ def _store(dst: Tensor, value: Tensor) -> None:
         dst.copy_(value)
 
 
+def _snapshot(param: Tensor, update: Tensor | None) -> Tensor | None:
+    """The parameter before a step, in opmath, when the step must record its update."""
+    return None if update is None else _opmath(param).clone()
+
+
+def _record_update(update: Tensor | None, param: Tensor, old: Tensor | None) -> None:
+    """``update <- param - old``: the stored new value (rounded to the parameter's dtype)
+    minus the value before the step, in opmath.  First-order MAML's meta-gradient is the
+    last inner step's update; a fused kernel writes it in the pass that takes the step."""
+    if update is not None:
+        torch.sub(_opmath(param), old, out=update)
+
+
 @torch.no_grad()
 def sgd_step_(
     param: Tensor,
@@ -66,14 +79,17 @@ def sgd_step_(
     nesterov: bool = False,
     maximize: bool = False,
     first_step: bool = False,
+    update: Tensor | None = None,
 ) -> None:
     """One ``torch.optim.SGD`` step over a flat buffer.
 
     ``first_step`` says the momentum buffer holds nothing yet: it is then set to the
     (weight-decayed) gradient, with no dampening, as torch does on a param's first step.
     ``momentum_buffer`` may be ``None`` only when ``momentum == 0``.
+    ``update`` (opmath dtype, optional) receives the step's own update, see :func:`_record_update`.
     """
-    check_sgd_step(param, grad, momentum_buffer, lr, momentum)
+    check_sgd_step(param, grad, momentum_buffer, lr, momentum, update)
+    old = _snapshot(param, update)
     lr = scalar_value(lr)
     p = _opmath(param)
     g = _opmath(grad)
@@ -92,6 +108,7 @@ def sgd_step_(
         g = g.add(buf, alpha=momentum) if nesterov else buf
     p.add_(g, alpha=-lr)
     _store(param, p)
+    _record_update(update, param, old)
 
 
 @torch.no_grad()
@@ -109,17 +126,20 @@ def adam_step_(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    update: Tensor | None = None,
 ) -> None:
     """One ``torch.optim.Adam`` step over a flat buffer.
 
     ``step`` is the step count *after* this step is counted (1 on the first step), as
     torch computes its bias corrections; the caller increments it.
+    ``update`` (opmath dtype, optional) receives the step's own update, see :func:`_record_update`.
     """
-    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad)
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad, update)
     step = scalar_value(step)
     if step < 1:  # a device tensor is not range-checked by the shared check; here it is read anyway
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
     lr = scalar_value(lr)
+    old = _snapshot(param, update)
     p = _opmath(param)
     g = _opmath(grad)
     if maximize:
@@ -146,13 +166,19 @@ def adam_step_(
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, p)
+    _record_update(update, param, old)
 
 
 @torch.no_grad()
-def task_end_(param: Tensor, anchor: Tensor, acc: Tensor) -> None:
-    """Finish a task: ``acc += param`` (the adapted weights), then ``param <- anchor``."""
-    check_task_end(param, anchor, acc)
-    acc.add_(_opmath(param))
+def task_end_(param: Tensor, anchor: Tensor, acc: Tensor, update: Tensor | None = None) -> None:
+    """Finish a task: ``acc += param`` (the adapted weights), then ``param <- anchor``.
+
+    With ``update`` (first-order MAML: the task's last inner update, opmath dtype) the
+    task counts as if it had ended at ``anchor + update``: ``acc += (anchor + update)``,
+    the parenthesised sum rounded first; ``param`` is then not read.
+    """
+    check_task_end(param, anchor, acc, update)
+    acc.add_(_opmath(param) if update is None else _opmath(anchor) + update)
     param.copy_(anchor)
 
 
@@ -174,21 +200,31 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
 
 
 @torch.no_grad()
-def batched_meta_update_(theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True) -> None:
+def batched_meta_update_(
+    theta: Tensor, tasks: Tensor, meta_lr: ScalarLike, write_back: bool = True, updates: Tensor | None = None
+) -> None:
     """``theta <- theta + meta_lr * (mean over the rows of tasks - theta)``.
 
     ``tasks`` is the ``[n, P]`` buffer of adapted task copies.  The mean is summed row by
     row in order (row 0 first) in opmath and divided by ``n`` once, the order every
     kernel follows.  With ``write_back`` the new ``theta`` is also copied into every
     row, ready for the next meta-iteration.
+
+    With ``updates`` (first-order MAML: ``[n, P]``, opmath dtype, each task's last inner
+    update) row i counts as ``theta + updates[i]`` (rounded before it is summed, as
+    :func:`task_end_` does) and ``tasks`` is not read.
     """
-    check_batched_meta_update(theta, tasks, meta_lr)
+    check_batched_meta_update(theta, tasks, meta_lr, updates)
     meta_lr = scalar_value(meta_lr)
     n = tasks.shape[0]
-    total = _opmath(tasks[0]).clone()
-    for row in range(1, n):
-        total.add_(_opmath(tasks[row]))
     t = _opmath(theta)
+    if updates is None:
+        rows = [_opmath(tasks[row]) for row in range(n)]
+    else:
+        rows = [t + updates[row] for row in range(n)]
+    total = rows[0].clone()
+    for row in range(1, n):
+        total.add_(rows[row])
     new = t + meta_lr * (total / n - t)
     theta.copy_(new)
     if write_back:

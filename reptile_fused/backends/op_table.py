@@ -84,7 +84,8 @@ OPS: tuple[OpDef, ...] = (
     OpDef(
         "sgd_step_",
         "Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, float lr, Tensor? lr_tensor, "
-        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step",
+        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
+        "Tensor(c!)? update",
         _validate.check_sgd_step,
         only_if={"momentum_buffer": lambda a: a["momentum"] != 0},
     ),
@@ -92,11 +93,11 @@ OPS: tuple[OpDef, ...] = (
         "adam_step_",
         "Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, "
         "float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
-        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize",
+        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor(e!)? update",
         _validate.check_adam_step,
         only_if={"max_exp_avg_sq": lambda a: bool(a["amsgrad"])},
     ),
-    OpDef("task_end_", "Tensor(a!) param, Tensor anchor, Tensor(b!) acc", _validate.check_task_end),
+    OpDef("task_end_", "Tensor(a!) param, Tensor anchor, Tensor(b!) acc, Tensor? update", _validate.check_task_end),
     OpDef(
         "meta_update_",
         "Tensor(a!) param, Tensor anchor, Tensor(b!) acc, float meta_lr, Tensor? meta_lr_tensor, float n, Tensor? n_tensor",
@@ -104,7 +105,7 @@ OPS: tuple[OpDef, ...] = (
     ),
     OpDef(
         "batched_meta_update_",
-        "Tensor(a!) theta, Tensor(b!) tasks, float meta_lr, Tensor? meta_lr_tensor, bool write_back",
+        "Tensor(a!) theta, Tensor(b!) tasks, float meta_lr, Tensor? meta_lr_tensor, bool write_back, Tensor? updates",
         _validate.check_batched_meta_update,
     ),
 )

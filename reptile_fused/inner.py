@@ -20,11 +20,20 @@ from torch import Tensor
 from ._validate import ScalarLike
 
 __all__ = [
-    "INNER_OPTIMIZERS", "HYPERPARAMETERS", "DEFAULTS", "STATE_KEYS", "check_inner_optimizer", "hyperparameters",
+    "ALGORITHMS", "check_algorithm", "INNER_OPTIMIZERS", "HYPERPARAMETERS", "DEFAULTS", "STATE_KEYS", "check_inner_optimizer", "hyperparameters",
     "check_hyperparameters", "check_implementation_flags", "state_keys", "step_",
 ]  # fmt: skip
 
 INNER_OPTIMIZERS = ("sgd", "adam")
+
+# What a task contributes to the meta step: "reptile" its whole adaptation θ̃ − θ,
+# "fomaml" (first-order MAML) its last inner step's update θ̃ − θ_{k-1}.
+ALGORITHMS = ("reptile", "fomaml")
+
+
+def check_algorithm(name: str) -> None:
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
 
 # Every state buffer an inner optimizer can keep, in state_dict order (torch's names).
 STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
@@ -145,6 +154,7 @@ def step_(
     lr: ScalarLike,
     step: ScalarLike,
     first_step: bool,
+    update: Tensor | None = None,
 ) -> None:
     """One inner optimizer step over a flat buffer, in one backend call.
 
@@ -152,17 +162,19 @@ def step_(
     ``lr`` may differ from ``h["lr"]`` (a device tensor a CUDA graph reads).  SGD uses
     ``first_step`` (its momentum buffer holds nothing yet: torch's first-step rule),
     Adam uses ``step`` (the count after this step, for the bias corrections).
+    ``update`` (opmath dtype) receives the step's own update, new minus old parameter,
+    written in the same pass (first-order MAML's direction is the last one).
     """
     if inner_optimizer == "sgd":
         backend.sgd_step_(
             param, grad, state.get("momentum_buffer"), lr,
             momentum=h["momentum"], dampening=h["dampening"], weight_decay=h["weight_decay"],
-            nesterov=h["nesterov"], maximize=h["maximize"], first_step=first_step,
+            nesterov=h["nesterov"], maximize=h["maximize"], first_step=first_step, update=update,
         )  # fmt: skip
     else:
         beta1, beta2 = h["betas"]
         backend.adam_step_(
             param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), step, lr,
             beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
-            amsgrad=h["amsgrad"], maximize=h["maximize"],
+            amsgrad=h["amsgrad"], maximize=h["maximize"], update=update,
         )  # fmt: skip

@@ -38,6 +38,12 @@ class _Flat:
         # Distributed runs keep the task count in one extra trailing element, so a
         # single all-reduce per buffer carries both the sum of θ̃ and the count.
         self.acc_ext: Tensor | None = None
+        # First-order MAML: each in-task step writes its own update here (opmath dtype,
+        # like acc), so at the task's end it holds the last step's θ̃ − θ_{k-1}.  Per
+        # parameter, whether its slice holds this task's last step (a parameter that
+        # did not step at the last step contributes zero).
+        self.update: Tensor | None = None
+        self.update_fresh = [False] * len(buffer.params)
 
     def ensure_meta_buffers(self, count_slot: bool) -> None:
         if self.anchor is None:
@@ -45,6 +51,19 @@ class _Flat:
             n = self.buffer.numel
             self.acc_ext = torch.zeros(n + int(count_slot), device=self.buffer.device, dtype=opmath_dtype(self.buffer.dtype))
             self.acc = self.acc_ext[:n]
+
+    def update_buffer(self) -> Tensor:
+        if self.update is None:
+            self.update = self.buffer.new_buffer(opmath_dtype(self.buffer.dtype))
+        return self.update
+
+    def last_updates(self) -> Tensor:
+        """The update buffer with every parameter that did not take this task's last step zeroed."""
+        update = self.update_buffer()
+        stale = [None if fresh else True for fresh in self.update_fresh]
+        for _, seg in self.buffer.segments(stale):
+            update[seg.start : seg.end].zero_()
+        return update
 
     def state_buffer(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
         if key not in self.state:
@@ -97,12 +116,20 @@ class ReptileOptimizer(Optimizer):
     meta-weights θ and, on exit, records the adapted weights θ̃ and restores θ;
     ``meta_step()`` then applies θ ← θ + meta_lr · mean(θ̃ᵢ − θ).
 
+    With ``algorithm="fomaml"`` (first-order MAML, as the Reptile authors' ``--foml``)
+    a task contributes its last inner step's update instead of its whole adaptation:
+    θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁), where θᵢ,ₖ₋₁ are task i's weights before its
+    last ``step()``.  With SGD that update is −lr·gᵢ,ₖ (the gradient at θᵢ,ₖ₋₁), so one
+    inner step per task makes the two algorithms the same.
+
     Parameters are packed into one contiguous buffer per param group and dtype
     (``p.data`` and ``p.grad`` become views into it), so each update is one fused
     pass whatever the tensor count.  Memory: θ, the anchor (θ at the start of the
     meta-batch) and one task accumulator, plus the inner optimizer's state
     (one buffer for SGD with momentum, two for Adam, three with amsgrad); it does not
-    grow with the meta-batch size.
+    grow with the meta-batch size.  ``"fomaml"`` keeps one more buffer, the last
+    step's update (float32 for 16-bit parameters), which every in-task ``step()``
+    writes in the same pass that takes the step.
 
     Args:
         params: tensors or param-group dicts, as for every torch optimizer.  All
@@ -113,6 +140,8 @@ class ReptileOptimizer(Optimizer):
         meta_lr: meta step size ε (``1.0`` makes θ the mean of the adapted weights).
         momentum, dampening, nesterov, weight_decay, maximize: as ``torch.optim.SGD``.
         betas, eps, amsgrad: as ``torch.optim.Adam`` (weight_decay and maximize too).
+        algorithm: ``"reptile"`` (default) or ``"fomaml"``: what each task contributes
+            to the meta step (see above).
         reset_inner_state: when to forget the inner optimizer's state: ``"never"``
             (default, the authors' semantics: carried across tasks and meta-steps),
             ``"task"`` (every task starts fresh) or ``"meta_step"``.
@@ -160,6 +189,7 @@ class ReptileOptimizer(Optimizer):
         amsgrad: bool | None = None,
         maximize: bool = False,
         *,
+        algorithm: str = "reptile",
         reset_inner_state: str = "never",
         backend: str = "auto",
         process_group=None,
@@ -172,10 +202,12 @@ class ReptileOptimizer(Optimizer):
     ):
         check_memory_format(memory_format)
         inner.check_inner_optimizer(inner_optimizer)
+        inner.check_algorithm(algorithm)
         inner.check_implementation_flags(dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable))
         if reset_inner_state not in STATE_RESETS:
             raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
         self.inner_optimizer = inner_optimizer
+        self.algorithm = algorithm
         self.reset_inner_state = reset_inner_state
         self.backend = backend
         self.memory_format = memory_format
@@ -212,7 +244,7 @@ class ReptileOptimizer(Optimizer):
     def _layout_description(self) -> list:
         """What must match across ranks for one all-reduce per buffer to add like to like:
         the element order inside each parameter's slice (its strides) included."""
-        return [self.inner_optimizer] + [
+        return [self.inner_optimizer, self.algorithm] + [
             (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides)
             for f in self._flats
         ]
@@ -317,9 +349,10 @@ class ReptileOptimizer(Optimizer):
         for f in self._flats:
             f.buffer.check_layout()
             plans.append((f, *f.buffer.pending_grads()))
+        record = self.algorithm == "fomaml" and self._meta.in_task
         for f, active, foreign in plans:
             f.buffer.adopt_grads(foreign)
-            self._inner_step(f, self.param_groups[f.group_index], active)
+            self._inner_step(f, self.param_groups[f.group_index], active, record)
         return loss
 
     @staticmethod
@@ -343,9 +376,12 @@ class ReptileOptimizer(Optimizer):
         else:
             f.steps = [bump(s) if a else s for s, a in zip(f.steps, active)]
 
-    def _inner_step(self, f: _Flat, group: dict, active: list[bool] | None) -> None:
+    def _inner_step(self, f: _Flat, group: dict, active: list[bool] | None, record: bool = False) -> None:
+        """One step of the parameters that have gradients; with ``record`` each also
+        writes its update into ``f.update`` (first-order MAML's last-step direction)."""
         b = f.buffer
         state = {key: f.state_buffer(key) for key in inner.state_keys(self.inner_optimizer, group)}
+        update = f.update_buffer() if record else None
         # Parameters are grouped by step count: SGD's first-step rule applies to those
         # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
         for steps, seg in b.segments(self._step_keys(f, active)):
@@ -354,7 +390,10 @@ class ReptileOptimizer(Optimizer):
                 f.backend, self.inner_optimizer, group, b.data[part], b.grad[part],
                 {key: buf[part] for key, buf in state.items()},
                 lr=group["lr"], step=steps + 1, first_step=steps == 0,
+                update=None if update is None else update[part],
             )  # fmt: skip
+        if record:
+            f.update_fresh = [True] * len(b.params) if active is None else list(active)
         if self.inner_optimizer == "adam":
             self._count_steps(f, active)
         elif group["momentum"] != 0:
@@ -369,6 +408,9 @@ class ReptileOptimizer(Optimizer):
 
         If the block raises, the task is discarded: θ and the inner optimizer's state
         (momentum, Adam moments and step counts) are restored and nothing is accumulated.
+        With ``algorithm="fomaml"`` the task contributes its last ``step()``'s update
+        (zero for a parameter that had no gradient at that step, and for all of them
+        when the task took no step).
         To make that possible the inner state is copied on entry (one pass over it, and
         one more copy of it in memory while the task runs; nothing with
         ``reset_inner_state="task"``'s empty state).
@@ -383,6 +425,8 @@ class ReptileOptimizer(Optimizer):
             if self.reset_inner_state == "task":
                 for f in self._flats:
                     f.reset_inner_state()
+            for f in self._flats:
+                f.update_fresh = [False] * len(f.buffer.params)
             # What a failed task must not leave behind: the inner state it started from.
             saved = [f.save_inner_state() for f in self._flats]
         self._meta.in_task = True
@@ -399,7 +443,9 @@ class ReptileOptimizer(Optimizer):
             for f in self._flats:
                 f.buffer.check_layout()
             for f in self._flats:
-                f.backend.task_end_(f.buffer.data, f.anchor, f.acc)
+                # First-order MAML: the task counts as if it had ended at anchor + last update.
+                update = f.last_updates() if self.algorithm == "fomaml" else None
+                f.backend.task_end_(f.buffer.data, f.anchor, f.acc, update)
         self._meta.in_task = False
         self._meta.tasks_done += 1
 
@@ -440,7 +486,8 @@ class ReptileOptimizer(Optimizer):
     @torch.no_grad()
     def meta_step(self) -> None:
         """θ ← θ + meta_lr · mean(θ̃ᵢ − θ) over the tasks finished since the last meta step
-        (on every rank's tasks, when distributed)."""
+        (on every rank's tasks, when distributed); with ``algorithm="fomaml"``,
+        θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁)."""
         n = self._close_meta_batch("meta_step()")
         for f in self._flats:
             meta_lr = self.param_groups[f.group_index]["meta_lr"]
@@ -449,7 +496,8 @@ class ReptileOptimizer(Optimizer):
 
     @torch.no_grad()
     def meta_gradient(self) -> None:
-        """Write the Reptile meta-gradient θ − mean(θ̃ᵢ) into ``p.grad`` and end the meta-batch.
+        """Write the Reptile meta-gradient θ − mean(θ̃ᵢ) into ``p.grad`` and end the meta-batch
+        (with ``algorithm="fomaml"``: −mean(θ̃ᵢ − θᵢ,ₖ₋₁), the last steps' updates negated).
 
         θ stays the meta-weights; any torch optimizer over the same parameters can then
         take the outer step (``outer_opt.step()``), as with learn2learn.  ``meta_lr`` is
@@ -508,14 +556,16 @@ class ReptileOptimizer(Optimizer):
                 "a distributed ReptileOptimizer cannot be copied or pickled; save opt.state_dict() instead"
             )
         config = dict(
-            inner_optimizer=self.inner_optimizer, reset_inner_state=self.reset_inner_state, backend=self.backend,
+            inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
+            reset_inner_state=self.reset_inner_state, backend=self.backend,
             memory_format=self.memory_format,
         )  # fmt: skip
         groups = [dict(g) for g in self.param_groups]
         return (_rebuild, (type(self), groups, config, self.state_dict()))
 
     def __repr__(self) -> str:
-        lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, backends={self.backends}, "
+        lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, algorithm={self.algorithm!r}, "
+                 f"backends={self.backends}, "
                  f"reset_inner_state={self.reset_inner_state!r}, tasks_in_meta_batch={self._meta.tasks_done})"]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
@@ -574,6 +624,7 @@ class ReptileOptimizer(Optimizer):
             "reptile": {
                 "format": _FORMAT_VERSION,
                 "inner_optimizer": self.inner_optimizer,
+                "algorithm": self.algorithm,
                 "tasks_in_meta_batch": self._meta.tasks_done,
                 "reset_inner_state": self.reset_inner_state,
             },
@@ -626,6 +677,13 @@ class ReptileOptimizer(Optimizer):
         if len(counts) > 1:
             raise ValueError(f"state_dict disagrees with itself on the tasks in the meta-batch: {sorted(counts)}")
         tasks = counts.pop() if counts else 0
+        saved_algorithm = meta.get("algorithm", "reptile") if meta is not None else None
+        if tasks and saved_algorithm is not None and saved_algorithm != self.algorithm:
+            raise ValueError(
+                f"state_dict was saved mid-meta-batch with algorithm={saved_algorithm!r}; this optimizer uses "
+                f"{self.algorithm!r}, so its finished tasks would count the wrong direction. Save after "
+                "meta_step(), or load it into an optimizer with the same algorithm."
+            )
         if not tasks and any("anchor" in e or "task_sum" in e for e in saved_state.values()):
             raise ValueError("state_dict has a meta-batch's anchor but no count of its tasks ('tasks_in_meta_batch')")
         where: dict[int, tuple[_Flat, int]] = {}

@@ -52,6 +52,8 @@ class _Group:
         # Padding stays zero here forever: only the parameter views are ever written.
         self.grad = torch.zeros(n, P, device=self.device, dtype=self.dtype)
         self.state: dict[str, Tensor] = {}
+        # First-order MAML: each row's last inner update (opmath dtype), created on demand.
+        self.updates: Tensor | None = None
         self.leaves: list[Tensor] = []
         self.grad_views: list[Tensor] = []
         for i in range(len(self.theta.shapes)):
@@ -72,6 +74,11 @@ class _Group:
         # that one, writes to the buffer bump the buffer's.
         return (self.theta.data._version, *(p._version for p in self.theta.params))
 
+    def update_buffer(self) -> Tensor:
+        if self.updates is None:
+            self.updates = torch.zeros(self.tasks.shape, device=self.device, dtype=opmath_dtype(self.dtype))
+        return self.updates
+
     def state_buffer(self, key: str) -> Tensor:
         if key not in self.state:
             self.state[key] = torch.zeros_like(self.tasks)
@@ -88,7 +95,9 @@ class BatchedReptile:
     ``model``'s parameters are θ (packed into a flat buffer; ``model`` keeps working and
     always holds the meta-weights).  Each meta-iteration: ``inner_step(xs, ys)`` k times,
     then ``meta_step()``; or ``meta_iteration(xs, ys, ...)`` for both (the call that
-    ``capture=True`` records as one CUDA graph).
+    ``capture=True`` records as one CUDA graph).  ``algorithm="fomaml"`` makes the meta
+    step first-order MAML's, θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁), exactly as
+    :class:`~reptile_fused.ReptileOptimizer` does.
 
     ``xs`` / ``ys`` hold one batch per task, stacked: ``xs[i]`` is what the model sees
     for task i.  Task i's loss is ``loss_fn(model(xs[i]), ys[i])`` with task i's weights.
@@ -100,6 +109,9 @@ class BatchedReptile:
         inner_optimizer: ``"sgd"`` or ``"adam"``; hyperparameters as in
             :class:`~reptile_fused.ReptileOptimizer` (``lr``, ``momentum``, ``betas``, ...).
         meta_lr: meta step size ε.
+        algorithm: ``"reptile"`` (default) or ``"fomaml"`` (each task contributes its
+            last inner step's update; every inner step writes it in the pass that takes
+            the step, into one more ``[n, P]`` buffer).
         loss_fn: per-task loss, called under ``vmap``: it must be vmap-compatible
             (``F.cross_entropy``, ``F.mse_loss`` are).
         reset_inner_state: ``"task"`` (default): every task of every meta-iteration
@@ -123,7 +135,8 @@ class BatchedReptile:
             layout, ``torch.channels_last`` lays 4-D weights out channels-last.
 
     Memory: θ, and per task row one copy of the parameters, one gradient, and the inner
-    state (SGD with momentum: 1 buffer, Adam: 2, with amsgrad 3): ``O(n·P)``, against
+    state (SGD with momentum: 1 buffer, Adam: 2, with amsgrad 3), plus the last update
+    with ``"fomaml"``: ``O(n·P)``, against
     ``O(P)`` for the sequential ``ReptileOptimizer``; plus the activations of all n
     tasks at once.
     """
@@ -144,6 +157,7 @@ class BatchedReptile:
         amsgrad: bool = False,
         maximize: bool = False,
         *,
+        algorithm: str = "reptile",
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         reset_inner_state: str = "task",
         randomness: str = "different",
@@ -154,6 +168,7 @@ class BatchedReptile:
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
         inner.check_inner_optimizer(inner_optimizer)
+        inner.check_algorithm(algorithm)
         if reset_inner_state not in BATCHED_STATE_RESETS:
             hint = (
                 " (in batched mode the tasks of a meta-batch run side by side, so 'meta_step' and 'task' "
@@ -187,6 +202,7 @@ class BatchedReptile:
         self.model = model
         self.n_tasks = n_tasks
         self.inner_optimizer = inner_optimizer
+        self.algorithm = algorithm
         self.reset_inner_state = reset_inner_state
         self.loss_fn = loss_fn
         self.hyper = hyper
@@ -349,6 +365,7 @@ class BatchedReptile:
         losses = self._gradients(xs, ys)
         h = self.hyper
         adam = self.inner_optimizer == "adam"
+        fomaml = self.algorithm == "fomaml"
         for g in self._groups:
             step = self._adam_step + 1
             if adam and g.step_t is not None:
@@ -358,6 +375,7 @@ class BatchedReptile:
                 g.backend, self.inner_optimizer, h, g.tasks.view(-1), g.grad.view(-1),
                 {key: g.state_buffer(key).view(-1) for key in inner.state_keys(self.inner_optimizer, h)},
                 lr=g.lr_t if g.lr_t is not None else h["lr"], step=step, first_step=self._fresh,
+                update=g.update_buffer().view(-1) if fomaml else None,
             )  # fmt: skip
         self._first_steps_launched.add(self._fresh)
         self._adam_step += 1
@@ -369,14 +387,20 @@ class BatchedReptile:
 
     @torch.no_grad()
     def meta_step(self) -> None:
-        """θ ← θ + meta_lr · mean(θ̃ᵢ − θ); every task row restarts from the new θ."""
+        """θ ← θ + meta_lr · mean(θ̃ᵢ − θ) (``"fomaml"``: mean(θ̃ᵢ − θᵢ,ₖ₋₁)); every task
+        row restarts from the new θ."""
         for g in self._groups:
             g.theta.check_layout()
+        fomaml = self.algorithm == "fomaml"
         if self._steps_pending == 0:
             self._sync_rows()
+            if fomaml:  # no step taken: no last update
+                for g in self._groups:
+                    g.update_buffer().zero_()
         for g in self._groups:
             meta_lr = g.meta_lr_t if g.meta_lr_t is not None else self.hyper["meta_lr"]
-            g.backend.batched_meta_update_(g.theta.data, g.tasks, meta_lr, write_back=True)
+            updates = g.update_buffer() if fomaml else None
+            g.backend.batched_meta_update_(g.theta.data, g.tasks, meta_lr, write_back=True, updates=updates)
             g.theta_version = g.version()
         if self.reset_inner_state == "task":
             self._reset_inner_state()
@@ -465,9 +489,10 @@ class BatchedReptile:
         for first_step in sorted(self._capture_first_steps(xs, inner_steps) - self._first_steps_launched):
             for g in self._groups:
                 state = {key: g.state_buffer(key).clone().view(-1) for key in inner.state_keys("sgd", h)}
+                update = g.update_buffer().clone().view(-1) if self.algorithm == "fomaml" else None
                 inner.step_(
                     g.backend, "sgd", h, g.tasks.clone().view(-1), g.grad.clone().view(-1), state,
-                    lr=g.lr_t if g.lr_t is not None else h["lr"], step=1, first_step=first_step,
+                    lr=g.lr_t if g.lr_t is not None else h["lr"], step=1, first_step=first_step, update=update,
                 )  # fmt: skip
             self._first_steps_launched.add(first_step)
 
@@ -483,5 +508,6 @@ class BatchedReptile:
     def __repr__(self) -> str:
         return (
             f"BatchedReptile(n_tasks={self.n_tasks}, inner_optimizer={self.inner_optimizer!r}, "
+            f"algorithm={self.algorithm!r}, "
             f"lr={self.lr}, meta_lr={self.meta_lr}, backends={self.backends}, capture={self.capture})"
         )

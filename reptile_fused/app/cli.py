@@ -5,7 +5,7 @@ so their commands carry over: ``--classes`` (alias ``--ways``), ``--shots``,
 ``--train-shots``, ``--inner-batch``, ``--inner-iters``, ``--learning-rate`` (alias
 ``--inner-lr``), ``--meta-step``, ``--meta-step-final``, ``--meta-batch``,
 ``--meta-iters``, ``--eval-batch``, ``--eval-iters``, ``--eval-interval``,
-``--eval-samples``, ``--transductive``.
+``--eval-samples``, ``--transductive``, ``--sgd``, ``--foml``, ``--foml-tail``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import DATASETS, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
+from .config import DATASETS, GRADCOMB_NOTE, PAPER_TRANSDUCTIVE, PRESETS, TrainConfig, resolve
 from .. import backends
 from ..backends import BackendUnavailableError
 from ..data import DatasetError
@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --inner-optimizer sgd (the authors' flag)")
     h.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0, as the authors)")
     h.add_argument("--adam-beta2", type=float, default=None, help="Adam beta2 (default 0.999)")
+    h.add_argument("--foml", action="store_true", default=None,
+                   help="first-order MAML instead of Reptile: meta-step along each task's last inner update "
+                        "(the authors' flag: only the final gradient is used)")
+    h.add_argument("--foml-tail", type=int, default=None, metavar="N",
+                   help="with --foml: hold out N examples per class of each training task (sine: N points) as the "
+                        "last inner mini-batch; the other inner-iters - 1 batches come from the rest")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard event files into RUN_DIR "
                         "(needs tensorboard: pip install 'reptile-fused[tensorboard]')")
@@ -204,7 +210,7 @@ _CONFIG_FLAGS = [
     "dataset", "data_root", "classes", "shots", "train_shots", "inner_batch", "inner_iters", "learning_rate",
     "meta_step", "meta_step_final", "meta_batch", "meta_iters", "eval_batch", "eval_iters", "eval_interval",
     "transductive", "inner_optimizer", "adam_beta1", "adam_beta2", "seed", "checkpoint_interval", "split",
-    "split_seed", "image_size", "channels", "model", "train_fraction",
+    "split_seed", "image_size", "channels", "model", "train_fraction", "foml", "foml_tail",
 ]
 
 
@@ -357,6 +363,8 @@ def _train_locked(args, device, run_dir: Path) -> int:
         what = (f"sine waves ({c.effective_train_shots} points per training task, {c.shots}-shot evaluation)"
                 if c.dataset == "sine" else
                 f"{c.dataset} {c.classes}-way {c.shots}-shot (train shots {c.effective_train_shots})")
+        if c.foml:
+            what += ", first-order MAML" + (f" (last batch: a held-out tail of {c.foml_tail})" if c.foml_tail else "")
         print(f"Training {what} for {c.meta_iters:,} iterations on {trainer.device}, "
               f"backend {trainer.opt.backends[0]}; run dir {run_dir}")
     with _StopOnSignal(trainer):
@@ -523,6 +531,7 @@ def cmd_presets(args) -> int:
         print(f"{name:40s} {p.dataset:13s} {paper:>15s}" + (f"   ({p.note})" if p.note else ""))
         if name in PAPER_TRANSDUCTIVE:
             print(f"{'  ... evaluated with --transductive':40s} {'':13s} {PAPER_TRANSDUCTIVE[name]:>14.2f}%")
+    print(GRADCOMB_NOTE)
     return 0
 
 

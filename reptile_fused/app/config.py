@@ -7,6 +7,8 @@ demo's settings for sine waves).
 
 The presets are the commands in the README of openai/supervised-reptile, the code
 behind Nichol et al. (2018); ``paper`` holds the accuracy the paper reports for them.
+The ``gradcomb-*`` presets are that README's "Comparing different inner-loop gradient
+combinations" commands (Reptile against first-order MAML, ``--foml``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class TrainConfig:
     channels: int | None = None  # folder datasets
     model: str | None = None  # folder datasets: omniglot | miniimagenet conv net
     train_fraction: float = 0.8  # folder datasets without train/ and test/
+    # First-order MAML (the authors' --foml): a task contributes its last inner step's
+    # update instead of its whole adaptation.
+    foml: bool = False
+    # --foml-tail N (FOML only): N examples per class of each training task are held out
+    # and form the last inner mini-batch on their own; the first inner_iters - 1
+    # mini-batches are drawn from the rest.  Sine tasks count as one class (N points).
+    foml_tail: int | None = None
 
     @property
     def effective_train_shots(self) -> int:
@@ -87,6 +96,26 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate < 0 or self.meta_step < 0 or self.final_meta_step < 0:
             raise ValueError("learning rates and meta step sizes must be >= 0")
+        self._validate_foml()
+
+    def _validate_foml(self) -> None:
+        if self.foml and self.inner_iters < 1:
+            raise ValueError("--foml needs --inner-iters >= 1: it meta-steps along the last inner step's update")
+        n = self.foml_tail
+        if n is None:
+            return
+        if not self.foml:
+            raise ValueError("--foml-tail only applies with --foml (the authors' code reads it only for first-order MAML)")
+        if n < 1:
+            raise ValueError(f"--foml-tail must be >= 1, got {n}")
+        shots = self.effective_train_shots
+        what = "points" if self.dataset == "sine" else "examples per class"
+        if self.inner_iters > 1 and n >= shots:
+            raise ValueError(f"--foml-tail {n} holds out {n} of the task's {shots} {what} (--train-shots) for the "
+                             f"last inner mini-batch, leaving none for the other {self.inner_iters - 1}: "
+                             f"need --foml-tail < {shots}")
+        if n > shots:
+            raise ValueError(f"--foml-tail {n} is more than the task's {shots} {what} (--train-shots)")
 
 
 # The authors' args.py defaults for image datasets are the TrainConfig defaults.
@@ -150,6 +179,53 @@ PRESETS = {p.name: p for p in [
        learning_rate=0.001, meta_step_final=0.0, train_shots=15, transductive=True),
     _p("sine", "sine", None, "the demo's setting", **SINE_DEFAULTS),
 ]}
+
+# The authors' README, "Comparing different inner-loop gradient combinations" (Omniglot,
+# SGD inner loop): ``shared`` flags, then per command the inner iterations, train shots
+# (inner_batch x inner_iters: each inner step sees its own 25 examples), meta step and
+# whether it is first-order MAML.  With SGD, Reptile over k steps moves along
+# g1 + ... + gk (the k mini-batch gradients), FOMAML along gk alone; a meta step divided
+# by k averages them.
+GRADCOMB_LEARNING_RATE_AUTHORS = 0.0003
+GRADCOMB_SHARED = dict(
+    inner_optimizer="sgd", seed=0, inner_batch=25,
+    # Their 0.0003 is for a loss summed over the 25-example batch; this project's loss is
+    # the batch mean, so the same SGD steps take 25 x 0.0003.
+    learning_rate=0.0075,
+    meta_step_final=0.0, meta_iters=40_000, eval_batch=25, eval_iters=5, eval_interval=1,
+)
+GRADCOMB = {
+    # name: (authors' --checkpoint name, inner_iters, train_shots, meta_step, foml)
+    "g1": ("g1", 1, 5, 0.25, False),
+    "g1-g2": ("g1_g2", 2, 10, 0.25, False),
+    "half-g1-g2": ("half_g1_g2", 2, 10, 0.125, False),
+    "g2": ("g2", 2, 10, 0.25, True),
+    "g1-g2-g3": ("g1_g2_g3", 3, 15, 0.25, False),
+    "third-g1-g2-g3": ("third_g1_g2_g3", 3, 15, 0.08325, False),
+    "g3": ("g3", 3, 15, 0.25, True),
+    "g4": ("g4", 4, 20, 0.25, True),
+    "g1-g2-g3-g4": ("g1_g2_g3_g4", 4, 20, 0.25, False),
+    "fourth-g1-g2-g3-g4": ("fourth_g1_g2_g3_g4", 4, 20, 0.0625, False),
+}
+GRADCOMB_NOTE = ("gradcomb-*: the paper plots accuracy curves for these, no table number; "
+                 "--learning-rate 0.0075 is the authors' 0.0003 for their summed loss x 25")
+
+
+def gradcomb_label(name: str) -> str:
+    """What a gradcomb preset meta-steps along, in the paper's terms: "g1+g2", "(g1+g2)/2", "g2"."""
+    _, k, _, step, foml = GRADCOMB[name]
+    if foml:
+        return f"g{k}"
+    total = "+".join(f"g{i}" for i in range(1, k + 1))
+    return total if step == 0.25 else f"({total})/{k}"
+
+
+for _name, (_ckpt, _k, _shots, _step, _foml) in GRADCOMB.items():
+    PRESETS[f"gradcomb-{_name}"] = _p(
+        f"gradcomb-{_name}", "omniglot", None,
+        f"{gradcomb_label(_name)}: {'FOMAML' if _foml else 'Reptile'}, {_k} inner step{'s' * (_k > 1)}, "
+        f"meta step {_step:g}",
+        **GRADCOMB_SHARED, inner_iters=_k, train_shots=_shots, meta_step=_step, **({"foml": True} if _foml else {}))
 
 # Transductive numbers the paper reports for presets whose README command is not
 # transductive: the same training, evaluated with --transductive.

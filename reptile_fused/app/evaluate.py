@@ -31,14 +31,17 @@ Z95 = 1.959963984540054
 
 
 def adapt(model: nn.Module, opt: ReptileOptimizer, loss_fn: Callable, x: Tensor, y: Tensor,
-          batch: int, iters: int, generator: torch.Generator | None, order: Tensor | None = None) -> Tensor | None:
+          batch: int, iters: int, generator: torch.Generator | None,
+          order: Tensor | list[Tensor] | None = None) -> Tensor | None:
     """``iters`` inner steps on mini-batches of ``(x, y)``; returns the summed loss (device tensor).
 
-    The mini-batches are drawn from ``generator``, unless ``order`` gives them (drawn before).
+    The mini-batches are drawn from ``generator``, unless ``order`` gives them (drawn
+    before): a ``[steps, batch]`` tensor, or a list of index tensors when the batches
+    differ in size (``--foml-tail``'s last one).
     """
     if order is None:
         order = inner_batches(x.shape[0], batch, iters, generator)
-    order = order.to(x.device)
+    order = [idx.to(x.device) for idx in order] if isinstance(order, (list, tuple)) else order.to(x.device)
     total = None
     for idx in order:
         opt.zero_grad()

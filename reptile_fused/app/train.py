@@ -3,7 +3,9 @@
 One iteration is the authors' train step: ``meta_batch`` tasks of
 ``classes x train_shots`` examples, each adapted for ``inner_iters`` mini-batches of
 ``inner_batch``, then one meta step whose size is annealed linearly from
-``meta_step`` to ``meta_step_final``.  Every ``eval_interval`` iterations one task
+``meta_step`` to ``meta_step_final``.  With ``foml`` (first-order MAML, their
+``--foml``) the meta step follows each task's last inner update instead of its whole
+adaptation, and ``foml_tail`` draws the last mini-batch apart (:func:`task_batches`).  Every ``eval_interval`` iterations one task
 per evaluation split is scored with the evaluation protocol and a row is appended to
 ``RUN_DIR/metrics.csv``.
 
@@ -26,9 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
+from ..data import inner_batches
 from ..distributed import rank_and_world, shard
 from .evaluate import EvalBatching, Restorer, adapt, draw_task
 from ..models import build_model
@@ -58,7 +62,51 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "
         betas=(config.adam_beta1, config.adam_beta2) if config.inner_optimizer == "adam" else None,
         backend=backend,
         memory_format=memory_format,
+        algorithm="fomaml" if config.foml else "reptile",
     )
+
+
+def tail_split(y: Tensor, tail: int, classification: bool) -> tuple[Tensor, Tensor]:
+    """The authors' ``--foml-tail`` split of a training task with labels ``y``: indices
+    ``(rest, tail)``.  ``tail`` takes ``tail`` examples per class, the first ones of each
+    class in the task's order, in their order (round by round: the first of every class,
+    then the second, ...).  ``rest`` is everything else, in order.  Regression tasks
+    (sine waves) count as one class: the tail is the first ``tail`` points.
+    """
+    n = y.shape[0]
+    if not classification:
+        if tail > n:
+            raise ValueError(f"--foml-tail {tail}: the task has only {n} points")
+        return torch.arange(tail, n), torch.arange(tail)
+    y = y.detach().cpu()
+    per_class = [torch.nonzero(y == label).flatten() for label in torch.unique(y)]  # sorted labels
+    short = [len(idx) for idx in per_class if len(idx) < tail]
+    if short:
+        raise ValueError(f"--foml-tail {tail}: a class of the task has only {short[0]} examples")
+    tail_idx = torch.stack([idx[:tail] for idx in per_class], dim=1).flatten()  # round-major
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[tail_idx] = False
+    return torch.nonzero(keep).flatten(), tail_idx
+
+
+def task_batches(y: Tensor, config: TrainConfig, classification: bool,
+                 generator: torch.Generator) -> Tensor | list[Tensor]:
+    """A training task's inner mini-batches (indices into it), as the authors draw them.
+
+    Reptile and FOMAML without ``--foml-tail``: ``inner_iters`` batches of
+    ``inner_batch`` drawn from the whole task (``data.inner_batches``).  With
+    ``--foml-tail N``: ``inner_iters - 1`` such batches drawn from the task minus its
+    tail, then the tail (N per class) alone as the last batch, so the last step's
+    examples are never seen before it.
+    """
+    c = config
+    if c.foml_tail is None:
+        return inner_batches(y.shape[0], c.inner_batch, c.inner_iters, generator)
+    rest, tail = tail_split(y, c.foml_tail, classification)
+    if c.inner_iters == 1:
+        return [tail]
+    earlier = rest[inner_batches(rest.shape[0], c.inner_batch, c.inner_iters - 1, generator)]
+    return [*earlier, tail]
 
 
 def init_model(spec: dict, seed: int, device) -> torch.nn.Module:
@@ -248,9 +296,13 @@ class Trainer:
         seeds = torch.randint(0, 2**62, (c.meta_batch,), generator=self.train_gen).tolist()
         for t in shard(range(c.meta_batch), self.rank, self.world_size):
             x, y = tasks[t]
+            generator = torch.Generator().manual_seed(seeds[t])
+            # Without --foml-tail adapt() draws the batches itself (the same draws).
+            order = (task_batches(y, c, self.problem.kind == "classification", generator)
+                     if c.foml_tail is not None else None)
             with self.opt.task():
                 loss = adapt(self.model, self.opt, self.problem.loss, x, y, c.inner_batch, c.inner_iters,
-                             torch.Generator().manual_seed(seeds[t]))
+                             generator, order)
             if loss is not None:
                 total = loss if total is None else total + loss
                 steps += c.inner_iters

@@ -6,6 +6,7 @@ STREAM triad, timed in the same rounds, as the roofline.
     python benchmarks/bench_ops.py --device cuda        # GPU sweep (adds P = 6.4e7)
     python benchmarks/bench_ops.py --quick              # fewer repeats and sizes
     python benchmarks/bench_ops.py --ops task_end_ meta_update_ --dtypes bfloat16
+    python benchmarks/bench_ops.py --fomaml             # first-order MAML's update buffer: its price
 
 Providers: ``reference``, ``cpp``, ``triton`` (the backends, on one flat buffer);
 ``torch-fused`` / ``torch-foreach`` / ``torch-forloop`` (``torch.optim`` over the
@@ -97,27 +98,55 @@ def _optimizers(cls, params, **kw):
     return out
 
 
-def case_sgd(backends, device, P, count, dtype, momentum=True):
+NO_UPDATE = report.FOMAML_SUFFIX
+
+
+def _with_and_without_update(backends, call, P, device, dtype):
+    """First-order MAML's price: each backend writing its update (``call(be, u)``), and
+    the same backend without it (provider ``"<name>, no update"``), in the same rounds."""
+    u = torch.zeros(P, device=device, dtype=h.opmath(dtype))
+    v = {}
+    for name, be in backends.items():
+        v[name] = lambda be=be: call(be, u)
+        v[name + NO_UPDATE] = lambda be=be: call(be, None)
+    baseline = ("cpp" if "cpp" in backends else next(iter(backends), "reference")) + NO_UPDATE
+    return v, baseline, dict(update=True)
+
+
+def case_sgd(backends, device, P, count, dtype, momentum=True, update=False):
     flat, grad, params = _model(P, count, device, dtype)
     buf = torch.zeros_like(flat)
+    if update:
+        v, baseline, kw = _with_and_without_update(
+            backends, lambda be, u: be.sgd_step_(flat, grad, buf, 1e-3, momentum=0.9, update=u), P, device, dtype
+        )
+        return v, baseline, dict(momentum=True, **kw)
     v = {name: (lambda be=be: be.sgd_step_(flat, grad, buf, 1e-3, momentum=0.9)) for name, be in backends.items()}
     v.update(_optimizers(torch.optim.SGD, params, lr=1e-3, momentum=0.9))
     return v, "torch-fused", dict(momentum=True)
 
 
-def case_adam(backends, device, P, count, dtype, amsgrad):
+def case_adam(backends, device, P, count, dtype, amsgrad, update=False):
     flat, grad, params = _model(P, count, device, dtype)
     m, s = torch.zeros_like(flat), torch.zeros_like(flat)
     vmax = torch.zeros_like(flat) if amsgrad else None
+    if update:
+        v, baseline, kw = _with_and_without_update(
+            backends, lambda be, u: be.adam_step_(flat, grad, m, s, vmax, 10, 1e-3, amsgrad=amsgrad, update=u),
+            P, device, dtype,
+        )  # fmt: skip
+        return v, baseline, dict(amsgrad=amsgrad, **kw)
     v = {name: (lambda be=be: be.adam_step_(flat, grad, m, s, vmax, 10, 1e-3, amsgrad=amsgrad))
          for name, be in backends.items()}  # fmt: skip
     v.update(_optimizers(torch.optim.Adam, params, lr=1e-3, amsgrad=amsgrad))
     return v, "torch-fused", dict(amsgrad=amsgrad)
 
 
-def case_task_end(backends, device, P, count, dtype):
+def case_task_end(backends, device, P, count, dtype, update=False):
     flat, _, params = _model(P, count, device, dtype)
     anchor, acc = _rand(P, device, dtype), torch.zeros(P, device=device, dtype=h.opmath(dtype))
+    if update:
+        return _with_and_without_update(backends, lambda be, u: be.task_end_(flat, anchor, acc, u), P, device, dtype)
     anchors, accs = _views(anchor, flat, params), _views(acc, flat, params)
     v = {name: (lambda be=be: be.task_end_(flat, anchor, acc)) for name, be in backends.items()}
 
@@ -162,9 +191,23 @@ def case_meta_update(backends, device, P, count, dtype):
     return v, "torch-foreach", {}
 
 
-def cases(op, sizes, counts, quick):
+FOMAML_CASES = {
+    "sgd_step_": ("momentum=0.9, fomaml update", {}),
+    "adam_step_": ("amsgrad=False, fomaml update", dict(amsgrad=False)),
+    "task_end_": ("fomaml update", {}),
+}
+
+
+def cases(op, sizes, counts, quick, fomaml=False):
     """(case text, builder kwargs, numel, tensors) for each case of ``op``; ``counts``:
-    tensor counts for sgd_step_ and for the others."""
+    tensor counts for sgd_step_ and for the others.  ``fomaml``: instead, the ops that
+    first-order MAML changes, with and without their update buffer, on one tensor."""
+    if fomaml:
+        if op in FOMAML_CASES:
+            text, kw = FOMAML_CASES[op]
+            for P in sizes["model"]:
+                yield text, dict(kw, update=True), P, 1
+        return
     if op == "batched_meta_update_":
         for wb in (False, True):
             for P in sizes["big"]:
@@ -210,7 +253,9 @@ def run_case(timer, device, op, case, kwargs, P, count, dtype, backends, provide
     foot = h.footprint_bytes(op, P, dtype, **{k: v for k, v in byte_kw.items() if k != "write_back"})
     stats, bw = h.timed_with_roofline(timer, runnable, foot, device)
     for name, s in stats.items():
-        rows.append(h.make_row(**common, provider=name, **s, bytes=nbytes, roofline_gbps=bw[h.TRIAD]))
+        # The same backend timed without first-order MAML's update buffer moves fewer bytes.
+        own = h.bytes_moved(op, P, dtype, **dict(byte_kw, update=False)) if name.endswith(NO_UPDATE) else nbytes
+        rows.append(h.make_row(**common, provider=name, **s, bytes=own, roofline_gbps=bw[h.TRIAD]))
     for name in bw:
         # The case's dtype goes into the case text: the STREAM buffers are float32 whatever the op's dtype.
         rows.append(h.make_row(benchmark="roofline", op=name, case=roofline_case(op, case, dtype), provider="torch",
@@ -268,7 +313,7 @@ def available(device: str, names=BACKENDS) -> tuple[dict, dict]:
 
 
 def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), sizes=None, counts=None,
-        providers=None, min_batch_s=None, log=print, baseline=None) -> list[dict]:  # fmt: skip
+        providers=None, min_batch_s=None, log=print, baseline=None, fomaml=False) -> list[dict]:  # fmt: skip
     """Every case of ``ops`` (the sweep of ``main``); returns the rows."""
     rounds = rounds or (3 if quick else (9 if device == "cpu" else 15))
     timer = h.Timer(device, rounds, min_batch_s or (0.02 if device == "cpu" else 0.005))
@@ -289,7 +334,7 @@ def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), si
             rows.append(h.make_row(benchmark="ops", op=op, provider=name, device=device,
                                    note=f"{h.NOT_MEASURED}: {why}"))  # fmt: skip
         for dname in dtypes:
-            for case, kw, P, count in cases(op, {"big": big, "model": model, "reptile": reptile}, counts, quick):
+            for case, kw, P, count in cases(op, {"big": big, "model": model, "reptile": reptile}, counts, quick, fomaml):
                 started = time.perf_counter()
                 new = run_case(timer, device, op, case, kw, P, count, DTYPES[dname], backends, providers, baseline)
                 rows += new
@@ -319,6 +364,9 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", type=int, nargs="+", default=None, help="parameter tensor counts (default: 1 20 200 for sgd_step_, 1 200 for the others)")
     ap.add_argument("--providers", nargs="+", default=None, help="only these providers (default: all)")
     ap.add_argument("--min-batch-s", type=float, default=None, help="seconds per timed batch of calls")
+    ap.add_argument("--fomaml", action="store_true",
+                    help="instead of the sweep: what first-order MAML's update buffer costs each backend "
+                         "(sgd_step_, adam_step_, task_end_ with and without it, in the same rounds)")
     ap.add_argument("--baseline", default=None, help="provider every ratio compares against (default: per case, "
                     "the strongest PyTorch equivalent)")
     args = ap.parse_args(argv)
@@ -332,14 +380,15 @@ def main(argv=None) -> int:
     env = h.environment(args.device)
     print(f"bench_ops on {env['machine']} ({args.device}), {torch.get_num_threads()} thread(s)", flush=True)
     rows = run(args.device, args.quick, args.rounds, args.ops, args.dtypes, args.sizes, args.counts,
-               args.providers, args.min_batch_s, log=lambda s: print(s, flush=True), baseline=args.baseline)  # fmt: skip
+               args.providers, args.min_batch_s, log=lambda s: print(s, flush=True), baseline=args.baseline,
+               fomaml=args.fomaml)  # fmt: skip
     env["wall_seconds"] = round(time.perf_counter() - started, 1)
     env["load_average_at_end"] = h.environment()["load_average"]
     tag = args.tag or (h.machine_tag(args.device) if args.device == "cuda"
                        else f"{h.machine_tag()}-{torch.get_num_threads()}thread")  # fmt: skip
     csv_path = h.write_csv(args.out / "benchmarks.csv", rows)
-    stem = args.out / f"ops_{tag}"
-    text = report.ops_markdown(rows, env)
+    stem = args.out / (f"ops_fomaml_{tag}" if args.fomaml else f"ops_{tag}")
+    text = report.fomaml_markdown(rows, env) if args.fomaml else report.ops_markdown(rows, env)
     stem.with_suffix(".md").write_text(text)
     plot.plot_ops(rows, stem.with_suffix(".png"), f"reptile_fused ops on {env['machine']}, "
                   f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip

@@ -199,7 +199,7 @@ def _sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def bytes_moved(op: str, numel: int, dtype: torch.dtype = torch.float32, *, momentum: bool = True,
-                amsgrad: bool = False, n: int = 5, write_back: bool = True) -> int:  # fmt: skip
+                amsgrad: bool = False, n: int = 5, write_back: bool = True, update: bool = False) -> int:  # fmt: skip
     """Bytes one call must read plus write (an ideal kernel: each word once).
 
     sgd_step_            read param, grad (+ buf); write param (+ buf)            5e (3e without momentum)
@@ -209,12 +209,15 @@ def bytes_moved(op: str, numel: int, dtype: torch.dtype = torch.float32, *, mome
     batched_meta_update_ read theta and n rows; write theta (+ n rows on write-back)  (n+2)e, (2n+2)e
 
     e: the parameter dtype's size, o: the accumulator's (float32 for 16-bit params).
+    ``update`` (first-order MAML): the steps also write their update (+o); task_end_
+    reads the update instead of the parameter (2e + 3o).
     """
     e, o = _sizes(dtype)
+    u = o if update else 0
     per = {
-        "sgd_step_": (5 if momentum else 3) * e,
-        "adam_step_": (9 if amsgrad else 7) * e,
-        "task_end_": 3 * e + 2 * o,
+        "sgd_step_": (5 if momentum else 3) * e + u,
+        "adam_step_": (9 if amsgrad else 7) * e + u,
+        "task_end_": 2 * e + 3 * o if update else 3 * e + 2 * o,
         "meta_update_": 2 * e + 2 * o,
         "batched_meta_update_": ((2 * n + 2) if write_back else (n + 2)) * e,
     }[op]
@@ -222,13 +225,14 @@ def bytes_moved(op: str, numel: int, dtype: torch.dtype = torch.float32, *, mome
 
 
 def footprint_bytes(op: str, numel: int, dtype: torch.dtype = torch.float32, *, momentum: bool = True,
-                    amsgrad: bool = False, n: int = 5) -> int:  # fmt: skip
+                    amsgrad: bool = False, n: int = 5, update: bool = False) -> int:  # fmt: skip
     """Distinct bytes one call touches (sizes the roofline's buffers)."""
     e, o = _sizes(dtype)
+    u = o if update else 0
     per = {
-        "sgd_step_": (3 if momentum else 2) * e,
-        "adam_step_": (5 if amsgrad else 4) * e,
-        "task_end_": 2 * e + o,
+        "sgd_step_": (3 if momentum else 2) * e + u,
+        "adam_step_": (5 if amsgrad else 4) * e + u,
+        "task_end_": 2 * e + o + u,
         "meta_update_": 2 * e + o,
         "batched_meta_update_": (n + 1) * e,
     }[op]

@@ -193,6 +193,44 @@ def ops_markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
+FOMAML_SUFFIX = ", no update"  # bench_ops: the provider timed without first-order MAML's update buffer
+
+
+def fomaml_table(rows, device="cpu") -> list[str]:
+    """First-order MAML's update buffer: each backend's op with it against the same op
+    without it, from the same rounds (``bench_ops.py --fomaml``)."""
+    lines = []
+    for r in rows:
+        if r["benchmark"] != "ops" or r["device"] != device or "fomaml" not in str(r["case"]):
+            continue
+        if str(r["provider"]).endswith(FOMAML_SUFFIX) or r.get("median_s") in ("", None):
+            continue
+        base = _find(rows, benchmark="ops", device=device, op=r["op"], case=r["case"], dtype=r["dtype"],
+                     numel=r["numel"], provider=f"{r['provider']}{FOMAML_SUFFIX}")  # fmt: skip
+        if base is None or base.get("median_s") in ("", None):
+            continue
+        with_u, without = float(r["median_s"]), float(base["median_s"])
+        lines.append([
+            r["op"], r["provider"], r["dtype"], _p(int(r["numel"])), f"{without * 1e3:.3f}", f"{with_u * 1e3:.3f}",
+            f"{with_u / without:.2f}×", f"{int(r['bytes']) / int(base['bytes']):.2f}×",
+            _pct(base.get("roofline_fraction")), _pct(r.get("roofline_fraction")),
+        ])  # fmt: skip
+    header = ["op", "backend", "dtype", "P", "ms without update", "ms with update", "time ×", "bytes ×",
+              "roofline without", "roofline with"]  # fmt: skip
+    return _table(header, lines) if lines else ["not measured"]
+
+
+def fomaml_markdown(rows, env) -> str:
+    """The .md written beside one ``bench_ops.py --fomaml`` run."""
+    dev = next((r["device"] for r in rows if r["benchmark"] == "ops"), "cpu")
+    lines = [f"# First-order MAML's update buffer: {env['machine']} ({env['date']})", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", SHARED, "", "## Each op with and without writing/reading the update, same rounds", ""]
+    lines += fomaml_table(rows, dev)
+    lines += ["", "STREAM GB/s in the same rounds (median over cases): " + roofline_line(rows, dev)]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------- other benchmarks
 
 

@@ -98,7 +98,8 @@ def reptile_train(
     first task's support set — the meta-weights alone classify permuted labels at
     chance — and passed to ``log`` (default: printed).  ``device`` defaults to CUDA
     when it is available, else the CPU.  Extra keyword arguments go to
-    :class:`ReptileOptimizer` (``momentum``, ``betas``, ``memory_format``, ...).  Returns ``model``.
+    :class:`ReptileOptimizer` (``momentum``, ``betas``, ``memory_format``,
+    ``algorithm="fomaml"`` for first-order MAML, ...).  Returns ``model``.
 
     ``batched`` chooses how the tasks of a meta-batch adapt: ``False``: one after
     another (:class:`ReptileOptimizer`); ``True``: all at once

@@ -44,6 +44,10 @@ def test_bytes_are_what_each_op_reads_plus_writes(mods):
     # 16-bit params keep a float32 accumulator.
     assert h.bytes_moved("task_end_", P, torch.bfloat16) == (3 * 2 + 2 * 4) * P
     assert h.bytes_moved("meta_update_", P, torch.bfloat16) == (2 * 2 + 2 * 4) * P
+    # First-order MAML: the steps also write their update (opmath), task_end_ reads it instead of the param.
+    assert h.bytes_moved("sgd_step_", P, torch.bfloat16, update=True) == (5 * 2 + 4) * P
+    assert h.bytes_moved("adam_step_", P, update=True) == 8 * 4 * P
+    assert h.bytes_moved("task_end_", P, torch.bfloat16, update=True) == (2 * 2 + 3 * 4) * P
 
 
 def test_timer_interleaves_and_rotates(mods):

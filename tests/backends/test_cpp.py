@@ -78,33 +78,41 @@ def opcheck_samples(device: str):
         def r(d=dtype):
             return torch.randn(n, generator=gen).to(d).to(device)
 
+        def rows(k, d=dtype):
+            return torch.randn(k, n, generator=gen).to(d).to(device)
+
         lr_t = torch.tensor(0.05, device=device)
+        om = opmath(dtype)
         out += [
-            ("sgd_step_", (r(), r(), r(), 0.1, None, 0.9, 0.0, 0.0, False, False, False)),
-            ("sgd_step_", (r(), r(), r(), 0.0, lr_t, 0.9, 0.1, 0.01, True, True, False)),
-            ("sgd_step_", (r(), r(), None, 0.1, None, 0.0, 0.0, 0.0, False, False, False)),
-            ("adam_step_", (r(), r(), r(), r().abs(), None, 2.0, None, 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False)),
+            ("sgd_step_", (r(), r(), r(), 0.1, None, 0.9, 0.0, 0.0, False, False, False, None)),
+            ("sgd_step_", (r(), r(), r(), 0.0, lr_t, 0.9, 0.1, 0.01, True, True, False, r(om))),
+            ("sgd_step_", (r(), r(), None, 0.1, None, 0.0, 0.0, 0.0, False, False, False, None)),
+            ("adam_step_", (r(), r(), r(), r().abs(), None, 2.0, None, 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, None)),
             (
                 "adam_step_",
                 (r(), r(), r(), r().abs(), r().abs(), 0.0, torch.tensor(3.0, device=device), 0.0, lr_t,
-                 0.9, 0.99, 1e-8, 0.01, True, True),
+                 0.9, 0.99, 1e-8, 0.01, True, True, r(om)),
             ),
-            ("task_end_", (r(), r(), r(opmath(dtype)))),
-            ("meta_update_", (r(), r(), r(opmath(dtype)), 0.5, None, 4.0, None)),
+            ("task_end_", (r(), r(), r(om), None)),
+            ("task_end_", (r(), r(), r(om), r(om))),
+            ("meta_update_", (r(), r(), r(om), 0.5, None, 4.0, None)),
             (
                 "meta_update_",
-                (r(), r(), r(opmath(dtype)), 0.0, lr_t, 0.0, torch.tensor(2.0, device=device)),
+                (r(), r(), r(om), 0.0, lr_t, 0.0, torch.tensor(2.0, device=device)),
             ),
-            ("batched_meta_update_", (r(), torch.randn(3, n, generator=gen).to(dtype).to(device), 0.5, None, True)),
-            ("batched_meta_update_", (r(), torch.randn(2, n, generator=gen).to(dtype).to(device), 0.0, lr_t, False)),
+            ("batched_meta_update_", (r(), rows(3), 0.5, None, True, None)),
+            ("batched_meta_update_", (r(), rows(2), 0.0, lr_t, False, None)),
+            ("batched_meta_update_", (r(), rows(2), 0.5, None, True, rows(2, om))),
         ]
+    # 16-bit: one sample per op, and one more where the last optional tensor (the update) is given.
     seen: set[tuple[str, bool]] = set()
     keep = []
     for i, (name, args) in enumerate(out):
-        is_16bit = i >= len(out) // 2
-        if not is_16bit or (name, is_16bit) not in seen:
+        key = (name, isinstance(args[-1], torch.Tensor))
+        if i < len(out) // 2 or key not in seen:
             keep.append((name, args))
-            seen.add((name, is_16bit))
+            if i >= len(out) // 2:
+                seen.add(key)
     return keep
 
 
@@ -126,7 +134,7 @@ def test_ops_trace_under_compile():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def meta(theta, tasks):
-        torch.ops.reptile_fused.batched_meta_update_(theta, tasks, 0.5, None, True)
+        torch.ops.reptile_fused.batched_meta_update_(theta, tasks, 0.5, None, True, None)
 
     meta(theta, tasks)
     assert torch.equal(theta, want_theta) and torch.equal(tasks, want_tasks)
@@ -141,15 +149,40 @@ def test_direct_op_call_checks():
     input that would read or write out of bounds."""
     ops = torch.ops.reptile_fused
     with pytest.raises(RuntimeError, match="grad must be a contiguous buffer of 8 elements"):
-        ops.sgd_step_(torch.zeros(8), torch.zeros(4), None, 0.1, None, 0.0, 0.0, 0.0, False, False, False)
+        ops.sgd_step_(torch.zeros(8), torch.zeros(4), None, 0.1, None, 0.0, 0.0, 0.0, False, False, False, None)
     with pytest.raises(RuntimeError, match="momentum != 0 needs a momentum_buffer"):
-        ops.sgd_step_(torch.zeros(8), torch.zeros(8), None, 0.1, None, 0.9, 0.0, 0.0, False, False, False)
+        ops.sgd_step_(torch.zeros(8), torch.zeros(8), None, 0.1, None, 0.9, 0.0, 0.0, False, False, False, None)
     with pytest.raises(RuntimeError, match="acc must have dtype Float"):
-        ops.task_end_(torch.zeros(8, dtype=torch.half), torch.zeros(8, dtype=torch.half), torch.zeros(8, dtype=torch.half))
+        ops.task_end_(torch.zeros(8, dtype=torch.half), torch.zeros(8, dtype=torch.half), torch.zeros(8, dtype=torch.half), None)
     with pytest.raises(RuntimeError, match="tasks must be a contiguous"):
-        ops.batched_meta_update_(torch.zeros(8), torch.zeros(2, 8).t(), 0.5, None, True)
+        ops.batched_meta_update_(torch.zeros(8), torch.zeros(2, 8).t(), 0.5, None, True, None)
     with pytest.raises(RuntimeError, match="n .* must be > 0"):
         ops.meta_update_(torch.zeros(8), torch.zeros(8), torch.zeros(8), 1.0, None, 0.0, None)
+
+
+@needs_ext
+def test_direct_op_call_checks_update():
+    """First-order MAML's update buffers, checked by the library too: the opmath dtype,
+    the parameter's size, contiguous, never the parameter buffer itself."""
+    ops = torch.ops.reptile_fused
+    half, p = torch.zeros(8, dtype=torch.half), torch.zeros(8)
+    sgd = (0.1, None, 0.0, 0.0, 0.0, False, False, False)
+    adam = (1.0, None, 0.1, None, 0.9, 0.999, 1e-8, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="update must have dtype Float"):
+        ops.sgd_step_(half, half.clone(), None, *sgd, half.clone())
+    with pytest.raises(RuntimeError, match="update must be a contiguous buffer of 8 elements"):
+        ops.sgd_step_(p, p.clone(), None, *sgd, torch.zeros(16)[::2])
+    with pytest.raises(RuntimeError, match="update must be a buffer of its own"):
+        ops.sgd_step_(p, p.clone(), None, *sgd, p)
+    with pytest.raises(RuntimeError, match="update must be a contiguous buffer of 8 elements"):
+        ops.adam_step_(p, p.clone(), p.clone(), p.clone(), None, *adam, torch.zeros(7))
+    with pytest.raises(RuntimeError, match="update must have dtype Double"):
+        ops.task_end_(p.double(), p.double(), p.double(), p.clone())
+    with pytest.raises(RuntimeError, match="updates must be a contiguous buffer of the tasks' shape"):
+        ops.batched_meta_update_(p, torch.zeros(2, 8), 0.5, None, True, torch.zeros(8, 2).t())
+    with pytest.raises(RuntimeError, match="updates must have dtype Float"):
+        ops.batched_meta_update_(half, torch.zeros(2, 8, dtype=torch.half), 0.5, None, True,
+                                 torch.zeros(2, 8, dtype=torch.half))
 
 
 @needs_ext
@@ -166,10 +199,13 @@ def test_baseline_cpu_kernels_match_reference():
         "import torch\n"
         "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT', torch.backends.cpu.get_cpu_capability()\n"
         "from ops.cases import DTYPES, RUNNERS\n"
+        "UPDATE = {'sgd_step_': 'update', 'adam_step_': 'update', 'task_end_': 'update', 'batched_meta_update_': 'updates'}\n"
         "for op, run in RUNNERS.items():\n"
         "    for dtype in DTYPES:\n"
         "        for size, offset in ((0, 0), (1, 0), (17, 1), (4099, 3), (65537, 0)):\n"
         "            run('cpp', 'cpu', size, dtype, offset=offset, seed=size)\n"
+        "            if op in UPDATE:\n"
+        "                run('cpp', 'cpu', size, dtype, offset=offset, seed=size, **{UPDATE[op]: True})\n"
         "print('ok')\n"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")

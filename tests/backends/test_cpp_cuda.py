@@ -128,12 +128,18 @@ def test_one_kernel_launch_per_op(size):
     p, g, m, v, a = (torch.randn(size, device=d) for _ in range(5))
     acc = torch.zeros(size, device=d)
     tasks = torch.randn(4, size, device=d)
+    u, ups = torch.zeros(size, device=d), torch.zeros(4, size, device=d)
     calls = {
         "sgd_step_": lambda: cpp.sgd_step_(p, g, m, 0.1, momentum=0.9),
         "adam_step_": lambda: cpp.adam_step_(p, g, m, v.abs(), None, 2, 1e-3),
         "task_end_": lambda: cpp.task_end_(p, a, acc),
         "meta_update_": lambda: cpp.meta_update_(p, a, acc, 0.5, 2),
         "batched_meta_update_": lambda: cpp.batched_meta_update_(p, tasks, 0.5),
+        # First-order MAML: recording or using the update is a store/load stream, not a pass.
+        "sgd_step_ with update": lambda: cpp.sgd_step_(p, g, m, 0.1, momentum=0.9, update=u),
+        "adam_step_ with update": lambda: cpp.adam_step_(p, g, m, v.abs(), None, 2, 1e-3, update=u),
+        "task_end_ with update": lambda: cpp.task_end_(p, a, acc, u),
+        "batched_meta_update_ with updates": lambda: cpp.batched_meta_update_(p, tasks, 0.5, updates=ups),
     }
     for name, fn in calls.items():
         assert _kernel_launches(fn) == 1, name

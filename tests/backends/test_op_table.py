@@ -55,8 +55,8 @@ def test_table_describes_the_reference_arguments(op):
 def test_table_parses_mutated_arguments():
     table = {op.name: op.mutated for op in OPS}
     assert table == {
-        "sgd_step_": ("param", "momentum_buffer"),
-        "adam_step_": ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        "sgd_step_": ("param", "momentum_buffer", "update"),
+        "adam_step_": ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "update"),
         "task_end_": ("param", "acc"),
         "meta_update_": ("param", "acc"),
         "batched_meta_update_": ("theta", "tasks"),

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from numerics import DTYPES, assert_contract, dtype_id, opmath  # noqa: F401 (DTYPES, dtype_id: for the op files)
+from numerics import DTYPES, Bound, assert_contract, assert_within, dtype_id, opmath  # noqa: F401 (DTYPES, dtype_id: for the op files)
 from reptile_fused import reference as ref
 from reptile_fused.backends import BACKENDS, available_backends, get_backend
 from reptile_fused.backends.op_table import OP_NAMES as OPS  # noqa: F401 (for the op files)
@@ -150,30 +150,59 @@ def assert_all(got: dict, want: dict, names, backend: str) -> None:
             assert_contract(got[k], want[k], k, backend)
 
 
+# First-order MAML: a step op records its own update, task_end_ / batched_meta_update_
+# count a task as anchor + update.
+
+
+def unread(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A buffer the op must not read (NaN would show through) and may have to write."""
+    return torch.full((n,), float("nan"), dtype=dtype, device=device)
+
+
+def assert_update(got: dict, old_param: torch.Tensor, backend: str) -> None:
+    """A step's recorded update is exactly the move of the parameter it stored:
+    ``opmath(new param) - opmath(old param)``, one subtraction in opmath.  Together
+    with the parameter's own contract against the reference this is the update's
+    contract: compared with the reference's update directly, a 16-bit parameter that
+    rounds the other way (which the contract allows, rarely) would be a whole 16-bit ulp
+    off in a float32 buffer."""
+    opm = got["update"].dtype
+    want = got["param"].to(opm) - old_param.to(opm)
+    assert_within(got["update"], want, Bound(), f"update ({backend})")
+
+
 # --------------------------------------------------------------------- one runner per op
 # Each builds inputs, runs the reference and ``backend`` on copies, and compares every output.
 
 
 def run_sgd(backend, device, n, dtype, *, offset=0, seed=0, lr=0.1, lr_kind="python", momentum=0.9,
-            dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False, first_step=False):
+            dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False, first_step=False, update=False):
+    """``update``: also record the step's update (first-order MAML)."""
     gen = torch.Generator().manual_seed(seed)
     t = {
         "param": randn(n, dtype, device, gen),
         "grad": randn(n, dtype, device, gen),
         "momentum_buffer": randn(n, dtype, device, gen) if momentum != 0 else None,
+        "update": unread(n, opmath(dtype), device) if update else None,
     }
     a, b = twins(t, offset)
+    old_param = b["param"].clone()
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
               maximize=maximize, first_step=first_step)
-    ref.sgd_step_(a["param"], a["grad"], a["momentum_buffer"], scalar(lr, lr_kind, device), **kw)
+    ref.sgd_step_(a["param"], a["grad"], a["momentum_buffer"], scalar(lr, lr_kind, device), **kw,
+                  update=a["update"])
     backend_module(backend, device).sgd_step_(
-        b["param"], b["grad"], b["momentum_buffer"], scalar(lr, lr_kind, device), **kw
+        b["param"], b["grad"], b["momentum_buffer"], scalar(lr, lr_kind, device), **kw, update=b["update"]
     )
     assert_all(b, a, ("param", "grad", "momentum_buffer"), backend)
+    if update:
+        assert_update(b, old_param, backend)
 
 
 def run_adam(backend, device, n, dtype, *, offset=0, seed=0, step=3, step_kind="python", lr=1e-2,
-             lr_kind="python", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False):
+             lr_kind="python", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+             update=False):
+    """``update``: also record the step's update (first-order MAML)."""
     gen = torch.Generator().manual_seed(seed)
     v = rand(n, dtype, device, gen)
     t = {
@@ -182,15 +211,21 @@ def run_adam(backend, device, n, dtype, *, offset=0, seed=0, step=3, step_kind="
         "exp_avg": randn(n, dtype, device, gen, scale=0.1),
         "exp_avg_sq": v,
         "max_exp_avg_sq": (v + rand(n, dtype, device, gen) * 0.5).to(dtype) if amsgrad else None,
+        "update": unread(n, opmath(dtype), device) if update else None,
     }
     a, b = twins(t, offset)
+    old_param = b["param"].clone()
     kw = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
     names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    ref.adam_step_(*(a[k] for k in names), scalar(step, step_kind, device), scalar(lr, lr_kind, device), **kw)
+    ref.adam_step_(*(a[k] for k in names), scalar(step, step_kind, device), scalar(lr, lr_kind, device), **kw,
+                   update=a["update"])
     backend_module(backend, device).adam_step_(
-        *(b[k] for k in names), scalar(step, step_kind, device), scalar(lr, lr_kind, device), **kw
+        *(b[k] for k in names), scalar(step, step_kind, device), scalar(lr, lr_kind, device), **kw,
+        update=b["update"],
     )
     assert_all(b, a, names, backend)
+    if update:
+        assert_update(b, old_param, backend)
 
 
 def _meta_inputs(n, dtype, device, seed, acc_scale=3.0):
@@ -203,16 +238,23 @@ def _meta_inputs(n, dtype, device, seed, acc_scale=3.0):
     }
 
 
-def run_task_end(backend, device, n, dtype, *, offset=0, seed=0):
+def run_task_end(backend, device, n, dtype, *, offset=0, seed=0, update=False):
+    """``update``: the task counts as anchor + update (first-order MAML), and the
+    parameter (NaN here) is not read."""
     t = _meta_inputs(n, dtype, device, seed)
+    if update:
+        t["param"] = unread(n, dtype, device)
+        t["update"] = randn(n, opmath(dtype), device, torch.Generator().manual_seed(seed + 1), scale=0.01)
     a, b = twins(t, offset)
-    ref.task_end_(a["param"], a["anchor"], a["acc"])
-    backend_module(backend, device).task_end_(b["param"], b["anchor"], b["acc"])
+    ref.task_end_(a["param"], a["anchor"], a["acc"], a.get("update"))
+    backend_module(backend, device).task_end_(b["param"], b["anchor"], b["acc"], b.get("update"))
     assert_all(b, a, ("param", "anchor", "acc"), backend)
-    # Exact: one addition in the accumulator's dtype and a copy.
-    for k in ("param", "anchor", "acc"):
+    # Exact: one addition (two with an update) in the accumulator's dtype and a copy.
+    for k in t:
         assert torch.equal(b[k], a[k]), f"task_end_ must be exact: {k}"
     assert torch.equal(b["param"], t["anchor"]), "task_end_ must restore the anchor exactly"
+    if update:
+        assert torch.equal(b["update"], t["update"]), "task_end_ must not write the update"
 
 
 def run_meta_update(backend, device, n, dtype, *, offset=0, seed=0, meta_lr=0.7, tasks=3, kind="python"):
@@ -227,21 +269,31 @@ def run_meta_update(backend, device, n, dtype, *, offset=0, seed=0, meta_lr=0.7,
 
 
 def run_batched(backend, device, n, dtype, *, rows=5, offset=0, seed=0, meta_lr=0.5, kind="python",
-                write_back=True):
+                write_back=True, updates=False):
+    """``updates``: row i counts as theta + updates[i] (first-order MAML), and the rows
+    (NaN here) are not read."""
     gen = torch.Generator().manual_seed(seed)
     theta = randn(n, dtype, device, gen)
-    tasks = randn(rows * n, dtype, device, gen)
-    a_t, a_r = buffer(theta.clone(), offset), buffer(tasks.clone(), offset).view(rows, n)
-    b_t, b_r = buffer(theta.clone(), offset), buffer(tasks.clone(), offset).view(rows, n)
-    ref.batched_meta_update_(a_t, a_r, scalar(meta_lr, kind, device), write_back=write_back)
+    tasks = unread(rows * n, dtype, device) if updates else randn(rows * n, dtype, device, gen)
+    ups = randn(rows * n, opmath(dtype), device, gen, scale=0.01) if updates else None
+
+    def copies():
+        u = None if ups is None else buffer(ups.clone(), offset).view(rows, n)
+        return buffer(theta.clone(), offset), buffer(tasks.clone(), offset).view(rows, n), u
+
+    (a_t, a_r, a_u), (b_t, b_r, b_u) = copies(), copies()
+    ref.batched_meta_update_(a_t, a_r, scalar(meta_lr, kind, device), write_back=write_back, updates=a_u)
     backend_module(backend, device).batched_meta_update_(b_t, b_r, scalar(meta_lr, kind, device),
-                                                         write_back=write_back)
+                                                         write_back=write_back, updates=b_u)
     assert_contract(b_t, a_t, "theta", backend)
     assert_contract(b_r, a_r, "tasks", backend)
     if write_back:
         assert torch.equal(b_r, b_t.unsqueeze(0).expand_as(b_r)), "write_back must copy the stored theta"
     else:
-        assert torch.equal(b_r, tasks.view(rows, n)), "without write_back the rows must stay untouched"
+        torch.testing.assert_close(b_r, tasks.view(rows, n), rtol=0, atol=0, equal_nan=True,
+                                   msg="without write_back the rows must stay untouched")
+    if updates:
+        assert torch.equal(b_u, ups.view(rows, n)), "batched_meta_update_ must not write the updates"
 
 
 RUNNERS = {
@@ -311,7 +363,8 @@ def cat(ts):
 
 
 def large_test(op: str, **options):
-    """One buffer of several million elements (Triton and the reference: a few blocks)."""
+    """One buffer of several million elements (Triton and the reference: a few blocks);
+    ``options`` go to the op's runner."""
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
     @pytest.mark.parametrize(("device", "backend"), targets())
@@ -321,19 +374,19 @@ def large_test(op: str, **options):
     return test_large
 
 
-def unaligned_test(op: str, offsets=(1, 3), also=()):
+def unaligned_test(op: str, offsets=(1, 3), also=(), **common):
     """Buffers starting off 16-byte boundaries (as flat-buffer segments do): sizes 5, 33
     and 4099 at each offset, then each ``(size, options)`` of ``also`` (whose options
-    may name an offset of their own)."""
+    may name an offset of their own); ``common`` options go to every run."""
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
     @pytest.mark.parametrize("offset", offsets, ids=lambda o: "mixed" if isinstance(o, dict) else str(o))
     @pytest.mark.parametrize(("device", "backend"), targets())
     def test_unaligned(device, backend, offset, dtype):
         for size in (5, 33, 4099):
-            RUNNERS[op](backend, device, size, dtype, offset=offset, seed=size)
+            RUNNERS[op](backend, device, size, dtype, offset=offset, seed=size, **common)
         for size, options in also:
-            RUNNERS[op](backend, device, size, dtype, **{"offset": offset, **options})
+            RUNNERS[op](backend, device, size, dtype, **{"offset": offset, **common, **options})
 
     return test_unaligned
 

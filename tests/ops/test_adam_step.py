@@ -157,3 +157,70 @@ BAD = {
 }  # fmt: skip
 
 test_bad_input_rejected_like_reference = bad_input_test(BAD)
+
+
+# --------------------------------------------------------------------- first-order MAML: the step's own update
+# The step also writes update = param after - param before (opmath) in the same pass.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend", "size"), targets(per_backend=sizes))
+def test_update_sizes(device, backend, size, dtype):
+    run_adam(backend, device, size, dtype, update=True)
+    run_adam(backend, device, size, dtype, update=True, **CONFIGS[0])
+
+
+test_update_unaligned = unaligned_test("adam_step_", offsets=(1, 3, {"param": 1, "exp_avg": 2, "update": 3}),
+                                       update=True)
+test_update_large = large_test("adam_step_", update=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend"), targets())
+def test_update_options(device, backend, dtype):
+    for config in CONFIGS:
+        for size, offset in sizes(backend, OPTION_SIZES):
+            run_adam(backend, device, size, dtype, offset=offset, update=True, **config)
+    for step, step_kind, lr_kind in SCALARS:
+        run_adam(backend, device, 17, dtype, step=step, step_kind=step_kind, lr_kind=lr_kind, update=True)
+
+
+@property_cases(
+    step=st.integers(1, 10_000),
+    beta1=st.sampled_from([0.0, 0.9]),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+)
+def test_update_property(backend, size, offset, dtype, step, beta1, amsgrad, maximize, seed):
+    run_adam(backend, "cpu", size, dtype, offset=offset, seed=seed, step=step, beta1=beta1, amsgrad=amsgrad,
+             maximize=maximize, update=True)
+
+
+def _update_size(ops, device):
+    p, g, m, v, _ = bufs(device)
+    return (lambda: ops.adam_step_(p, g, m, v, None, 1, 0.1, update=z(7, device=device))), [p, m, v]
+
+
+def _update_dtype(ops, device):
+    p, g, m, v, _ = bufs(device, torch.float16)
+    u = torch.zeros(8, dtype=torch.float16, device=device)  # float16 params take a float32 update
+    return (lambda: ops.adam_step_(p, g, m, v, None, 1, 0.1, update=u)), [p, m, v, u]
+
+
+def _update_is_param(ops, device):
+    p, g, m, v, _ = bufs(device)
+    return (lambda: ops.adam_step_(p, g, m, v, None, 1, 0.1, update=p)), [p, m, v]
+
+
+BAD_UPDATE = {
+    "update bfloat16 for bfloat16": refused(lambda m, d: lambda: m.adam_step_(*(z(dtype=torch.bfloat16, device=d) for _ in range(4)), None, 1, 0.1, update=z(dtype=torch.bfloat16, device=d))),
+    "update float32 for float64": refused(lambda m, d: lambda: m.adam_step_(*(z(dtype=torch.float64, device=d) for _ in range(4)), None, 1, 0.1, update=z(device=d))),
+    "update size": refused(lambda m, d: lambda: m.adam_step_(*(z(device=d) for _ in range(4)), None, 1, 0.1, update=z(9, device=d))),
+    "update non-contiguous": refused(lambda m, d: lambda: m.adam_step_(*(z(device=d) for _ in range(4)), None, 1, 0.1, update=torch.zeros(16, device=d)[::2])),
+    "update on another device": refused(lambda m, d: lambda: m.adam_step_(*(z(device=d) for _ in range(4)), None, 1, 0.1, update=z(device="meta"))),
+    "update size, watched": _update_size,
+    "update dtype, watched": _update_dtype,
+    "update is param, watched": _update_is_param,
+}  # fmt: skip
+
+test_update_bad_input_rejected_like_reference = bad_input_test(BAD_UPDATE)

@@ -1,5 +1,6 @@
 """batched_meta_update_: ``theta <- theta + meta_lr * (mean of the task rows - theta)``,
-optionally written back into every row; the reference against the formula, and every
+optionally written back into every row (with per-task updates, first-order MAML: row i
+counts as theta + updates[i], the rows unread); the reference against the formula, and every
 backend against the reference (every dtype, awkward sizes, rows and alignments, meta_lr
 as a number or a tensor, property-based cases, bad input)."""
 
@@ -128,3 +129,58 @@ def test_meta_lr_on_another_device_rejected(device, backend):
     with pytest.raises(ValueError, match="meta_lr is on meta"):
         backend_module(backend, device).batched_meta_update_(z8, torch.zeros(2, 8, device=device),
                                                              torch.tensor(0.5, device="meta"))
+
+
+# --------------------------------------------------------------------- first-order MAML: theta + updates[i]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend", "size"), targets(per_backend=sizes))
+def test_updates_sizes(device, backend, size, dtype):
+    for rows, write_back, kind in ROWS:
+        run_batched(backend, device, size, dtype, rows=rows, write_back=write_back, kind=kind, updates=True)
+
+
+test_updates_unaligned = unaligned_test("batched_meta_update_", also=[(1025, dict(rows=3, write_back=False))],
+                                        updates=True)
+test_updates_large = large_test("batched_meta_update_", rows=2, updates=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize(("device", "backend"), targets())
+def test_updates_rows(device, backend, rows, dtype):
+    for size, offset in sizes(backend, ROW_SIZES):
+        run_batched(backend, device, size, dtype, rows=rows, offset=offset, write_back=size % 2 == 1, seed=size,
+                    updates=True)
+
+
+@property_cases(rows=st.integers(1, 16), write_back=st.booleans())
+def test_updates_property(backend, size, offset, dtype, rows, write_back, seed):
+    run_batched(backend, "cpu", size, dtype, rows=rows, offset=offset, seed=seed, write_back=write_back,
+                updates=True)
+
+
+def _updates_shape(ops, device):
+    theta, tasks = torch.randn(8, device=device), torch.randn(2, 8, device=device)
+    return (lambda: ops.batched_meta_update_(theta, tasks, 0.5, updates=torch.zeros(3, 8, device=device))), [theta, tasks]
+
+
+def _updates_dtype(ops, device):
+    theta, tasks = torch.randn(8, device=device).half(), torch.randn(2, 8, device=device).half()
+    ups = torch.zeros(2, 8, device=device).half()  # float16 parameters take float32 updates
+    return (lambda: ops.batched_meta_update_(theta, tasks, 0.5, updates=ups)), [theta, tasks, ups]
+
+
+BAD_UPDATES = {
+    "updates float64 for float32": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=torch.zeros(2, 8, dtype=torch.float64, device=d))),
+    "updates 1-D": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=z(16, device=d))),
+    "updates wrong P": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=torch.zeros(2, 9, device=d))),
+    "updates non-contiguous": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=torch.zeros(8, 2, device=d).t())),
+    "updates on another device": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=torch.zeros(2, 8, device="meta"))),
+    "updates int": refused(lambda m, d: lambda: m.batched_meta_update_(z(device=d), torch.zeros(2, 8, device=d), 0.5, updates=torch.zeros(2, 8, dtype=torch.int32, device=d))),
+    "updates shape, watched": _updates_shape,
+    "updates dtype, watched": _updates_dtype,
+}  # fmt: skip
+
+test_updates_bad_input_rejected_like_reference = bad_input_test(BAD_UPDATES)

@@ -205,3 +205,70 @@ def test_bad_scalar_tensors_rejected(device, backend):
         ops.sgd_step_(p, p.clone(), None, torch.ones(1, 1, device=device))
     with pytest.raises(TypeError, match="lr as a tensor must be floating point"):
         ops.sgd_step_(p, p.clone(), None, torch.tensor(1, device=device))
+
+
+# --------------------------------------------------------------------- first-order MAML: the step's own update
+# The step also writes update = param after - param before (opmath) in the same pass.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend", "size"), targets(per_backend=sizes))
+def test_update_sizes(device, backend, size, dtype):
+    for config in (SGD_CONFIGS[0], SGD_CONFIGS[2]):  # with momentum, and plain SGD
+        run_sgd(backend, device, size, dtype, update=True, **config)
+
+
+test_update_unaligned = unaligned_test("sgd_step_", offsets=(1, 3, {"param": 1, "grad": 2, "update": 3}),
+                                       update=True)
+test_update_large = large_test("sgd_step_", update=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("device", "backend"), targets())
+def test_update_options(device, backend, dtype):
+    for config in SGD_CONFIGS:
+        for size, offset in sizes(backend, OPTION_SIZES):
+            run_sgd(backend, device, size, dtype, offset=offset, lr_kind="dev-f32", update=True, **config)
+
+
+@property_cases(
+    momentum=st.sampled_from([0.0, 0.9]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    maximize=st.booleans(),
+    first_step=st.booleans(),
+)
+def test_update_property(backend, size, offset, dtype, momentum, weight_decay, maximize, first_step, seed):
+    run_sgd(backend, "cpu", size, dtype, offset=offset, seed=seed, momentum=momentum, dampening=0.0,
+            weight_decay=weight_decay, maximize=maximize, first_step=first_step, update=True)
+
+
+def _update_size(ops, device):
+    p, g, b, *_ = bufs(device)
+    return (lambda: ops.sgd_step_(p, g, b, 0.1, momentum=0.9, update=z(7, device=device))), [p, b]
+
+
+def _update_dtype(ops, device):
+    p, g, b, *_ = bufs(device, torch.bfloat16)
+    u = torch.zeros(8, dtype=torch.bfloat16, device=device)  # bfloat16 params take a float32 update
+    return (lambda: ops.sgd_step_(p, g, b, 0.1, momentum=0.9, update=u)), [p, b, u]
+
+
+def _update_is_param(ops, device):
+    p, g, b, *_ = bufs(device)
+    return (lambda: ops.sgd_step_(p, g, b, 0.1, momentum=0.9, update=p)), [p, b]
+
+
+BAD_UPDATE = {
+    "update float16 for float16": refused(lambda m, d: lambda: m.sgd_step_(z(dtype=torch.float16, device=d), z(dtype=torch.float16, device=d), None, 0.1, update=z(dtype=torch.float16, device=d))),
+    "update float64 for float32": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=z(dtype=torch.float64, device=d))),
+    "update size": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=z(9, device=d))),
+    "update 2-D": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=torch.zeros(2, 4, device=d))),
+    "update non-contiguous": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=torch.zeros(16, device=d)[::2])),
+    "update on another device": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=z(device="meta"))),
+    "update int": refused(lambda m, d: lambda: m.sgd_step_(z(device=d), z(device=d), None, 0.1, update=z(dtype=torch.int32, device=d))),
+    "update size, watched": _update_size,
+    "update dtype, watched": _update_dtype,
+    "update is param, watched": _update_is_param,
+}  # fmt: skip
+
+test_update_bad_input_rejected_like_reference = bad_input_test(BAD_UPDATE)

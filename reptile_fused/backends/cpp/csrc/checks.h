@@ -1,5 +1,5 @@
-// Host-side argument checks and scalar handling shared by the CPU and CUDA op
-// implementations.  The Python wrappers run reptile_fused._validate first (so
+// Host-side argument checks, scalar handling and the dispatch of optional buffers,
+// shared by the CPU and CUDA op implementations.  The Python wrappers run reptile_fused._validate first (so
 // every backend rejects bad input with the same message); these checks keep a
 // direct torch.ops.reptile_fused call from reading or writing out of bounds.
 #pragma once
@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <type_traits>
 
 namespace reptile_fused {
 
@@ -37,19 +38,31 @@ inline void check_like(const at::Tensor& other, const at::Tensor& param, at::Sca
               " must be a contiguous buffer of ", param.numel(), " elements, got shape ", other.sizes());
 }
 
+// First-order MAML's update buffer (optional): laid out like param, in its opmath
+// dtype (like the task accumulator), and not the parameter buffer itself, which the
+// op reads and writes in the same pass.
+inline void check_update(const std::optional<at::Tensor>& update, const at::Tensor& param) {
+  if (!update.has_value()) return;
+  check_like(*update, param, opmath_scalar_type(param.scalar_type()), "update");
+  TORCH_CHECK(update->numel() == 0 || update->data_ptr() != param.data_ptr(),
+              "update must be a buffer of its own, not the parameter buffer");
+}
+
 // The buffers of each op, checked the same way on every device.
 inline void check_sgd_buffers(const at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& momentum_buffer, bool has_momentum,
-                              c10::DeviceType device_type) {
+                              const std::optional<at::Tensor>& update, c10::DeviceType device_type) {
   check_param(param, "param", device_type);
   check_like(grad, param, param.scalar_type(), "grad");
   TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_step_: momentum != 0 needs a momentum_buffer");
   if (has_momentum) check_like(*momentum_buffer, param, param.scalar_type(), "momentum_buffer");
+  check_update(update, param);
 }
 
 inline void check_adam_buffers(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                                const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                               bool amsgrad, c10::DeviceType device_type) {
+                               bool amsgrad, const std::optional<at::Tensor>& update,
+                               c10::DeviceType device_type) {
   check_param(param, "param", device_type);
   const auto dt = param.scalar_type();
   check_like(grad, param, dt, "grad");
@@ -57,6 +70,7 @@ inline void check_adam_buffers(const at::Tensor& param, const at::Tensor& grad, 
   check_like(exp_avg_sq, param, dt, "exp_avg_sq");
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "adam_step_: amsgrad=True needs max_exp_avg_sq");
   if (amsgrad) check_like(*max_exp_avg_sq, param, dt, "max_exp_avg_sq");
+  check_update(update, param);
 }
 
 // task_end_ and meta_update_: the anchor has the parameter's dtype, the accumulator its opmath dtype.
@@ -75,6 +89,32 @@ inline void check_batched_buffers(const at::Tensor& theta, const at::Tensor& tas
   TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == theta.numel() && tasks.is_contiguous(),
               "tasks must be a contiguous [n, P] buffer with P = ", theta.numel(), ", got shape ", tasks.sizes());
   TORCH_CHECK(tasks.size(0) >= 1, "tasks must hold at least one task row (n >= 1)");
+}
+
+// First-order MAML's per-task updates (optional): the tasks' [n, P] shape, contiguous,
+// in theta's opmath dtype.
+inline void check_batched_updates(const std::optional<at::Tensor>& updates, const at::Tensor& theta,
+                                  const at::Tensor& tasks) {
+  if (!updates.has_value()) return;
+  const at::Tensor& u = *updates;
+  TORCH_CHECK(u.device() == theta.device(), "updates is on ", u.device(), " but theta is on ", theta.device());
+  TORCH_CHECK(u.scalar_type() == opmath_scalar_type(theta.scalar_type()), "updates must have dtype ",
+              opmath_scalar_type(theta.scalar_type()), " for ", theta.scalar_type(), " parameters, got ",
+              u.scalar_type());
+  TORCH_CHECK(u.sizes() == tasks.sizes() && u.is_contiguous(),
+              "updates must be a contiguous buffer of the tasks' shape ", tasks.sizes(), ", got ", u.sizes());
+}
+
+// fn(std::true_type{}) or fn(std::false_type{}): a flag that is uniform over the buffer
+// (an optional buffer given or not) becomes a compile-time constant of the kernel, so
+// the loop without the optional stream is the same code as before the stream existed.
+template <typename Fn>
+inline void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 // A scalar the kernels read: either a host value, or a pointer to a one-element

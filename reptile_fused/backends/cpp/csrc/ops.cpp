@@ -23,20 +23,24 @@ PyObject* PyInit__C(void) {
 }
 
 // Scalars a CUDA graph may need to change between replays come as a float plus an
-// optional one-element tensor that, when given, replaces it (read on the device).
+// optional one-element tensor that, when given, replaces it (read on the device).  First-order MAML: the step ops may also write
+// their own update (param after - param before) into `update`, and task_end_ /
+// batched_meta_update_ may count a task as anchor + update instead of reading it.
 TORCH_LIBRARY(reptile_fused, m) {
   m.def(
       "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, float lr, Tensor? lr_tensor, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
+      "Tensor(c!)? update) -> ()");
   m.def(
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
-      "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize) -> ()");
-  m.def("task_end_(Tensor(a!) param, Tensor anchor, Tensor(b!) acc) -> ()");
+      "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
+      "Tensor(e!)? update) -> ()");
+  m.def("task_end_(Tensor(a!) param, Tensor anchor, Tensor(b!) acc, Tensor? update) -> ()");
   m.def(
       "meta_update_(Tensor(a!) param, Tensor anchor, Tensor(b!) acc, float meta_lr, Tensor? meta_lr_tensor, "
       "float n, Tensor? n_tensor) -> ()");
   m.def(
       "batched_meta_update_(Tensor(a!) theta, Tensor(b!) tasks, float meta_lr, Tensor? meta_lr_tensor, "
-      "bool write_back) -> ()");
+      "bool write_back, Tensor? updates) -> ()");
 }

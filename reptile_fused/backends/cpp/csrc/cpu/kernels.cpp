@@ -24,21 +24,24 @@ const CpuKernels& kernels() {
 
 void sgd_step(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
               double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-              double weight_decay, bool nesterov, bool maximize, bool first_step) {
+              double weight_decay, bool nesterov, bool maximize, bool first_step,
+              const std::optional<at::Tensor>& update) {
   kernels().sgd_step(param, grad, momentum_buffer, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
-                     maximize, first_step);
+                     maximize, first_step, update);
 }
 
 void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
-               double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
+               double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+               const std::optional<at::Tensor>& update) {
   kernels().adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, step_tensor, lr, lr_tensor, beta1,
-                      beta2, eps, weight_decay, amsgrad, maximize);
+                      beta2, eps, weight_decay, amsgrad, maximize, update);
 }
 
-void task_end(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
-  kernels().task_end(param, anchor, acc);
+void task_end(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc,
+              const std::optional<at::Tensor>& update) {
+  kernels().task_end(param, anchor, acc, update);
 }
 
 void meta_update(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc, double meta_lr,
@@ -47,8 +50,9 @@ void meta_update(const at::Tensor& param, const at::Tensor& anchor, const at::Te
 }
 
 void batched_meta_update(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
-                         const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
-  kernels().batched_meta_update(theta, tasks, meta_lr, meta_lr_tensor, write_back);
+                         const std::optional<at::Tensor>& meta_lr_tensor, bool write_back,
+                         const std::optional<at::Tensor>& updates) {
+  kernels().batched_meta_update(theta, tasks, meta_lr, meta_lr_tensor, write_back, updates);
 }
 
 }  // namespace

@@ -10,14 +10,17 @@ namespace reptile_fused {
 // Signatures match the schemas in ops.cpp.
 struct CpuKernels {
   void (*sgd_step)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
-                   const std::optional<at::Tensor>&, double, double, double, bool, bool, bool);
+                   const std::optional<at::Tensor>&, double, double, double, bool, bool, bool,
+                   const std::optional<at::Tensor>&);
   void (*adam_step)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
-                    const std::optional<at::Tensor>&, double, double, double, double, bool, bool);
-  void (*task_end)(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+                    const std::optional<at::Tensor>&, double, double, double, double, bool, bool,
+                    const std::optional<at::Tensor>&);
+  void (*task_end)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
   void (*meta_update)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                       const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
-  void (*batched_meta_update)(const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, bool);
+  void (*batched_meta_update)(const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, bool,
+                              const std::optional<at::Tensor>&);
 };
 
 // Baseline build: runs on every CPU.

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -75,7 +76,23 @@ struct Block {
       for (int k = 0; k < K; k += 2) at::vec::convert_from_float<T>(in[k], in[k + 1]).store(p + k * Vec::size());
     }
   }
+
+  // First-order MAML's update of a step: u <- (the block just stored at p, back in
+  // opmath) - old.  Reading back what was stored gives the parameter's actual move, a
+  // 16-bit store's rounding included; the block is still in L1, so no pass is added.
+  static inline void store_update(opmath_t* u, const scalar_t* p, const Vec (&old)[K]) {
+    Vec now[K];
+    load(p, now);
+    for (int k = 0; k < K; ++k) now[k] = now[k] - old[k];
+    store(u, now);
+  }
 };
+
+// First-order MAML's optional update buffer(s), or nullptr (opmath_t: the parameter's opmath type).
+template <typename opmath_t>
+inline opmath_t* update_ptr(const std::optional<at::Tensor>& update) {
+  return update.has_value() ? update->data_ptr<opmath_t>() : nullptr;
+}
 
 // Runs block(i) for every full block and element(i) for the rest, over [0, numel)
 // split across threads.  grain_div lowers the grain for ops that touch many streams
@@ -102,9 +119,10 @@ inline V broadcast(double x) {
 // ---------------------------------------------------------------- sgd_step_
 void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                   double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize, bool first_step) {
+                  double weight_decay, bool nesterov, bool maximize, bool first_step,
+                  const std::optional<at::Tensor>& update) {
   const bool has_momentum = momentum != 0.0;
-  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, c10::DeviceType::CPU);
+  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, update, c10::DeviceType::CPU);
   const double lr_value = make_scalar(lr, lr_tensor, param, "lr").value;
   const SgdCoef<double> coef = sgd_coef(lr_value, momentum, dampening, weight_decay, nesterov, maximize, first_step);
 
@@ -117,25 +135,33 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
     scalar_t* p_ptr = param.data_ptr<scalar_t>();
     const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
     scalar_t* buf_ptr = has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    parallel_blocks<B::kBlock>(
-        param.numel(), 3,
-        [&](int64_t i) {
-          Vec p[B::K], g[B::K], buf[B::K];
-          B::load(p_ptr + i, p);
-          B::load(g_ptr + i, g);
-          // On a first step the buffer holds nothing yet (maybe uninitialised memory).
-          if (has_momentum && !first_step) B::load(buf_ptr + i, buf);
-          for (int k = 0; k < B::K; ++k) sgd_element(p[k], g[k], buf[k], cv);
-          B::store(p_ptr + i, p);
-          if (has_momentum) B::store(buf_ptr + i, buf);
-        },
-        [&](int64_t i) {
-          opmath_t p = p_ptr[i];
-          opmath_t buf = (has_momentum && !first_step) ? opmath_t(buf_ptr[i]) : opmath_t(0);
-          sgd_element<opmath_t>(p, opmath_t(g_ptr[i]), buf, cs);
-          p_ptr[i] = static_cast<scalar_t>(p);
-          if (has_momentum) buf_ptr[i] = static_cast<scalar_t>(buf);
-        });
+    opmath_t* u_ptr = update_ptr<opmath_t>(update);
+    with_flag(u_ptr != nullptr, [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      parallel_blocks<B::kBlock>(
+          param.numel(), kUpdate ? 4 : 3,
+          [&](int64_t i) {
+            Vec p[B::K], g[B::K], buf[B::K], old[B::K];
+            B::load(p_ptr + i, p);
+            B::load(g_ptr + i, g);
+            // On a first step the buffer holds nothing yet (maybe uninitialised memory).
+            if (has_momentum && !first_step) B::load(buf_ptr + i, buf);
+            if constexpr (kUpdate) std::copy_n(p, B::K, old);
+            for (int k = 0; k < B::K; ++k) sgd_element(p[k], g[k], buf[k], cv);
+            B::store(p_ptr + i, p);
+            if (has_momentum) B::store(buf_ptr + i, buf);
+            if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+          },
+          [&](int64_t i) {
+            const opmath_t old = p_ptr[i];
+            opmath_t p = old;
+            opmath_t buf = (has_momentum && !first_step) ? opmath_t(buf_ptr[i]) : opmath_t(0);
+            sgd_element<opmath_t>(p, opmath_t(g_ptr[i]), buf, cs);
+            p_ptr[i] = static_cast<scalar_t>(p);
+            if (has_momentum) buf_ptr[i] = static_cast<scalar_t>(buf);
+            if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
+          });
+    });
   });
 }
 
@@ -149,8 +175,9 @@ constexpr int64_t kSqrtChunk = 32768;
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                    const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
-                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
-  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c10::DeviceType::CPU);
+                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                   const std::optional<at::Tensor>& update) {
+  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, update, c10::DeviceType::CPU);
   const auto dt = param.scalar_type();
   const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");
   check_step(step_arg);
@@ -172,63 +199,76 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     scalar_t* m_ptr = exp_avg.data_ptr<scalar_t>();
     scalar_t* v_ptr = exp_avg_sq.data_ptr<scalar_t>();
     scalar_t* vmax_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+    opmath_t* u_ptr = update_ptr<opmath_t>(update);
     const int64_t numel = param.numel();
     if (numel == 0) return;
-    at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, kSqrtChunk), [&](int64_t begin, int64_t end) {
-      // Per chunk, in cache: the opmath first moment and the second moment, then its square root.
-      std::vector<opmath_t> m_op(kSqrtChunk), root(kSqrtChunk);
-      for (int64_t start = begin; start < end; start += kSqrtChunk) {
-        const int64_t len = std::min(kSqrtChunk, end - start);
-        int64_t j = 0;
-        for (; j + B::kBlock <= len; j += B::kBlock) {
-          const int64_t i = start + j;
-          Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], second[B::K];
-          B::load(p_ptr + i, p);
-          B::load(g_ptr + i, g);
-          B::load(m_ptr + i, m);
-          B::load(v_ptr + i, v);
-          if (amsgrad) B::load(vmax_ptr + i, vmax);
-          for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
-          B::store(m_ptr + i, m);
-          B::store(v_ptr + i, v);
-          if (amsgrad) B::store(vmax_ptr + i, vmax);
-          B::store(m_op.data() + j, m);
-          B::store(root.data() + j, second);
+    with_flag(u_ptr != nullptr, [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, kSqrtChunk), [&](int64_t begin, int64_t end) {
+        // Per chunk, in cache: the opmath first moment and the second moment, then its square root.
+        std::vector<opmath_t> m_op(kSqrtChunk), root(kSqrtChunk);
+        for (int64_t start = begin; start < end; start += kSqrtChunk) {
+          const int64_t len = std::min(kSqrtChunk, end - start);
+          int64_t j = 0;
+          for (; j + B::kBlock <= len; j += B::kBlock) {
+            const int64_t i = start + j;
+            Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], second[B::K];
+            B::load(p_ptr + i, p);
+            B::load(g_ptr + i, g);
+            B::load(m_ptr + i, m);
+            B::load(v_ptr + i, v);
+            if (amsgrad) B::load(vmax_ptr + i, vmax);
+            for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
+            B::store(m_ptr + i, m);
+            B::store(v_ptr + i, v);
+            if (amsgrad) B::store(vmax_ptr + i, vmax);
+            B::store(m_op.data() + j, m);
+            B::store(root.data() + j, second);
+          }
+          for (; j < len; ++j) {
+            const int64_t i = start + j;
+            opmath_t m = m_ptr[i], v = v_ptr[i];
+            opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
+            root[j] = adam_moments<opmath_t>(opmath_t(p_ptr[i]), opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
+            m_op[j] = m;
+            m_ptr[i] = static_cast<scalar_t>(m);
+            v_ptr[i] = static_cast<scalar_t>(v);
+            if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
+          }
+          at::Tensor r = at::from_blob(root.data(), {len}, opmath_options);
+          at::sqrt_out(r, r);
+          // The parameter moves here, so this loop records the update.
+          j = 0;
+          for (; j + B::kBlock <= len; j += B::kBlock) {
+            const int64_t i = start + j;
+            Vec p[B::K], m[B::K], rt[B::K], old[B::K];
+            B::load(p_ptr + i, p);
+            B::load(m_op.data() + j, m);
+            B::load(root.data() + j, rt);
+            if constexpr (kUpdate) std::copy_n(p, B::K, old);
+            for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], rt[k], cv);
+            B::store(p_ptr + i, p);
+            if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+          }
+          for (; j < len; ++j) {
+            const int64_t i = start + j;
+            const opmath_t old = p_ptr[i];
+            opmath_t p = old;
+            adam_param<opmath_t>(p, m_op[j], root[j], cs);
+            p_ptr[i] = static_cast<scalar_t>(p);
+            if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
+          }
         }
-        for (; j < len; ++j) {
-          const int64_t i = start + j;
-          opmath_t m = m_ptr[i], v = v_ptr[i];
-          opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
-          root[j] = adam_moments<opmath_t>(opmath_t(p_ptr[i]), opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
-          m_op[j] = m;
-          m_ptr[i] = static_cast<scalar_t>(m);
-          v_ptr[i] = static_cast<scalar_t>(v);
-          if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
-        }
-        at::Tensor r = at::from_blob(root.data(), {len}, opmath_options);
-        at::sqrt_out(r, r);
-        j = 0;
-        for (; j + B::kBlock <= len; j += B::kBlock) {
-          Vec p[B::K], m[B::K], rt[B::K];
-          B::load(p_ptr + start + j, p);
-          B::load(m_op.data() + j, m);
-          B::load(root.data() + j, rt);
-          for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], rt[k], cv);
-          B::store(p_ptr + start + j, p);
-        }
-        for (; j < len; ++j) {
-          opmath_t p = p_ptr[start + j];
-          adam_param<opmath_t>(p, m_op[j], root[j], cs);
-          p_ptr[start + j] = static_cast<scalar_t>(p);
-        }
-      }
+      });
     });
   });
 }
 
 // ---------------------------------------------------------------- task_end_
-void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
+void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc,
+                  const std::optional<at::Tensor>& update) {
   check_task_buffers(param, anchor, acc, c10::DeviceType::CPU);
+  check_update(update, param);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "task_end_cpu", [&] {
     using B = Block<scalar_t>;
@@ -237,22 +277,36 @@ void task_end_cpu(const at::Tensor& param, const at::Tensor& anchor, const at::T
     scalar_t* p_ptr = param.data_ptr<scalar_t>();
     const scalar_t* a_ptr = anchor.const_data_ptr<scalar_t>();
     opmath_t* acc_ptr = acc.data_ptr<opmath_t>();
-    parallel_blocks<B::kBlock>(
-        param.numel(), 3,
-        [&](int64_t i) {
-          Vec p[B::K], s[B::K];
-          B::load(p_ptr + i, p);
-          B::load(acc_ptr + i, s);
-          for (int k = 0; k < B::K; ++k) task_end_element(s[k], p[k]);
-          B::store(acc_ptr + i, s);
-          std::copy_n(a_ptr + i, B::kBlock, p_ptr + i);
-        },
-        [&](int64_t i) {
-          opmath_t s = acc_ptr[i];
-          task_end_element<opmath_t>(s, opmath_t(p_ptr[i]));
-          acc_ptr[i] = s;
-          p_ptr[i] = a_ptr[i];
-        });
+    const opmath_t* u_ptr = update_ptr<opmath_t>(update);
+    with_flag(u_ptr != nullptr, [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      parallel_blocks<B::kBlock>(
+          param.numel(), 3,
+          [&](int64_t i) {
+            // The task's end point: the adapted weights, or (first-order MAML) anchor +
+            // update, rounded in opmath before it is added; param is then not read.
+            Vec end[B::K], s[B::K];
+            if constexpr (kUpdate) {
+              Vec u[B::K];
+              B::load(a_ptr + i, end);
+              B::load(u_ptr + i, u);
+              for (int k = 0; k < B::K; ++k) end[k] = end[k] + u[k];
+            } else {
+              B::load(p_ptr + i, end);
+            }
+            B::load(acc_ptr + i, s);
+            for (int k = 0; k < B::K; ++k) task_end_element(s[k], end[k]);
+            B::store(acc_ptr + i, s);
+            std::copy_n(a_ptr + i, B::kBlock, p_ptr + i);
+          },
+          [&](int64_t i) {
+            opmath_t s = acc_ptr[i];
+            const opmath_t end = kUpdate ? opmath_t(a_ptr[i]) + u_ptr[i] : opmath_t(p_ptr[i]);
+            task_end_element<opmath_t>(s, end);
+            acc_ptr[i] = s;
+            p_ptr[i] = a_ptr[i];
+          });
+    });
   });
 }
 
@@ -297,8 +351,10 @@ void meta_update_cpu(const at::Tensor& param, const at::Tensor& anchor, const at
 
 // ---------------------------------------------------------------- batched_meta_update_
 void batched_meta_update_cpu(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
-                             const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
+                             const std::optional<at::Tensor>& meta_lr_tensor, bool write_back,
+                             const std::optional<at::Tensor>& updates) {
   check_batched_buffers(theta, tasks, c10::DeviceType::CPU);
+  check_batched_updates(updates, theta, tasks);
   const double lr_value = make_scalar(meta_lr, meta_lr_tensor, theta, "meta_lr").value;
   const int64_t rows = tasks.size(0);
   const int64_t P = theta.numel();
@@ -311,31 +367,49 @@ void batched_meta_update_cpu(const at::Tensor& theta, const at::Tensor& tasks, d
     const opmath_t lr_s = static_cast<opmath_t>(lr_value), n_s = static_cast<opmath_t>(rows);
     scalar_t* t_ptr = theta.data_ptr<scalar_t>();
     scalar_t* rows_ptr = tasks.data_ptr<scalar_t>();
-    parallel_blocks<B::kBlock>(
-        P, rows + 1,
-        [&](int64_t i) {
-          Vec total[B::K], row[B::K], t[B::K];
-          // Row 0 first, then each later row in order: the summation order of the contract.
-          B::load(rows_ptr + i, total);
-          for (int64_t r = 1; r < rows; ++r) {
-            B::load(rows_ptr + r * P + i, row);
-            for (int k = 0; k < B::K; ++k) total[k] = total[k] + row[k];
-          }
-          B::load(t_ptr + i, t);
-          for (int k = 0; k < B::K; ++k) t[k] = meta_element(t[k], total[k], lr_v, n_v);
-          B::store(t_ptr + i, t);
-          // The rows get the stored (rounded) theta, as the reference's copy does.
-          if (write_back)
-            for (int64_t r = 0; r < rows; ++r) std::copy_n(t_ptr + i, B::kBlock, rows_ptr + r * P + i);
-        },
-        [&](int64_t i) {
-          opmath_t total = rows_ptr[i];
-          for (int64_t r = 1; r < rows; ++r) total = total + opmath_t(rows_ptr[r * P + i]);
-          const scalar_t out = static_cast<scalar_t>(meta_element<opmath_t>(t_ptr[i], total, lr_s, n_s));
-          t_ptr[i] = out;
-          if (write_back)
-            for (int64_t r = 0; r < rows; ++r) rows_ptr[r * P + i] = out;
-        });
+    const opmath_t* u_ptr = update_ptr<opmath_t>(updates);
+    with_flag(u_ptr != nullptr, [&](auto has_updates) {
+      constexpr bool kUpdates = decltype(has_updates)::value;
+      parallel_blocks<B::kBlock>(
+          P, rows + 1,
+          [&](int64_t i) {
+            Vec total[B::K], row[B::K], t[B::K];
+            B::load(t_ptr + i, t);
+            // Row r counts as its adapted copy or (first-order MAML) as theta + updates[r],
+            // rounded in opmath before it is summed; the rows are then not read.
+            const auto load_row = [&](int64_t r, Vec (&out)[B::K]) {
+              if constexpr (kUpdates) {
+                B::load(u_ptr + r * P + i, out);
+                for (int k = 0; k < B::K; ++k) out[k] = t[k] + out[k];
+              } else {
+                B::load(rows_ptr + r * P + i, out);
+              }
+            };
+            // Row 0 first, then each later row in order: the summation order of the contract.
+            load_row(0, total);
+            for (int64_t r = 1; r < rows; ++r) {
+              load_row(r, row);
+              for (int k = 0; k < B::K; ++k) total[k] = total[k] + row[k];
+            }
+            for (int k = 0; k < B::K; ++k) t[k] = meta_element(t[k], total[k], lr_v, n_v);
+            B::store(t_ptr + i, t);
+            // The rows get the stored (rounded) theta, as the reference's copy does.
+            if (write_back)
+              for (int64_t r = 0; r < rows; ++r) std::copy_n(t_ptr + i, B::kBlock, rows_ptr + r * P + i);
+          },
+          [&](int64_t i) {
+            const opmath_t t = t_ptr[i];
+            const auto row = [&](int64_t r) {
+              return kUpdates ? t + u_ptr[r * P + i] : opmath_t(rows_ptr[r * P + i]);
+            };
+            opmath_t total = row(0);
+            for (int64_t r = 1; r < rows; ++r) total = total + row(r);
+            const scalar_t out = static_cast<scalar_t>(meta_element<opmath_t>(t, total, lr_s, n_s));
+            t_ptr[i] = out;
+            if (write_back)
+              for (int64_t r = 0; r < rows; ++r) rows_ptr[r * P + i] = out;
+          });
+    });
   });
 }
 

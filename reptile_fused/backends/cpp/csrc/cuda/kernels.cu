@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 
 #include "../checks.h"
 #include "../element_math.h"
@@ -62,6 +63,12 @@ __device__ __forceinline__ double load_scalar(const ScalarArg& s) {
 }
 
 inline bool aligned16(const void* p) { return grid::aligned16(reinterpret_cast<std::uintptr_t>(p)); }
+
+// First-order MAML's optional update buffer(s) of a scalar_t op, in its opmath type, or nullptr.
+template <typename scalar_t>
+at::opmath_type<scalar_t>* update_ptr(const std::optional<at::Tensor>& update) {
+  return update.has_value() ? update->data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+}
 
 // SM count per device, asked once (not a stream operation, so capture-safe anyway).
 int sm_count(int device) {
@@ -104,12 +111,16 @@ void launch(const Op& op, int64_t numel, bool aligned, const at::Tensor& like) {
 }
 
 // ---------------------------------------------------------------- ops
-template <typename scalar_t>
+// kUpdate (sgd_step_, adam_step_): the op also writes first-order MAML's update,
+// opmath(stored new param) - opmath(old param), as one more store stream.  A template
+// parameter, so the kernel without it is the code it was before.
+template <typename scalar_t, bool kUpdate>
 struct SgdOp {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* p;
   const scalar_t* g;
   scalar_t* buf;
+  opmath_t* update;
   SgdCoef<double> coef;
   ScalarArg lr;
 
@@ -122,6 +133,7 @@ struct SgdOp {
   template <int N>
   __device__ void apply(int64_t i, const SgdCoef<opmath_t>& c) const {
     Pack<scalar_t, N> pv = load_pack<N>(p + i);
+    [[maybe_unused]] const Pack<scalar_t, N> old = pv;  // kUpdate's reference point (dead without it)
     const Pack<scalar_t, N> gv = load_pack<N>(g + i);
     // On a first step the momentum buffer holds nothing yet: it is written, not read.
     const bool read_buf = c.has_momentum && !c.first_step;
@@ -137,15 +149,27 @@ struct SgdOp {
     }
     store_pack<N>(p + i, pv);
     if (c.has_momentum) store_pack<N>(buf + i, bv);
+    if constexpr (kUpdate) store_update<N>(update + i, pv, old);
   }
 };
+
+// First-order MAML's update of a step: the stored (rounded) new value minus the old
+// one, both in opmath.
+template <int N, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void store_update(opmath_t* u, const Pack<scalar_t, N>& now,
+                                             const Pack<scalar_t, N>& old) {
+  Pack<opmath_t, N> uv;
+#pragma unroll
+  for (int k = 0; k < N; ++k) uv.v[k] = static_cast<opmath_t>(now.v[k]) - static_cast<opmath_t>(old.v[k]);
+  store_pack<N>(u, uv);
+}
 
 struct AdamArgs {
   double beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kUpdate>
 struct AdamOp {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* p;
@@ -155,6 +179,7 @@ struct AdamOp {
   scalar_t* vmax;
   AdamArgs args;
   ScalarArg step, lr;
+  opmath_t* update;  // kUpdate only
 
   __device__ AdamCoef<opmath_t> prepare() const {
     const AdamCoef<double> c = adam_coef(load_scalar(lr), load_scalar(step), args.beta1, args.beta2, args.eps,
@@ -165,6 +190,7 @@ struct AdamOp {
   template <int N>
   __device__ void apply(int64_t i, const AdamCoef<opmath_t>& c) const {
     Pack<scalar_t, N> pv = load_pack<N>(p + i);
+    [[maybe_unused]] const Pack<scalar_t, N> old = pv;  // kUpdate's reference point (dead without it)
     const Pack<scalar_t, N> gv = load_pack<N>(g + i);
     Pack<scalar_t, N> mv = load_pack<N>(m + i);
     Pack<scalar_t, N> vv = load_pack<N>(v + i);
@@ -186,28 +212,42 @@ struct AdamOp {
     store_pack<N>(m + i, mv);
     store_pack<N>(v + i, vv);
     if (c.amsgrad) store_pack<N>(vmax + i, xv);
+    if constexpr (kUpdate) store_update<N>(update + i, pv, old);
   }
 };
 
 struct NoCoef {};
 
-template <typename scalar_t>
+// kUpdate (first-order MAML): the task ended at anchor + update (rounded in opmath
+// before it is added), and the parameter is not read.
+template <typename scalar_t, bool kUpdate>
 struct TaskEndOp {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* p;
   const scalar_t* anchor;
   opmath_t* acc;
+  const opmath_t* update;
 
   __device__ NoCoef prepare() const { return {}; }
 
   template <int N>
   __device__ void apply(int64_t i, NoCoef) const {
-    const Pack<scalar_t, N> pv = load_pack<N>(p + i);
-    Pack<opmath_t, N> sv = load_pack<N>(acc + i);
+    if constexpr (kUpdate) {
+      const Pack<scalar_t, N> av = load_pack<N>(anchor + i);
+      const Pack<opmath_t, N> uv = load_pack<N>(update + i);
+      Pack<opmath_t, N> sv = load_pack<N>(acc + i);
 #pragma unroll
-    for (int k = 0; k < N; ++k) task_end_element<opmath_t>(sv.v[k], static_cast<opmath_t>(pv.v[k]));
-    store_pack<N>(acc + i, sv);
-    store_pack<N>(p + i, load_pack<N>(anchor + i));
+      for (int k = 0; k < N; ++k) task_end_element<opmath_t>(sv.v[k], static_cast<opmath_t>(av.v[k]) + uv.v[k]);
+      store_pack<N>(acc + i, sv);
+      store_pack<N>(p + i, av);
+    } else {
+      const Pack<scalar_t, N> pv = load_pack<N>(p + i);
+      Pack<opmath_t, N> sv = load_pack<N>(acc + i);
+#pragma unroll
+      for (int k = 0; k < N; ++k) task_end_element<opmath_t>(sv.v[k], static_cast<opmath_t>(pv.v[k]));
+      store_pack<N>(acc + i, sv);
+      store_pack<N>(p + i, load_pack<N>(anchor + i));
+    }
   }
 };
 
@@ -243,11 +283,14 @@ struct MetaUpdateOp {
   }
 };
 
-template <typename scalar_t>
+// kUpdates (first-order MAML): row r counts as theta + updates[r] (rounded in opmath
+// before it is summed), and the rows are not read (still written with write_back).
+template <typename scalar_t, bool kUpdates>
 struct BatchedMetaOp {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* theta;
   scalar_t* rows;
+  const opmath_t* updates;
   int64_t n_rows, P;
   bool write_back;
   ScalarArg meta_lr;
@@ -256,21 +299,46 @@ struct BatchedMetaOp {
     return {static_cast<opmath_t>(load_scalar(meta_lr)), static_cast<opmath_t>(n_rows)};
   }
 
+  // Row r at i..i+N as stored: the adapted copy, or (kUpdates) the update.
+  template <int N>
+  __device__ __forceinline__ auto load_row(int64_t r, int64_t i) const {
+    if constexpr (kUpdates) {
+      return load_pack<N>(updates + grid::row_offset(r, P, i));
+    } else {
+      return load_pack<N>(rows + grid::row_offset(r, P, i));
+    }
+  }
+
   template <int N>
   __device__ void apply(int64_t i, const MetaCoef<opmath_t>& c) const {
+    Pack<scalar_t, N> tv;
+    opmath_t t[N];  // theta in opmath, read before the rows only when they are theta + updates
+    if constexpr (kUpdates) {
+      tv = load_pack<N>(theta + i);
+#pragma unroll
+      for (int k = 0; k < N; ++k) t[k] = static_cast<opmath_t>(tv.v[k]);
+    }
+    // A row's element k in opmath: the copy's, or theta + update rounded in opmath.
+    const auto value = [&](auto stored, int k) {
+      if constexpr (kUpdates) {
+        return t[k] + stored;
+      } else {
+        return static_cast<opmath_t>(stored);
+      }
+    };
     // The row sum stays in registers; row 0 first, then each later row in order.
     opmath_t total[N];
     {
-      const Pack<scalar_t, N> rv = load_pack<N>(rows + i);
+      const auto rv = load_row<N>(0, i);
 #pragma unroll
-      for (int k = 0; k < N; ++k) total[k] = static_cast<opmath_t>(rv.v[k]);
+      for (int k = 0; k < N; ++k) total[k] = value(rv.v[k], k);
     }
     for (int64_t r = 1; r < n_rows; ++r) {
-      const Pack<scalar_t, N> rv = load_pack<N>(rows + grid::row_offset(r, P, i));
+      const auto rv = load_row<N>(r, i);
 #pragma unroll
-      for (int k = 0; k < N; ++k) total[k] = total[k] + static_cast<opmath_t>(rv.v[k]);
+      for (int k = 0; k < N; ++k) total[k] = total[k] + value(rv.v[k], k);
     }
-    Pack<scalar_t, N> tv = load_pack<N>(theta + i);
+    if constexpr (!kUpdates) tv = load_pack<N>(theta + i);
 #pragma unroll
     for (int k = 0; k < N; ++k)
       tv.v[k] = static_cast<scalar_t>(meta_element<opmath_t>(static_cast<opmath_t>(tv.v[k]), total[k], c.meta_lr, c.n));
@@ -283,17 +351,23 @@ struct BatchedMetaOp {
 // ---------------------------------------------------------------- entry points
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                    double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                   double weight_decay, bool nesterov, bool maximize, bool first_step) {
+                   double weight_decay, bool nesterov, bool maximize, bool first_step,
+                   const std::optional<at::Tensor>& update) {
   const bool has_momentum = momentum != 0.0;
-  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, c10::DeviceType::CUDA);
+  check_sgd_buffers(param, grad, momentum_buffer, has_momentum, update, c10::DeviceType::CUDA);
   const ScalarArg lr_arg = make_scalar(lr, lr_tensor, param, "lr");
   const SgdCoef<double> coef = sgd_coef(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sgd_step_cuda", [&] {
-    SgdOp<scalar_t> op{param.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                       has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr, coef, lr_arg};
-    const bool aligned = aligned16(op.p) && aligned16(op.g) && (!has_momentum || aligned16(op.buf));
-    launch<scalar_t>(op, param.numel(), aligned, param);
+    with_flag(update.has_value(), [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      SgdOp<scalar_t, kUpdate> op{param.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                  has_momentum ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
+                                  update_ptr<scalar_t>(update), coef, lr_arg};
+      const bool aligned = aligned16(op.p) && aligned16(op.g) && (!has_momentum || aligned16(op.buf)) &&
+                           (!kUpdate || aligned16(op.update));
+      launch<scalar_t>(op, param.numel(), aligned, param);
+    });
   });
 }
 
@@ -301,35 +375,46 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                     const std::optional<at::Tensor>& step_tensor, double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-                    double weight_decay, bool amsgrad, bool maximize) {
-  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c10::DeviceType::CUDA);
+                    double weight_decay, bool amsgrad, bool maximize, const std::optional<at::Tensor>& update) {
+  check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, update, c10::DeviceType::CUDA);
   const auto dt = param.scalar_type();
   const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");
   check_step(step_arg);
   const ScalarArg lr_arg = make_scalar(lr, lr_tensor, param, "lr");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adam_step_cuda", [&] {
-    AdamOp<scalar_t> op{param.data_ptr<scalar_t>(),
-                        grad.const_data_ptr<scalar_t>(),
-                        exp_avg.data_ptr<scalar_t>(),
-                        exp_avg_sq.data_ptr<scalar_t>(),
-                        amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr,
-                        AdamArgs{beta1, beta2, eps, weight_decay, amsgrad, maximize},
-                        step_arg,
-                        lr_arg};
-    const bool aligned = aligned16(op.p) && aligned16(op.g) && aligned16(op.m) && aligned16(op.v) &&
-                         (!amsgrad || aligned16(op.vmax));
-    launch<scalar_t>(op, param.numel(), aligned, param);
+    with_flag(update.has_value(), [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      AdamOp<scalar_t, kUpdate> op{param.data_ptr<scalar_t>(),
+                                   grad.const_data_ptr<scalar_t>(),
+                                   exp_avg.data_ptr<scalar_t>(),
+                                   exp_avg_sq.data_ptr<scalar_t>(),
+                                   amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr,
+                                   AdamArgs{beta1, beta2, eps, weight_decay, amsgrad, maximize},
+                                   step_arg,
+                                   lr_arg,
+                                   update_ptr<scalar_t>(update)};
+      const bool aligned = aligned16(op.p) && aligned16(op.g) && aligned16(op.m) && aligned16(op.v) &&
+                           (!amsgrad || aligned16(op.vmax)) && (!kUpdate || aligned16(op.update));
+      launch<scalar_t>(op, param.numel(), aligned, param);
+    });
   });
 }
 
-void task_end_cuda(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc) {
+void task_end_cuda(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc,
+                   const std::optional<at::Tensor>& update) {
   check_task_buffers(param, anchor, acc, c10::DeviceType::CUDA);
+  check_update(update, param);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "task_end_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    TaskEndOp<scalar_t> op{param.data_ptr<scalar_t>(), anchor.const_data_ptr<scalar_t>(), acc.data_ptr<opmath_t>()};
-    const bool aligned = aligned16(op.p) && aligned16(op.anchor) && aligned16(op.acc);
-    launch<scalar_t>(op, param.numel(), aligned, param);
+    with_flag(update.has_value(), [&](auto has_update) {
+      constexpr bool kUpdate = decltype(has_update)::value;
+      TaskEndOp<scalar_t, kUpdate> op{param.data_ptr<scalar_t>(), anchor.const_data_ptr<scalar_t>(),
+                                      acc.data_ptr<opmath_t>(), update_ptr<scalar_t>(update)};
+      const bool aligned = aligned16(op.p) && aligned16(op.anchor) && aligned16(op.acc) &&
+                           (!kUpdate || aligned16(op.update));
+      launch<scalar_t>(op, param.numel(), aligned, param);
+    });
   });
 }
 
@@ -350,16 +435,26 @@ void meta_update_cuda(const at::Tensor& param, const at::Tensor& anchor, const a
 }
 
 void batched_meta_update_cuda(const at::Tensor& theta, const at::Tensor& tasks, double meta_lr,
-                              const std::optional<at::Tensor>& meta_lr_tensor, bool write_back) {
+                              const std::optional<at::Tensor>& meta_lr_tensor, bool write_back,
+                              const std::optional<at::Tensor>& updates) {
   check_batched_buffers(theta, tasks, c10::DeviceType::CUDA);
+  check_batched_updates(updates, theta, tasks);
   const ScalarArg lr_arg = make_scalar(meta_lr, meta_lr_tensor, theta, "meta_lr");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, theta.scalar_type(), "batched_meta_update_cuda", [&] {
-    BatchedMetaOp<scalar_t> op{theta.data_ptr<scalar_t>(), tasks.data_ptr<scalar_t>(), tasks.size(0),
-                               theta.numel(), write_back, lr_arg};
-    // Every row must start 16-byte aligned too, so P * sizeof(scalar_t) must be a multiple of 16.
-    const bool aligned = aligned16(op.theta) &&
-                         grid::rows_aligned(reinterpret_cast<std::uintptr_t>(op.rows), op.P, sizeof(scalar_t));
-    launch<scalar_t>(op, theta.numel(), aligned, theta);
+    using opmath_t = at::opmath_type<scalar_t>;
+    with_flag(updates.has_value(), [&](auto has_updates) {
+      constexpr bool kUpdates = decltype(has_updates)::value;
+      BatchedMetaOp<scalar_t, kUpdates> op{theta.data_ptr<scalar_t>(), tasks.data_ptr<scalar_t>(),
+                                           update_ptr<scalar_t>(updates), tasks.size(0), theta.numel(), write_back,
+                                           lr_arg};
+      // Every row must start 16-byte aligned too, so P * sizeof(element) must be a multiple of 16.
+      const auto rows_aligned = [&](const void* base, std::int64_t elem_size) {
+        return grid::rows_aligned(reinterpret_cast<std::uintptr_t>(base), op.P, elem_size);
+      };
+      const bool aligned = aligned16(op.theta) && rows_aligned(op.rows, sizeof(scalar_t)) &&
+                           (!kUpdates || rows_aligned(op.updates, sizeof(opmath_t)));
+      launch<scalar_t>(op, theta.numel(), aligned, theta);
+    });
   });
 }
 

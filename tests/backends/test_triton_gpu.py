@@ -85,6 +85,53 @@ def test_compiled_ops_match_reference(T, size, dtype):
     assert torch.equal(out[1], out[0].expand_as(out[1]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("size,offset", ((4097, 0), (4097, 1), ((1 << 20) + 3, 0), ((1 << 20) + 3, 1)))
+def test_compiled_update_variants_match_reference(T, size, offset, dtype):
+    """First-order MAML's update buffer on compiled, autotuned kernels (Adam's variant has
+    its own pruned configurations), aligned and not."""
+
+    def at(t):  # a copy `offset` elements into its allocation (unaligned for offset 1)
+        base = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
+        return base[offset:].copy_(t)
+
+    p, g, b, m = (at(_randn(size, dtype, s)) for s in range(4))
+    v, vmax = at(_randn(size, dtype, 4, positive=True)), at(_randn(size, dtype, 5, positive=True))
+    u = at(torch.full((size,), 7.0, device="cuda", dtype=opmath(dtype)))
+    lr = torch.tensor(0.05, device="cuda")
+
+    ref, out = [at(t) for t in (p, g, b, u)], [at(t) for t in (p, g, b, u)]
+    R.sgd_step_(*ref[:3], lr, momentum=0.9, weight_decay=0.01, update=ref[3])
+    T.sgd_step_(*out[:3], lr, momentum=0.9, weight_decay=0.01, update=out[3])
+    for o, r, n in zip(out, ref, ("param", "grad", "buf", "update")):
+        assert_contract(o, r, f"sgd {n}")
+    assert torch.equal(out[3], out[0].to(opmath(dtype)) - p.to(opmath(dtype)))
+
+    step = torch.tensor(5.0, device="cuda")
+    ref, out = [at(t) for t in (p, g, m, v, vmax, u)], [at(t) for t in (p, g, m, v, vmax, u)]
+    R.adam_step_(*ref[:5], step, lr, weight_decay=0.01, amsgrad=True, update=ref[5])
+    T.adam_step_(*out[:5], step, lr, weight_decay=0.01, amsgrad=True, update=out[5])
+    for o, r, n in zip(out, ref, ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "update")):
+        assert_contract(o, r, f"adam {n}")
+    assert torch.equal(out[5], out[0].to(opmath(dtype)) - p.to(opmath(dtype)))
+
+    upd = at(_randn(size, opmath(dtype), 6) * 1e-2)
+    acc = at(_randn(size, opmath(dtype), 7))
+    ref, out = [at(t) for t in (p, b, acc, upd)], [at(t) for t in (p, b, acc, upd)]
+    R.task_end_(*ref)
+    T.task_end_(*out)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+
+    tasks = torch.stack([_randn(size, dtype, 10 + i) for i in range(3)])
+    updates = torch.stack([_randn(size, opmath(dtype), 20 + i) * 1e-2 for i in range(3)])
+    ref, out = [at(p), tasks.clone()], [at(p), tasks.clone()]
+    R.batched_meta_update_(*ref, 0.3, updates=updates)
+    T.batched_meta_update_(*out, 0.3, updates=updates)
+    assert_contract(out[0], ref[0], "batched theta")
+    assert torch.equal(out[1], out[0].expand_as(out[1]))
+
+
 @pytest.mark.parametrize("block", (128, 1024, 8192))
 def test_fixed_blocks_match_reference(K, block):
     """Every block size the tuner may pick computes the same thing (tails included)."""

@@ -6,8 +6,8 @@ it enumerates every kernel variant the launchers can produce (by calling them ov
 grid built from the op table's schemas), compiles a covering set of them for sm_90 and
 the all-flags-on variants for sm_80 and sm_75 too (when the installed Triton targets
 them), for every autotuning configuration, aligned and not, and reports on each.
-Measured here (2 shared cores under load, Triton 3.8, cold cache): 135 compiles in 45-70 s wall;
-``triton_aot.py --all`` (every one of the 880 variants, about 0.5-2 s each here) would
+Measured here (2 shared cores under load, Triton 3.8, cold cache): 163 compiles in 55-100 s wall;
+``triton_aot.py --all`` (every one of the 1724 variants, about 0.5-2 s each here) would
 take well over ten minutes on 2 cores and is not part of the suite.
 """
 
@@ -52,6 +52,38 @@ def _where(r):
 def test_every_kernel_is_reached_by_the_launchers(report):
     assert set(report["variants"]) == set(report["kernels"]), "a kernel no launcher launches, or one the script missed"
     assert all(n > 0 for n in report["variants"].values())
+
+
+def test_every_flag_is_compiled_both_ways(report):
+    """The covering set compiles every constexpr flag with each value the launchers give
+    it (a new flag, such as first-order MAML's HAS_UPDATE, enters the grid from the op
+    table by itself; BF16_BITS is the interpreter's and always off here)."""
+    seen: dict[tuple, set] = {}
+    for r in _ok(report):
+        for name, value in r["variant"]:
+            if isinstance(value, bool):
+                seen.setdefault((r["kernel"], name), set()).add(value)
+    flags = report["flag_values"]
+    missing = [f"{kernel} {flag}: {sorted(seen.get((kernel, flag), ()))} of {values}"
+               for kernel, by_flag in flags.items() for flag, values in by_flag.items()
+               if seen.get((kernel, flag), set()) != set(values)]  # fmt: skip
+    assert not missing, missing
+    for kernel in ("_sgd_kernel", "_adam_kernel", "_task_end_kernel"):
+        assert flags[kernel]["HAS_UPDATE"] == [False, True]
+    assert flags["_batched_meta_update_kernel"]["HAS_UPDATES"] == [False, True]
+
+
+def test_heavy_update_variants_compile_unaligned_at_every_kept_configuration(report):
+    """Adam recording its update has its own tuning configurations (the pruning keeps at
+    most 8 elements per thread for it); its all-on variant is compiled unaligned at each."""
+    from reptile_fused.backends.triton import kernels as K
+
+    expected = {(block, warps) for block, warps in K._TUNE_SPACE if block // (32 * warps) <= 8}
+    for dtype in ("*fp32", "*fp16", "*bf16", "*fp64"):
+        got = {(r["block"], r["warps"]) for r in _ok(report) if r["kernel"] == "_adam_kernel" and not r["aligned"]
+               and r["cc"] == max(report["archs"]) and ("param_ptr", dtype) in map(tuple, r["variant"])
+               and ("HAS_UPDATE", True) in map(tuple, r["variant"]) and ("AMSGRAD", True) in map(tuple, r["variant"])}  # fmt: skip
+        assert got == expected, (dtype, got)
 
 
 def test_every_variant_compiles_for_sm80_and_sm90(report):

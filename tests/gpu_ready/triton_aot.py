@@ -8,8 +8,9 @@ then the kernels are interpreter objects that cannot be compiled)::
 1. **Variants from the launchers.**  Every launcher of ``ops.LAUNCHERS`` is called over a
    grid built from its op's schema in ``op_table.OPS`` (every storage dtype; each bool
    False/True; each float 0.0/0.9, which flips every ``x != 0`` or ``|1 - x| < 0.5``
-   flag; each ``Tensor? x_tensor`` absent, float32 or float64; ``[n, P]`` buffers with
-   1 and 3 rows) with ``kernels._launch`` replaced by a recorder, so a variant a
+   flag; each ``Tensor? x_tensor`` absent, float32 or float64; every other optional
+   buffer absent and given, unless the op table says a flag decides whether the kernel
+   reads it; ``[n, P]`` buffers with 1 and 3 rows) with ``kernels._launch`` replaced by a recorder, so a variant a
    launcher can produce cannot be forgotten: a new flag or op enters the grid by itself.
    A variant is (kernel, pointer dtypes, constexpr flags).
 2. **Compile** with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
@@ -20,7 +21,8 @@ then the kernels are interpreter objects that cannot be compiled)::
    most elements per thread the autotuner may pick for the dtype; the all-on ones also
    unaligned, with a one-element buffer (float32) and a 64-bit length (float32,
    float16), Adam's at every tuning configuration, and float32/bfloat16 for the other
-   architectures.  ``--all`` compiles every variant (measured time in the
+   architectures (where the pruning keeps different configurations for some variants,
+   the all-on variant of each such group).  ``--all`` compiles every variant (measured time in the
    test's docstring).
 3. **Report** per compile: the PTX's float32 divisions (``div.rn.f32`` is IEEE,
    ``div.full.f32``/``div.approx.f32`` are not), its widest global load and store, local
@@ -68,6 +70,11 @@ def _opmath(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# Buffers of the parameters' opmath dtype (_validate's checks), and [n, P] buffers.
+OPMATH_BUFFERS = {"acc", "update", "updates"}
+ROW_BUFFERS = {"tasks", "updates"}
+
+
 def _value_grid(op, dtype):
     """Every argument list of the grid for ``op`` on ``dtype`` buffers (schema order)."""
     choices = []
@@ -75,11 +82,15 @@ def _value_grid(op, dtype):
         if arg.type == "Tensor?" and arg.name.endswith("_tensor"):
             choices.append([None, torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)])
         elif arg.type in ("Tensor", "Tensor?"):
-            buffer_dtype = _opmath(dtype) if arg.name == "acc" else dtype
-            if arg.name == "tasks":
-                choices.append([torch.zeros(rows, 16, dtype=buffer_dtype) for rows in (1, 3)])
+            buffer_dtype = _opmath(dtype) if arg.name in OPMATH_BUFFERS else dtype
+            if arg.name in ROW_BUFFERS:
+                buffers = [torch.zeros(rows, 16, dtype=buffer_dtype) for rows in (1, 3)]
             else:
-                choices.append([torch.zeros(16, dtype=buffer_dtype)])
+                buffers = [torch.zeros(16, dtype=buffer_dtype)]
+            # An optional buffer a flag gates (op.only_if) is always passed: the launcher
+            # ignores it when the flag is off, as the op table's binding arranges.
+            optional = arg.type == "Tensor?" and arg.name not in op.only_if
+            choices.append([None, *buffers] if optional else buffers)
         elif arg.type == "float":
             choices.append([0.0, 0.9])
         elif arg.type == "bool":
@@ -165,7 +176,10 @@ def covering_set(variants: list) -> tuple[list, list]:
     float32 buffers: the all-off and all-on variants, each flag flipped from all-off,
     and each pointer-type choice (a scalar tensor absent, float32 or float64).  The
     other storage dtypes: all-off and all-on.  The all-on variant of every dtype is the
-    "heavy" one: most registers, most code.
+    "heavy" one: most registers, most code.  Where the autotuner's pruning keeps other
+    configurations for some variants of a dtype (Adam recording its update keeps fewer),
+    the all-on variant of each such group is heavy too, so that every configuration a
+    variant may be launched with is compiled for the heaviest variant launched with it.
     """
     by_dtype: dict[str, list] = {}
     for v in variants:
@@ -191,10 +205,16 @@ def covering_set(variants: list) -> tuple[list, list]:
                 if value is None or (isinstance(value, str) and value.startswith("*")):
                     for alt in sorted({dict(v)[name] for v in group} - {value}, key=str):
                         picks.append(min((v for v in group if dict(v)[name] == alt), key=str))
+        by_configs: dict[tuple, list] = {}
+        for v in group:
+            by_configs.setdefault(tuple(tuning_configs(v)), []).append(v)
+        for same in by_configs.values():
+            top = max(same, key=lambda v: (count(v), pointer_count(v), str(v)))
+            picks.append(top)
+            heavy.append(top)
         for v in picks:
             if v not in chosen:
                 chosen.append(v)
-        heavy.append(high)
     return chosen, heavy
 
 
@@ -271,10 +291,13 @@ def compile_one(fn, variant, cc, block, warps, aligned=True, n_spec="i32") -> di
 
 def tuning_configs(variant) -> list[tuple[int, int]]:
     """The (BLOCK, num_warps) configurations the autotuner's pruning keeps for a large
-    buffer of this variant's dtype: what it may launch."""
-    dtype = {v: k for k, v in TRITON_DTYPE.items()}[_dtype_of(variant)[1:]]
-    first = next(name for name, v in variant if isinstance(v, str) and v.startswith("*"))
-    kept = K._prune_for_size(K._configs(), {"n_elements": 1 << 24, first: torch.empty(0, dtype=dtype)})
+    buffer of this variant (its pointer arguments given, empty, with their dtypes; absent
+    ones None): what it may launch."""
+    dtypes = {v: k for k, v in TRITON_DTYPE.items()}
+    named = {name: None if v is None else torch.empty(0, dtype=dtypes[v[1:]])
+             for name, v in variant if v is None or isinstance(v, str) and v.startswith("*")}  # fmt: skip
+    named["n_elements"] = 1 << 24
+    kept = K._prune_for_size(K._configs(), named)
     return [(c.kwargs["BLOCK"], c.num_warps) for c in kept]
 
 
@@ -351,6 +374,9 @@ def main(argv=None) -> int:
         "archs": archs,
         "all": args.all,
         "variants": {name: len(vs) for name, vs in variants.items()},
+        # Each constexpr flag's values over the variants the launchers can produce.
+        "flag_values": {name: {flag: sorted({dict(v)[flag] for v in vs}) for flag, _ in _flags(vs[0])}
+                        for name, vs in variants.items()},  # fmt: skip
         "kernels": sorted(kernels),
         "compiles": len(records),
         "workers": workers,

@@ -4,7 +4,9 @@ This module imports Triton; only :mod:`reptile_fused.backends.triton.ops` import
 when Triton is installed.
 
 Every kernel is one 1-D grid over a flat buffer: program ``i`` owns elements
-``[i * BLOCK, (i + 1) * BLOCK)``, masked at the tail.  The arithmetic follows
+``[i * BLOCK, (i + 1) * BLOCK)``, masked at the tail.  First-order MAML's optional
+``update`` buffer is a constexpr flag (``HAS_UPDATE``); without it the pointer is passed
+as None, so those variants compile to the code they did before the buffer existed.  The arithmetic follows
 :mod:`reptile_fused.reference` operation by operation (same operand order), in the
 opmath dtype (float32 for 16-bit buffers), and each output is rounded once on store.
 
@@ -125,6 +127,22 @@ def _store(ptr, offs, x, mask, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
+def _record_update(update_ptr, param_ptr, offs, new, old, mask, OPMATH: tl.constexpr, BF16_BITS: tl.constexpr):
+    """``update <- stored(new) - old`` in opmath (first-order MAML's record of a step).
+
+    ``stored(new)`` is ``new`` rounded to the parameter's dtype as :func:`_store` rounds
+    it into ``param_ptr``, widened back (exact); the subtraction is one opmath op.
+    ``update`` has the opmath dtype, so its store rounds nothing."""
+    if BF16_BITS:
+        b = new.to(tl.uint32, bitcast=True)
+        b = tl.where(new != new, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1)).to(tl.uint32)
+        stored = (b & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        stored = new.to(param_ptr.dtype.element_ty).to(OPMATH)
+    tl.store(update_ptr + offs, stored - old, mask=mask)
+
+
+@triton.jit
 def _block(n_elements, BLOCK: tl.constexpr):
     # int64 offsets: a single buffer may hold more than 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -151,11 +169,11 @@ def _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
 
 @triton.jit
 def _sgd_kernel(
-    param_ptr, grad_ptr, buf_ptr,
+    param_ptr, grad_ptr, buf_ptr, update_ptr,
     lr_bits, lr_ptr, momentum_bits, one_minus_dampening_bits, weight_decay_bits,
     n_elements,
     LR_FROM_PTR: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr, HAS_UPDATE: tl.constexpr,
     OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
@@ -174,19 +192,22 @@ def _sgd_kernel(
         else:
             g = buf
     neg_lr = -_scalar(lr_bits, lr_ptr, LR_FROM_PTR, OPMATH)
-    _store(param_ptr, offs, p + neg_lr * g, mask, BF16_BITS)
+    new = p + neg_lr * g
+    _store(param_ptr, offs, new, mask, BF16_BITS)
+    if HAS_UPDATE:
+        _record_update(update_ptr, param_ptr, offs, new, p, mask, OPMATH, BF16_BITS)
 
 
 @triton.jit
 def _adam_kernel(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, update_ptr,
     lr_bits, lr_ptr, step_ptr,
     bias_correction1_bits, bias_correction2_sqrt_bits,
     log_beta1_bits, log_beta2_bits,
     lerp_weight_bits, beta2_bits, one_minus_beta2_bits, eps_bits, weight_decay_bits,
     n_elements,
     LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, LERP_WEIGHT_SMALL: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_UPDATE: tl.constexpr,
     OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
@@ -226,20 +247,27 @@ def _adam_kernel(
     else:
         denom = _div(_sqrt(v, OPMATH), bc2_sqrt, OPMATH) + eps
     # addcdiv computes value * t1 / t2 left to right.
-    p = p + _div(neg_step_size * m, denom, OPMATH)
+    new = p + _div(neg_step_size * m, denom, OPMATH)
     _store(exp_avg_ptr, offs, m, mask, BF16_BITS)
     _store(exp_avg_sq_ptr, offs, v, mask, BF16_BITS)
-    _store(param_ptr, offs, p, mask, BF16_BITS)
+    _store(param_ptr, offs, new, mask, BF16_BITS)
+    if HAS_UPDATE:
+        _record_update(update_ptr, param_ptr, offs, new, p, mask, OPMATH, BF16_BITS)
 
 
 @triton.jit
 def _task_end_kernel(
-    param_ptr, anchor_ptr, acc_ptr, n_elements,
-    OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    param_ptr, anchor_ptr, acc_ptr, update_ptr, n_elements,
+    HAS_UPDATE: tl.constexpr, OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
-    # acc has the opmath dtype, so widening the parameter to it is exact.
-    p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
+    if HAS_UPDATE:
+        # First-order MAML: the task ended at anchor + update (rounded in opmath before it
+        # is accumulated); the parameter is not read.
+        p = _load(anchor_ptr, offs, mask, OPMATH, BF16_BITS) + tl.load(update_ptr + offs, mask=mask)
+    else:
+        # acc has the opmath dtype, so widening the parameter to it is exact.
+        p = _load(param_ptr, offs, mask, OPMATH, BF16_BITS)
     tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask) + p, mask=mask)
     tl.store(param_ptr + offs, tl.load(anchor_ptr + offs, mask=mask), mask=mask)
 
@@ -263,23 +291,33 @@ def _meta_update_kernel(
 
 @triton.jit
 def _batched_meta_update_kernel(
-    theta_ptr, tasks_ptr,
+    theta_ptr, tasks_ptr, updates_ptr,
     meta_lr_bits, meta_lr_ptr,
     n_elements, n_rows,
-    META_LR_FROM_PTR: tl.constexpr, WRITE_BACK: tl.constexpr,
+    META_LR_FROM_PTR: tl.constexpr, WRITE_BACK: tl.constexpr, HAS_UPDATES: tl.constexpr,
     OPMATH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs, mask = _block(n_elements, BLOCK)
     # Rows summed in order, row 0 first, as the reference does; the row pointer is
     # advanced rather than recomputed so n_rows * n_elements may exceed 2**31.
-    row_ptr = tasks_ptr + offs
-    total = _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
-    # (tl.cast, not .to: Triton passes an n_rows of 1 as a constant.)
-    for _ in range(1, n_rows):
-        row_ptr += n_elements
-        total += _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
-    t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
+    if HAS_UPDATES:
+        # First-order MAML: row i counts as theta + updates[i] (rounded in opmath before
+        # it is summed); tasks is not read.  updates has the opmath dtype.
+        t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
+        row_ptr = updates_ptr + offs
+        total = t + tl.load(row_ptr, mask=mask)
+        for _ in range(1, n_rows):
+            row_ptr += n_elements
+            total += t + tl.load(row_ptr, mask=mask)
+    else:
+        row_ptr = tasks_ptr + offs
+        total = _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
+        for _ in range(1, n_rows):
+            row_ptr += n_elements
+            total += _load(row_ptr, 0, mask, OPMATH, BF16_BITS)
+        t = _load(theta_ptr, offs, mask, OPMATH, BF16_BITS)
     meta_lr = _scalar(meta_lr_bits, meta_lr_ptr, META_LR_FROM_PTR, OPMATH)
+    # (tl.cast, not .to: Triton passes an n_rows of 1 as a constant.)
     new = t + meta_lr * (_div(total, tl.cast(n_rows, OPMATH), OPMATH) - t)
     _store(theta_ptr, offs, new, mask, BF16_BITS)
     if WRITE_BACK:
@@ -312,12 +350,15 @@ def _configs() -> list:
 
 def _prune_for_size(configs, named_args, **kwargs):
     """Blocks much larger than the buffer only waste lanes: keep those that fit.  Float64
-    buffers keep at most 8 elements per thread: with 16, Adam spills on unaligned buffers."""
+    buffers keep at most 8 elements per thread: with 16, Adam spills on unaligned buffers.
+    So does Adam recording its update (an ``update_ptr`` given) on unaligned float32
+    buffers, and on 16-bit ones it reaches the 255-register cap: at most 8 there too."""
     n = named_args["n_elements"]
     limit = max(1024, triton.next_power_of_2(max(int(n), 1)))
     kept = [c for c in configs if c.kwargs["BLOCK"] <= limit]
     first = next((v for v in named_args.values() if isinstance(v, Tensor)), None)
-    if first is not None and first.dtype == torch.float64:
+    adam_update = named_args.get("exp_avg_ptr") is not None and named_args.get("update_ptr") is not None
+    if first is not None and first.dtype == torch.float64 or adam_update:
         kept = [c for c in kept if c.kwargs["BLOCK"] <= 8 * 32 * c.num_warps]
     return kept or configs[:1]
 
@@ -334,8 +375,10 @@ def _autotuned(kernel, mutated: list[str], key: list[str]):
 
 
 _sgd_tuned = _autotuned(_sgd_kernel, ["param_ptr", "buf_ptr"], ["n_elements"])
+# HAS_UPDATE in Adam's key: the pruning above depends on it, so a configuration tuned
+# without an update buffer must not be reused with one.
 _adam_tuned = _autotuned(
-    _adam_kernel, ["param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr"], ["n_elements"]
+    _adam_kernel, ["param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr"], ["n_elements", "HAS_UPDATE"]
 )
 _task_end_tuned = _autotuned(_task_end_kernel, ["param_ptr", "acc_ptr"], ["n_elements"])
 _meta_update_tuned = _autotuned(_meta_update_kernel, ["param_ptr", "acc_ptr"], ["n_elements"])
@@ -402,7 +445,9 @@ def _unused(param: Tensor) -> Tensor:
     """Stand-in for an absent optional buffer the kernel will not touch.
 
     Not None: many Triton releases' ``restore_value`` hooks call ``.clone()`` on every
-    listed argument, None included.
+    listed argument, None included.  An absent ``update`` buffer is passed as None: no
+    kernel lists it for restoring (it is only read, or written from restored inputs,
+    the same on every tuning trial), and None adds no kernel argument.
     """
     return param
 
@@ -427,6 +472,7 @@ def sgd(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    update: Tensor | None = None,
     block: int | None = None,
 ) -> None:
     n = param.numel()
@@ -434,7 +480,7 @@ def sgd(
         return
     has_momentum = momentum != 0
     args = (
-        param, grad, momentum_buffer if has_momentum else _unused(param),
+        param, grad, momentum_buffer if has_momentum else _unused(param), update,
         f64_bits(lr), lr_t, f64_bits(momentum), f64_bits(1 - dampening), f64_bits(weight_decay),
         n,
     )  # fmt: skip
@@ -446,6 +492,7 @@ def sgd(
         # Without momentum the flags below change nothing: fixed, so they make no new variant.
         NESTEROV=bool(nesterov) and has_momentum,
         FIRST_STEP=bool(first_step) and has_momentum,
+        HAS_UPDATE=update is not None,
         OPMATH=_opmath(param),
         BF16_BITS=_bf16_bits(param),
     )
@@ -468,6 +515,7 @@ def adam(
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
+    update: Tensor | None = None,
     block: int | None = None,
 ) -> None:
     n = param.numel()
@@ -485,7 +533,7 @@ def adam(
     opmath = _opmath(param)
     rounded_weight = lerp_weight if opmath == tl.float64 else _round_f32(lerp_weight)
     args = (
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else _unused(param),
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else _unused(param), update,
         f64_bits(lr), lr_t, step_t,
         f64_bits(bias_correction1), f64_bits(bias_correction2_sqrt),
         f64_bits(log_beta1), f64_bits(log_beta2),
@@ -499,18 +547,19 @@ def adam(
         HAS_WEIGHT_DECAY=weight_decay != 0,
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),
+        HAS_UPDATE=update is not None,
         OPMATH=opmath,
         BF16_BITS=_bf16_bits(param),
     )
     _launch(_adam_kernel, _adam_tuned, n, block, args, consts)
 
 
-def task_end(param: Tensor, anchor: Tensor, acc: Tensor, block: int | None = None) -> None:
+def task_end(param: Tensor, anchor: Tensor, acc: Tensor, update: Tensor | None = None, block: int | None = None) -> None:
     n = param.numel()
     if n == 0:
         return
-    consts = dict(OPMATH=_opmath(param), BF16_BITS=_bf16_bits(param))
-    _launch(_task_end_kernel, _task_end_tuned, n, block, (param, anchor, acc, n), consts)
+    consts = dict(HAS_UPDATE=update is not None, OPMATH=_opmath(param), BF16_BITS=_bf16_bits(param))
+    _launch(_task_end_kernel, _task_end_tuned, n, block, (param, anchor, acc, update, n), consts)
 
 
 def meta_update(
@@ -542,15 +591,17 @@ def batched_meta_update(
     meta_lr: float,
     meta_lr_t: Tensor | None,
     write_back: bool,
+    updates: Tensor | None = None,
     block: int | None = None,
 ) -> None:
     n = theta.numel()
     if n == 0:
         return
-    args = (theta, tasks, f64_bits(meta_lr), meta_lr_t, n, tasks.shape[0])
+    args = (theta, tasks, updates, f64_bits(meta_lr), meta_lr_t, n, tasks.shape[0])
     consts = dict(
         META_LR_FROM_PTR=meta_lr_t is not None,
         WRITE_BACK=bool(write_back),
+        HAS_UPDATES=updates is not None,
         OPMATH=_opmath(theta),
         BF16_BITS=_bf16_bits(theta),
     )

@@ -509,7 +509,8 @@ def capturable_backend(request):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [SGD_CASES[1], ADAM_CASES[0]], ids=case_id)
 @pytest.mark.parametrize("reset", ["task", "never"])
-def test_graph_replay_equals_eager_with_annealing(case, reset, monkeypatch, capturable_backend):
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_graph_replay_equals_eager_with_annealing(case, reset, algorithm, monkeypatch, capturable_backend):
     backend = capturable_backend
     # Same kernels in both runs: deterministic cuDNN algorithms, no TF32.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
@@ -521,7 +522,7 @@ def test_graph_replay_equals_eager_with_annealing(case, reset, monkeypatch, capt
     xs, ys = xs.cuda(), ys.cuda()
     # Adam: conv biases frozen, as in test_omniglot_net_adam_matches_sequential.
     eager_model, graph_model = conv(conv_bias=not adam).cuda(), conv(conv_bias=not adam).cuda()
-    kwargs = dict(loss_fn=F.cross_entropy, backend=backend, reset_inner_state=reset, **case)
+    kwargs = dict(loss_fn=F.cross_entropy, backend=backend, reset_inner_state=reset, algorithm=algorithm, **case)
     eager = BatchedReptile(eager_model, n, **kwargs)
     graph = BatchedReptile(graph_model, n, capture=True, **kwargs)
     for t in range(iters):

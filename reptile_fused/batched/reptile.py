@@ -52,7 +52,7 @@ class _Group:
         # Padding stays zero here forever: only the parameter views are ever written.
         self.grad = torch.zeros(n, P, device=self.device, dtype=self.dtype)
         self.state: dict[str, Tensor] = {}
-        # First-order MAML: each row's last inner update (opmath dtype), created on demand.
+        # First-order MAML: each row's last inner update (opmath dtype).
         self.updates: Tensor | None = None
         self.leaves: list[Tensor] = []
         self.grad_views: list[Tensor] = []
@@ -207,6 +207,10 @@ class BatchedReptile:
         self.loss_fn = loss_fn
         self.hyper = hyper
         self._groups = [_Group(params, n_tasks, backend, memory_format) for params in by_key.values()]
+        if algorithm == "fomaml":
+            # Allocated now, not inside the first (possibly captured) iteration.
+            for g in self._groups:
+                g.update_buffer()
         self._params = {
             name: leaf for g in self._groups for name, leaf in zip(g.names, g.leaves)
         }

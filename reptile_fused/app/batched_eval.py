@@ -16,6 +16,13 @@ Same tasks, same mini-batches (the caller draws them in the sequential order), s
 the scores agree with the sequential ones: on float64 the accuracies are identical;
 on float32 vmap's batched kernels sum in another order, which moves the adapted
 weights by rounding (see docs/batched.md) and can flip a near-tied query prediction.
+
+On a GPU the whole adaptation (every inner step's forward, backward and fused
+optimizer step, all n tasks) can be recorded once as a CUDA graph and replayed for
+each following batch of tasks (``capture=True``, ``eval --eval-cuda-graph``), as
+:class:`~reptile_fused.BatchedReptile` replays a meta-iteration: the task rows, the
+inputs, the learning rate and Adam's step count live in fixed device buffers that
+are refilled before each replay.
 """
 
 from __future__ import annotations
@@ -29,9 +36,17 @@ from torch.func import functional_call, vmap
 from .. import inner
 from ..batched.batchable import NotBatchableError, check_batchable, failing_layer
 from ..batched.vmap_rules import CAN_FOLD, FoldTasksIntoChannels
+from .._validate import opmath_dtype
+from ..batched.graph import CapturedIteration, graph_key
+from ..batched.reptile import _CAPTURABLE_BACKENDS
 from ..optimizer import ReptileOptimizer
 
-__all__ = ["BatchedAdapter", "NotBatchableError", "default_eval_batch_tasks"]
+__all__ = ["BatchedAdapter", "NotBatchableError", "capture_unavailable_reason", "default_eval_batch_tasks"]
+
+# Adaptations of other input shapes (or first-step flags) beyond this many run eagerly:
+# each graph keeps its own memory pool.  An evaluation needs at most two (its full
+# batches and the last, smaller one).
+MAX_GRAPHS = 4
 
 
 def default_eval_batch_tasks(device: torch.device) -> int:
@@ -44,28 +59,64 @@ def default_eval_batch_tasks(device: torch.device) -> int:
     return 32 if torch.device(device).type == "cuda" else 1
 
 
-class _Rows:
-    """One flat buffer of the optimizer and its n task rows."""
+def capture_unavailable_reason(opt: ReptileOptimizer) -> str | None:
+    """Why ``opt``'s adaptation cannot be recorded as a CUDA graph (``None``: it can)."""
+    devices = {f.buffer.device.type for f in opt._flats}
+    if devices != {"cuda"}:
+        return f"CUDA graphs need CUDA tensors, the model's parameters are on {sorted(devices)}"
+    slow = sorted({f.backend.__name__.rsplit(".", 1)[-1] for f in opt._flats} - set(_CAPTURABLE_BACKENDS))
+    if slow:
+        return (f"backend {slow[0]!r} reads the learning rate and the step count on the host, which a CUDA graph "
+                "cannot hold; capture needs the 'cpp' or 'triton' backend")
+    return None
 
-    def __init__(self, flat, names: list[str], group: dict, n: int):
+
+class _Rows:
+    """One flat buffer of the optimizer and its n task rows.
+
+    ``device_scalars``: the learning rate and Adam's step count live in 0-dim device
+    tensors the backend reads (what a captured graph needs), refilled by :meth:`load`.
+    """
+
+    def __init__(self, flat, names: list[str], group: dict, n: int, inner_optimizer: str,
+                 device_scalars: bool = False):
         b = flat.buffer
-        if len(set(flat.steps)) > 1:
-            raise NotBatchableError("the optimizer's parameters are at different inner step counts")
+        self.flat = flat
         self.buffer = b
         self.backend = flat.backend
         self.group = group
         self.names = names
-        self.steps0 = flat.steps[0] if flat.steps else 0
-        self.tasks = b.data.unsqueeze(0).repeat(n, 1)
+        self.tasks = torch.empty((n, *b.data.shape), device=b.data.device, dtype=b.data.dtype)
         self.grad = torch.zeros_like(self.tasks)
-        self.state = {key: buf.unsqueeze(0).repeat(n, 1) for key, buf in flat.state.items()}
+        self.state = {key: torch.empty_like(self.tasks) for key in inner.state_keys(inner_optimizer, group)}
         self.leaves = [b.row_view(self.tasks, i).detach().requires_grad_() for i in range(len(b.params))]
         self.grad_views = [b.row_view(self.grad, i) for i in range(len(b.params))]
+        kind = opmath_dtype(b.data.dtype)
+        self.lr_t = torch.zeros((), device=b.data.device, dtype=kind) if device_scalars else None
+        self.step_t = torch.zeros((), device=b.data.device, dtype=kind) if device_scalars else None
+        self.load()
 
-    def state_buffer(self, key: str) -> Tensor:
-        if key not in self.state:
-            self.state[key] = torch.zeros_like(self.tasks)
-        return self.state[key]
+    def load(self) -> None:
+        """Every row from the optimizer's current weights and inner state."""
+        flat = self.flat
+        if len(set(flat.steps)) > 1:
+            raise NotBatchableError("the optimizer's parameters are at different inner step counts")
+        self.steps0 = flat.steps[0] if flat.steps else 0
+        self.tasks.copy_(self.buffer.data.unsqueeze(0).expand_as(self.tasks))
+        for key, rows in self.state.items():
+            if key in flat.state:
+                rows.copy_(flat.state[key].unsqueeze(0).expand_as(rows))
+            else:  # no step taken yet: torch's state starts at zero
+                rows.zero_()
+        if self.lr_t is not None:
+            self.lr_t.fill_(self.group["lr"])
+            self.step_t.fill_(self.steps0)
+
+    def frozen(self) -> tuple:
+        """What a captured graph holds fixed: the first-step rule and every hyperparameter
+        but the learning rate (read from ``lr_t``)."""
+        hyper = tuple((k, v) for k, v in sorted(self.group.items()) if k not in ("params", "lr"))
+        return (self.steps0 == 0, repr(hyper))
 
 
 class BatchedAdapter:
@@ -76,9 +127,23 @@ class BatchedAdapter:
     batched protocol would not reproduce the sequential one: running-statistics batch
     norm, parameters outside the optimizer, or parameters at different inner step
     counts.  A model vmap cannot run fails at the first :meth:`adapt` with it too.
+
+    ``capture=True`` (CUDA, ``cpp`` or ``triton`` backend; otherwise a ``ValueError``
+    saying why) records :meth:`adapt` as a CUDA graph at its first call for each input
+    shape and replays it afterwards.  The graph reads the learning rate and Adam's step
+    count from device tensors, as the captured :class:`~reptile_fused.BatchedReptile`
+    does, so it agrees with the eager adaptation to rounding (Adam's bias corrections
+    from a device step count), not bit for bit.
     """
 
-    def __init__(self, model: nn.Module, opt: ReptileOptimizer, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+    def __init__(self, model: nn.Module, opt: ReptileOptimizer, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 capture: bool = False):
+        if not isinstance(capture, bool):
+            raise ValueError(f"capture must be True or False, got {capture!r}")
+        if capture:
+            reason = capture_unavailable_reason(opt)
+            if reason is not None:
+                raise ValueError(f"capture=True is impossible here: {reason}")
         check_batchable(model)
         self.model = model
         self.opt = opt
@@ -96,6 +161,11 @@ class BatchedAdapter:
             covered.update(id(p) for p in f.buffer.params)
         if any(p.requires_grad and id(p) not in covered for p in model.parameters()):
             raise NotBatchableError("some trainable parameters of the model are not in the optimizer")
+        self.capture = capture
+        # Rows whose lr / step count are device tensors: set by capture (a test sets it
+        # alone to run that bookkeeping eagerly where no GPU is).
+        self._device_scalars = capture
+        self._graphs: dict[tuple, tuple[list[_Rows], CapturedIteration, tuple]] = {}
         self._losses = vmap(self._task_loss, in_dims=(0, 0, 0), randomness="different")
         self._forward = vmap(self._task_forward, in_dims=(0, 0), randomness="different")
 
@@ -117,16 +187,48 @@ class BatchedAdapter:
             raise NotBatchableError(f"torch.func.vmap cannot run the model: failed {where}: "
                                     f"{type(exc).__name__}: {exc}") from exc
 
+    def _new_rows(self, n: int) -> list[_Rows]:
+        return [_Rows(f, names, self.opt.param_groups[f.group_index], n, self.inner_optimizer, self._device_scalars)
+                for f, names in zip(self._flats, self._flat_names)]
+
     def adapt(self, xs: Tensor, ys: Tensor) -> list[_Rows]:
         """Adapt ``xs.shape[1]`` tasks: ``xs[s, i]`` / ``ys[s, i]`` is task i's batch at inner step s.
 
-        Returns the rows (the adapted weights, one row per task) for :meth:`predict`.
+        Returns the rows (the adapted weights, one row per task) for :meth:`predict`;
+        with ``capture``, they are overwritten by the next call.
         """
-        n = xs.shape[1]
-        rows = [_Rows(f, names, self.opt.param_groups[f.group_index], n) for f, names in zip(self._flats, self._flat_names)]
+        if not self.capture:
+            rows = self._new_rows(xs.shape[1])
+            self._steps(rows, xs, ys)
+            return rows
+        key = graph_key(xs, ys, None)
+        entry = self._graphs.get(key)
+        if entry is None and len(self._graphs) >= MAX_GRAPHS:
+            rows = self._new_rows(xs.shape[1])
+            self._steps(rows, xs, ys)
+            return rows
+        if entry is not None:
+            rows, graph, frozen = entry
+            for r in rows:
+                r.load()
+            if tuple(r.frozen() for r in rows) == frozen:
+                graph.replay(xs, ys)
+                return rows
+        else:
+            rows = self._new_rows(xs.shape[1])
+        # First sight of this shape, or what the graph holds fixed changed: record anew.
+        # The recording's warm-up adapts these tasks, so the rows hold the result.
+        graph = CapturedIteration(lambda x, y, _: self._steps(rows, x, y), xs, ys, None,
+                                  device=rows[0].tasks.device)  # fmt: skip
+        self._graphs[key] = (rows, graph, tuple(r.frozen() for r in rows))
+        return rows
+
+    def _steps(self, rows: list[_Rows], xs: Tensor, ys: Tensor) -> None:
+        """Every inner step of the adaptation, from the rows as loaded."""
         params = {name: leaf for r in rows for name, leaf in zip(r.names, r.leaves)}
         leaves = [leaf for r in rows for leaf in r.leaves]
         views = [v for r in rows for v in r.grad_views]
+        adam = self.inner_optimizer == "adam"
         was_training = self.model.training
         self.model.train()
         try:
@@ -144,14 +246,17 @@ class BatchedAdapter:
                     for r in rows:
                         h = r.group
                         count = r.steps0 + s
+                        step = count + 1
+                        if r.step_t is not None and adam:
+                            r.step_t.add_(1)  # on the device: a replay counts from the loaded value
+                            step = r.step_t
                         inner.step_(
                             r.backend, self.inner_optimizer, h, r.tasks.view(-1), r.grad.view(-1),
-                            {key: r.state_buffer(key).view(-1) for key in inner.state_keys(self.inner_optimizer, h)},
-                            lr=h["lr"], step=count + 1, first_step=count == 0,
+                            {key: buf.view(-1) for key, buf in r.state.items()},
+                            lr=r.lr_t if r.lr_t is not None else h["lr"], step=step, first_step=count == 0,
                         )  # fmt: skip
         finally:
             self.model.train(was_training)
-        return rows
 
     @torch.no_grad()
     def predict(self, rows: list[_Rows], support_x: Tensor, query_x: Tensor, transductive: bool) -> Tensor:

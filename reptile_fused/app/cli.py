@@ -114,6 +114,9 @@ def _add_eval_protocol(g) -> None:
                    help="evaluation tasks adapted at once under vmap (the same tasks as one at a time, scores equal up to "
                         "float32 rounding; "
                         "default: 32 on CUDA, 1 on the CPU, where batching measured no faster)")
+    g.add_argument("--eval-cuda-graph", action="store_true",
+                   help="record the batched adaptation of the evaluation tasks once as a CUDA graph and replay it "
+                        "(CUDA, backend cpp or triton, --eval-batch-tasks of 2 or more)")
 
 
 # ---------------------------------------------------------------------- parser
@@ -272,6 +275,7 @@ def cmd_train(args) -> int:
     device = _device(args.device)
     _check_backend(args.backend, device)
     _eval_batch_tasks(args, device)  # refuse a bad --eval-batch-tasks before any work
+    _check_eval_cuda_graph(args, device)
     if args.tensorboard:
         _check_tensorboard()
     # Under torchrun (WORLD_SIZE > 1) each process joins the group and takes its own GPU.
@@ -344,7 +348,7 @@ def _train_locked(args, device, run_dir: Path) -> int:
     if args.resume:
         trainer = resume(run_dir, device=device, backend=args.backend, overrides=explicit, progress=not args.quiet,
                          memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
-                         notice=_notice, tensorboard=args.tensorboard)
+                         notice=_notice, tensorboard=args.tensorboard, eval_cuda_graph=args.eval_cuda_graph)
         c = trainer.config
         print(f"Resuming {run_dir} at iteration {trainer.iteration:,} of {c.meta_iters:,}"
               + (f" (extended from {trainer.extended_from:,}; meta step {c.meta_step_at(trainer.iteration):.4g} now, "
@@ -358,7 +362,7 @@ def _train_locked(args, device, run_dir: Path) -> int:
             raise CLIError(str(exc)) from exc
         trainer = Trainer(config, device=device, backend=args.backend, run_dir=run_dir, progress=not args.quiet,
                           memory_format=_memory_format(args), eval_batch_tasks=_eval_batch_tasks(args, device),
-                          notice=_notice, tensorboard=args.tensorboard)
+                          notice=_notice, tensorboard=args.tensorboard, eval_cuda_graph=args.eval_cuda_graph)
         c = config
         what = (f"sine waves ({c.effective_train_shots} points per training task, {c.shots}-shot evaluation)"
                 if c.dataset == "sine" else
@@ -391,6 +395,18 @@ def _eval_batch_tasks(args, device) -> int:
     return n
 
 
+def _check_eval_cuda_graph(args, device) -> None:
+    """What can be refused before any work (the backend is checked once the optimizer exists)."""
+    if not args.eval_cuda_graph:
+        return
+    if device.type != "cuda":
+        raise CLIError(f"--eval-cuda-graph needs a CUDA device, got {device}")
+    n = _eval_batch_tasks(args, device)
+    if n < 2:
+        raise CLIError(f"--eval-cuda-graph records the batched adaptation: it needs --eval-batch-tasks of 2 or more, "
+                       f"got {n}")
+
+
 def _check_tensorboard() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -410,6 +426,7 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
+    _check_eval_cuda_graph(args, device)
     if args.json:
         _check_output(args.json, "--json")
     path = Path(args.checkpoint)
@@ -450,7 +467,7 @@ def cmd_eval(args) -> int:
     batch_tasks = _eval_batch_tasks(args, device)
     result = evaluate(model, opt, problem, split, args.eval_samples, config.eval_batch, config.eval_iters,
                       config.transductive, generator, progress=not args.quiet, batch_tasks=batch_tasks,
-                      notice=_notice)
+                      notice=_notice, cuda_graph=args.eval_cuda_graph)
     metric = problem.metric
     value, ci = result[metric], result["ci95"]
     key = "accuracy" if metric == "acc" else "mse"
@@ -464,7 +481,7 @@ def cmd_eval(args) -> int:
             "eval_batch": config.eval_batch, "eval_iters": config.eval_iters, "transductive": config.transductive,
             "learning_rate": config.learning_rate, "inner_optimizer": config.inner_optimizer,
             "seed": args.seed, "device": str(device), "backend": opt.backends[0],
-            "eval_batch_tasks": result["batch_tasks"],
+            "eval_batch_tasks": result["batch_tasks"], "eval_cuda_graph": result["cuda_graph"],
         },
     }
     ci_text = "n/a" if ci is None else (f"{100 * ci:.2f}" if key == "accuracy" else f"{ci:.4f}")

@@ -133,21 +133,38 @@ def score_tasks_batched(adapter, problem, drawn: list, transductive: bool) -> li
     return [problem.score(out[i], t.query_y) for i, t in enumerate(tasks)]
 
 
+def check_eval_cuda_graph(opt, batch_tasks: int) -> None:
+    """A ``ValueError`` (one line, for the command line) when ``--eval-cuda-graph`` cannot apply."""
+    from .batched_eval import capture_unavailable_reason
+
+    if batch_tasks < 2:
+        raise ValueError(f"--eval-cuda-graph records the batched adaptation: it needs --eval-batch-tasks of 2 or more, "
+                         f"got {batch_tasks}")
+    reason = capture_unavailable_reason(opt)
+    if reason is not None:
+        raise ValueError(f"--eval-cuda-graph is impossible here: {reason}")
+
+
 class EvalBatching:
     """How evaluation tasks are adapted: ``batch_tasks`` at once under vmap, or one at a
-    time where batching does not apply (then :attr:`notice` says why, in one line)."""
+    time where batching does not apply (then :attr:`notice` says why, in one line).
+    ``cuda_graph``: the batched adaptation is recorded as a CUDA graph and replayed
+    (checked by :func:`check_eval_cuda_graph`)."""
 
-    def __init__(self, model, opt, problem, batch_tasks: int):
+    def __init__(self, model, opt, problem, batch_tasks: int, cuda_graph: bool = False):
         if not isinstance(batch_tasks, int) or batch_tasks < 1:
             raise ValueError(f"--eval-batch-tasks must be >= 1, got {batch_tasks}")
+        if cuda_graph:
+            check_eval_cuda_graph(opt, batch_tasks)
         self.batch_tasks = batch_tasks
+        self.cuda_graph = cuda_graph
         self.adapter = None
         self.notice = None
         if batch_tasks > 1:
             from .batched_eval import BatchedAdapter, NotBatchableError
 
             try:
-                self.adapter = BatchedAdapter(model, opt, problem.loss)
+                self.adapter = BatchedAdapter(model, opt, problem.loss, capture=cuda_graph)
             except NotBatchableError as exc:
                 self.fall_back(exc)
 
@@ -171,17 +188,26 @@ class EvalBatching:
 
 def evaluate(model, opt, problem, split: str, num_samples: int, eval_batch: int, eval_iters: int,
              transductive: bool, generator: torch.Generator, progress: bool = False, batch_tasks: int = 1,
-             notice: Callable[[str], None] | None = None) -> dict:
+             notice: Callable[[str], None] | None = None, cuda_graph: bool = False,
+             batching: EvalBatching | None = None) -> dict:
     """The protocol over ``num_samples`` tasks: ``{metric, "ci95", "tasks"}`` (metric: acc or mse).
 
     ``batch_tasks`` tasks adapt at once (:class:`EvalBatching`); the tasks and their
     mini-batches are the same whatever ``batch_tasks``.  ``notice`` receives the one-line
-    reason when batching does not apply.
+    reason when batching does not apply.  ``cuda_graph``: the batched adaptation is
+    recorded once as a CUDA graph and replayed (CUDA, ``cpp`` or ``triton`` backend).
+    ``batching``: an :class:`EvalBatching` of ``model`` and ``opt`` to reuse (its
+    recorded graphs with it) across calls; ``batch_tasks`` and ``cuda_graph`` must then
+    match it.
     """
     if num_samples < 1:
         raise ValueError(f"--eval-samples must be >= 1, got {num_samples}")
     restorer = Restorer(opt)
-    batching = EvalBatching(model, opt, problem, batch_tasks)
+    if batching is None:
+        batching = EvalBatching(model, opt, problem, batch_tasks, cuda_graph)
+    elif (batching.batch_tasks, batching.cuda_graph) != (batch_tasks, cuda_graph):
+        raise ValueError(f"batching adapts {batching.batch_tasks} tasks at once (cuda_graph={batching.cuda_graph}), "
+                         f"the call asks for {batch_tasks} (cuda_graph={cuda_graph})")
     told = False
     scores: list[float] = []
     bar = _progress(num_samples, progress, f"eval {split}")
@@ -200,7 +226,9 @@ def evaluate(model, opt, problem, split: str, num_samples: int, eval_batch: int,
         if bar is not None:
             bar.close()
     mean, ci = mean_ci95(scores)
-    return {problem.metric: mean, "ci95": ci, "tasks": num_samples, "batch_tasks": batching.batch_tasks if batching.adapter else 1}
+    return {problem.metric: mean, "ci95": ci, "tasks": num_samples,
+            "batch_tasks": batching.batch_tasks if batching.adapter else 1,
+            "cuda_graph": batching.adapter is not None and batching.adapter.capture}
 
 
 def _progress(total, enabled, desc):

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from ..data import inner_batches
 from ..distributed import rank_and_world, shard
-from .evaluate import EvalBatching, Restorer, adapt, draw_task
+from .evaluate import EvalBatching, Restorer, adapt, check_eval_cuda_graph, draw_task
 from ..models import build_model
 from ..optimizer import ReptileOptimizer
 from .problems import build_problem
@@ -123,10 +123,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device=None, backend: str = "auto", run_dir=None,
                  problem=None, spec=None, progress: bool = True, memory_format=None, eval_batch_tasks: int = 1,
-                 notice=None, curves: bool = True, tensorboard: bool = False):
+                 notice=None, curves: bool = True, tensorboard: bool = False, eval_cuda_graph: bool = False):
         """``eval_batch_tasks`` > 1: the periodic evaluation adapts its tasks (one per
         evaluation split) at once under vmap (same tasks, same draws); ``notice`` gets the
-        one-line reason when that does not apply.  ``curves``: keep ``RUN_DIR/curves.png``
+        one-line reason when that does not apply; ``eval_cuda_graph``: that adaptation is
+        recorded once as a CUDA graph and replayed (refused here when it cannot be).  ``curves``: keep ``RUN_DIR/curves.png``
         up to date (needs matplotlib; skipped with a notice without it).  ``tensorboard``:
         also write the metrics as TensorBoard event files into ``RUN_DIR``."""
         config.validate()
@@ -155,6 +156,9 @@ class Trainer:
         if not isinstance(eval_batch_tasks, int) or eval_batch_tasks < 1:
             raise ValueError(f"--eval-batch-tasks must be >= 1, got {eval_batch_tasks}")
         self.eval_batch_tasks = eval_batch_tasks
+        if eval_cuda_graph:
+            check_eval_cuda_graph(self.opt, eval_batch_tasks)
+        self.eval_cuda_graph = eval_cuda_graph
         self.notice = notice
         self._batching: EvalBatching | None = None
         self._told_batching = False
@@ -314,7 +318,8 @@ class Trainer:
         ``eval_batch_tasks`` > 1 (the draws and the scores do not depend on it)."""
         c = self.config
         if self._batching is None:
-            self._batching = EvalBatching(self.model, self.opt, self.problem, self.eval_batch_tasks)
+            self._batching = EvalBatching(self.model, self.opt, self.problem, self.eval_batch_tasks,
+                                          self.eval_cuda_graph)
         splits = self.problem.eval_splits
         drawn = [draw_task(self.problem, split, c.eval_batch, c.eval_iters, self.eval_gen) for split in splits]
         scores = []

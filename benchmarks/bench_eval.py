@@ -9,13 +9,15 @@ is not what is measured; the tasks are drawn the same way).  Modes:
   sequential   evaluate(..., batch_tasks=1): adapt, predict, restore, task after task
   batched_N    evaluate(..., batch_tasks=N): N tasks adapted at once under vmap, one
                fused optimizer step per inner step over all of them
+  batched_N_graph  the same adaptation recorded once as a CUDA graph and replayed
+               (--cuda-graph, CUDA only: eval --eval-cuda-graph)
 
 Each round evaluates the same ``--tasks`` tasks in every mode (modes rotated every
 round); the median over rounds is reported.  Also reports, per case, whether the
 batched accuracy equals the sequential one over those tasks.
 
     python benchmarks/bench_eval.py                       # this machine, CPU
-    python benchmarks/bench_eval.py --device cuda --batch-tasks 8 32 64
+    python benchmarks/bench_eval.py --device cuda --batch-tasks 8 32 64 --cuda-graph
 
 Rows of the harness schema (``benchmark=eval``; ``median_s`` is seconds per evaluation
 task, ``value`` tasks per second, the ratio against ``sequential`` from the same
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reptile_fused.app.config import PRESETS, TrainConfig  # noqa: E402
-from reptile_fused.app.evaluate import evaluate  # noqa: E402
+from reptile_fused.app.evaluate import EvalBatching, evaluate  # noqa: E402
 from reptile_fused.app.problems import ClassificationProblem  # noqa: E402
 from reptile_fused.app.train import make_optimizer  # noqa: E402
 from reptile_fused.data import ImageClasses  # noqa: E402
@@ -67,10 +69,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=8, help="tasks per round (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cuda-graph", action="store_true", help="also batched_N_graph modes (CUDA only)")
     ap.add_argument("--out", default=str(harness.RESULTS), help="results folder (benchmarks.csv, eval_<device>.png)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        ap.error("--cuda-graph needs --device cuda")
     rows = []
     for name in args.cases:
         preset_name, make, shape = CASES[name]
@@ -81,18 +86,24 @@ def main(argv=None) -> int:
         opt = make_optimizer(net, TrainConfig(dataset="omniglot", data_root="x", learning_rate=preset["learning_rate"]))
         problem = problem_for(shape, shots, device)
         case = f"{name} 5-way {shots}-shot (eval-batch {eval_batch}, eval-iters {eval_iters})"
-        modes = {"sequential": 1, **{f"batched_{n}": n for n in args.batch_tasks}}
+        modes = {"sequential": (1, False), **{f"batched_{n}": (n, False) for n in args.batch_tasks}}
+        if args.cuda_graph:
+            modes.update({f"batched_{n}_graph": (n, True) for n in args.batch_tasks if n > 1})
         accs: dict[str, list[float]] = {m: [] for m in modes}
+        # One per mode for all rounds, as one `eval` run keeps one: a graph is recorded
+        # at the first round (the warm-up below) and replayed in the timed ones.
+        batchings = {m: EvalBatching(net, opt, problem, *modes[m]) for m in modes}
         rounds = iter(range(10**9))
 
         def run(mode: str):
             r = next(rounds)
             res = evaluate(net, opt, problem, "test", args.tasks, eval_batch, eval_iters, False,
-                           torch.Generator().manual_seed(r // len(modes)), batch_tasks=modes[mode])  # fmt: skip
+                           torch.Generator().manual_seed(r // len(modes)), batch_tasks=modes[mode][0],
+                           cuda_graph=modes[mode][1], batching=batchings[mode])  # fmt: skip
             accs[mode].append(res["acc"])
 
         timer = harness.Timer(str(device), rounds=args.rounds)
-        samples = timer.samples({m: (lambda m=m: run(m)) for m in modes}, calls=1)
+        samples = timer.samples({m: (lambda m=m: run(m)) for m in modes}, calls=1, warmup=1 if args.cuda_graph else 0)
         for mode, seconds in samples.items():
             stats = harness.summary([t / args.tasks for t in seconds])  # seconds per evaluation task
             same = sum(a == b for a, b in zip(accs[mode], accs["sequential"]))

@@ -127,9 +127,10 @@ class Trainer:
         """``eval_batch_tasks`` > 1: the periodic evaluation adapts its tasks (one per
         evaluation split) at once under vmap (same tasks, same draws); ``notice`` gets the
         one-line reason when that does not apply; ``eval_cuda_graph``: that adaptation is
-        recorded once as a CUDA graph and replayed (refused here when it cannot be).  ``curves``: keep ``RUN_DIR/curves.png``
-        up to date (needs matplotlib; skipped with a notice without it).  ``tensorboard``:
-        also write the metrics as TensorBoard event files into ``RUN_DIR``."""
+        recorded once as a CUDA graph and replayed (refused here when it cannot be).
+        ``curves``: keep ``RUN_DIR/curves.png`` up to date (needs matplotlib; skipped with
+        a notice without it).  ``tensorboard``: also write the metrics as TensorBoard
+        event files into ``RUN_DIR``."""
         config.validate()
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()

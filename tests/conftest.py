@@ -13,6 +13,9 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# After the flag above: importing the package must not import triton before it is set.
+from reptile_fused.batched.graph import CAPTURABLE_BACKENDS  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
@@ -21,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # the marker, not a folder or file named gpu
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=CAPTURABLE_BACKENDS)
+def capturable_backend(request):
+    """Every backend a CUDA graph can record: each capture test runs on each of them."""
+    from reptile_fused.backends import available_backends
+
+    if request.param not in available_backends("cuda"):
+        pytest.skip(f"backend {request.param!r} is not available on CUDA in this build")
+    return request.param

@@ -498,14 +498,6 @@ def test_reptile_train_running_stat_batch_norm(monkeypatch):
 # ---------------------------------------------------------------- GPU: CUDA graphs
 
 
-@pytest.fixture(params=["cpp", "triton"])
-def capturable_backend(request):
-    """Every backend that can be captured: each capture test runs on cpp and on triton."""
-    if request.param not in available_backends("cuda"):
-        pytest.skip(f"backend {request.param!r} is not available on CUDA in this build")
-    return request.param
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [SGD_CASES[1], ADAM_CASES[0]], ids=case_id)
 @pytest.mark.parametrize("reset", ["task", "never"])

@@ -222,13 +222,6 @@ def test_cli_eval_cuda_graph_without_cuda_is_one_line(command, tmp_path, capsys)
 # ---------------------------------------------------------------- on a GPU
 
 
-@pytest.fixture(params=["cpp", "triton"])
-def capturable_backend(request):
-    if request.param not in available_backends("cuda"):
-        pytest.skip(f"backend {request.param!r} is not available on CUDA in this build")
-    return request.param
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("transductive", [False, True])
 @pytest.mark.parametrize("inner", ["adam", "sgd"])

@@ -38,7 +38,7 @@ from ..batched.batchable import NotBatchableError, check_batchable, failing_laye
 from ..batched.vmap_rules import CAN_FOLD, FoldTasksIntoChannels
 from .._validate import opmath_dtype
 from ..batched.graph import CapturedIteration, graph_key
-from ..batched.reptile import _CAPTURABLE_BACKENDS
+from ..batched.graph import capture_unavailable_reason as _graph_unavailable_reason
 from ..optimizer import ReptileOptimizer
 
 __all__ = ["BatchedAdapter", "NotBatchableError", "capture_unavailable_reason", "default_eval_batch_tasks"]
@@ -61,14 +61,8 @@ def default_eval_batch_tasks(device: torch.device) -> int:
 
 def capture_unavailable_reason(opt: ReptileOptimizer) -> str | None:
     """Why ``opt``'s adaptation cannot be recorded as a CUDA graph (``None``: it can)."""
-    devices = {f.buffer.device.type for f in opt._flats}
-    if devices != {"cuda"}:
-        return f"CUDA graphs need CUDA tensors, the model's parameters are on {sorted(devices)}"
-    slow = sorted({f.backend.__name__.rsplit(".", 1)[-1] for f in opt._flats} - set(_CAPTURABLE_BACKENDS))
-    if slow:
-        return (f"backend {slow[0]!r} reads the learning rate and the step count on the host, which a CUDA graph "
-                "cannot hold; capture needs the 'cpp' or 'triton' backend")
-    return None
+    return _graph_unavailable_reason({f.buffer.device.type for f in opt._flats}, opt.backends,
+                                     "the learning rate and the step count")
 
 
 class _Rows:

@@ -13,10 +13,28 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedIteration", "graph_key", "describe_key"]
+__all__ = ["CAPTURABLE_BACKENDS", "CapturedIteration", "capture_unavailable_reason", "graph_key", "describe_key"]
+
+# The backends whose kernels read the scalars that change between replays (lr,
+# meta_lr, Adam's step count) from device tensors.
+CAPTURABLE_BACKENDS = ("cpp", "triton")
 
 # What a captured graph is fixed to: (inner_steps, xs shape/dtype/device, ys shape/dtype/device).
 GraphKey = tuple
+
+
+def capture_unavailable_reason(devices, backends, reads: str) -> str | None:
+    """Why work on ``devices`` (device types) through ``backends`` (names) cannot be
+    recorded as a CUDA graph, ``None`` when it can; ``reads`` names the scalars a
+    host-reading backend would freeze into the graph."""
+    devices = set(devices)
+    if devices != {"cuda"}:
+        return f"CUDA graphs need CUDA tensors, the model's parameters are on {sorted(devices)}"
+    slow = sorted(set(backends) - set(CAPTURABLE_BACKENDS))
+    if slow:
+        return (f"backend {slow[0]!r} reads {reads} on the host, which a CUDA graph cannot hold; "
+                "capture needs the 'cpp' or 'triton' backend on CUDA")
+    return None
 
 
 def graph_key(xs: Tensor, ys: Tensor, inner_steps: int | None) -> GraphKey:

@@ -25,7 +25,7 @@ from .._validate import opmath_dtype
 from ..backends import get_backend
 from ..flat import FlatBuffer, check_memory_format
 from .batchable import NotBatchableError, check_batchable, failing_layer
-from .graph import CapturedIteration, describe_key, graph_key
+from .graph import CapturedIteration, capture_unavailable_reason, describe_key, graph_key
 from .vmap_rules import CAN_FOLD, FoldTasksIntoChannels
 
 __all__ = ["BatchedReptile"]
@@ -35,7 +35,6 @@ __all__ = ["BatchedReptile"]
 # carries its own state from one meta-iteration to the next.
 BATCHED_STATE_RESETS = ("task", "never")
 CAPTURE_MODES = (False, True, "auto")
-_CAPTURABLE_BACKENDS = ("cpp", "triton")
 
 
 class _Group:
@@ -242,17 +241,9 @@ class BatchedReptile:
     def _resolve_capture(self, capture) -> bool:
         if capture is False:
             return False
-        reason = None
-        devices = {g.device.type for g in self._groups}
-        if devices != {"cuda"}:
-            reason = f"CUDA graphs need CUDA tensors, the model's parameters are on {sorted(devices)}"
-        else:
-            slow = sorted({g.backend_name for g in self._groups if g.backend_name not in _CAPTURABLE_BACKENDS})
-            if slow:
-                reason = (
-                    f"backend {slow[0]!r} reads lr/meta_lr/step on the host, which a CUDA graph cannot hold; "
-                    "capture needs the 'cpp' or 'triton' backend on CUDA"
-                )
+        reason = capture_unavailable_reason(
+            {g.device.type for g in self._groups}, {g.backend_name for g in self._groups}, "lr/meta_lr/step"
+        )
         if reason is None:
             return True
         if capture is True:

@@ -110,6 +110,17 @@ void launch(const Op& op, int64_t numel, bool aligned, const at::Tensor& like) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// First-order MAML's update of a step: the stored (rounded) new value minus the old
+// one, both in opmath.
+template <int N, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void store_update(opmath_t* u, const Pack<scalar_t, N>& now,
+                                             const Pack<scalar_t, N>& old) {
+  Pack<opmath_t, N> uv;
+#pragma unroll
+  for (int k = 0; k < N; ++k) uv.v[k] = static_cast<opmath_t>(now.v[k]) - static_cast<opmath_t>(old.v[k]);
+  store_pack<N>(u, uv);
+}
+
 // ---------------------------------------------------------------- ops
 // kUpdate (sgd_step_, adam_step_): the op also writes first-order MAML's update,
 // opmath(stored new param) - opmath(old param), as one more store stream.  A template
@@ -152,17 +163,6 @@ struct SgdOp {
     if constexpr (kUpdate) store_update<N>(update + i, pv, old);
   }
 };
-
-// First-order MAML's update of a step: the stored (rounded) new value minus the old
-// one, both in opmath.
-template <int N, typename scalar_t, typename opmath_t>
-__device__ __forceinline__ void store_update(opmath_t* u, const Pack<scalar_t, N>& now,
-                                             const Pack<scalar_t, N>& old) {
-  Pack<opmath_t, N> uv;
-#pragma unroll
-  for (int k = 0; k < N; ++k) uv.v[k] = static_cast<opmath_t>(now.v[k]) - static_cast<opmath_t>(old.v[k]);
-  store_pack<N>(u, uv);
-}
 
 struct AdamArgs {
   double beta1, beta2, eps, weight_decay;

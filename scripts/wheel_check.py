@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -394,7 +395,7 @@ def run_tests(python: Path, work: Path, source: Path, args: str, expect_cuda: bo
     env = clean_env()
     if not expect_cuda:
         env["REPTILE_FUSED_CUDA"] = "0"  # tells the tests that no CUDA kernels are expected
-    cmd = [str(python), "-m", "pytest", "-p", "no:cacheprovider", *args.split()]
+    cmd = [str(python), "-m", "pytest", "-p", "no:cacheprovider", *shlex.split(args)]
     log(f"running {' '.join(cmd)} in {work}")
     require(subprocess.run(cmd, cwd=work, env=env).returncode == 0, "tests against the installed wheel failed")
 

@@ -12,6 +12,10 @@ through :mod:`reptile_fused.backends.triton`, which does.
 
 from __future__ import annotations
 
+import inspect
+from typing import Optional
+
+import torch
 from torch.library import triton_op
 
 from ..op_table import OPS
@@ -28,13 +32,24 @@ LAUNCHERS = {
 }
 
 
-def _launch(launcher):
+_ANNOTATIONS = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float": float, "bool": bool, "int": int}
+
+
+def _launch(op, launcher):
     def impl(*args) -> None:
         launcher(*args)
 
+    # torch 2.11 ignores triton_op's schema= and infers the schema from the function's
+    # signature: give it the schema's arguments, annotated (later releases read schema=).
+    impl.__signature__ = inspect.Signature(
+        [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[a.type])
+         for a in op.args],
+        return_annotation=None,
+    )  # fmt: skip
     return impl
 
 
 for _op in OPS:
-    triton_op(f"{NAMESPACE}::{_op.name}", _launch(LAUNCHERS[_op.name]), mutates_args=_op.mutated, schema=f"({_op.signature}) -> ()")
+    triton_op(f"{NAMESPACE}::{_op.name}", _launch(_op, LAUNCHERS[_op.name]), mutates_args=_op.mutated,
+              schema=f"({_op.signature}) -> ()")  # fmt: skip
 del _op

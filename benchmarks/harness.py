@@ -298,7 +298,29 @@ def make_row(**fields) -> dict[str, object]:
         f["gbps"] = f["bytes"] / f["median_s"] / 1e9
     if f.get("gbps") and f.get("roofline_gbps") and "roofline_fraction" not in f:
         f["roofline_fraction"] = f["gbps"] / f["roofline_gbps"]
-    return {k: _fmt(f.get(k)) for k in SCHEMA}
+    row = {k: _fmt(f.get(k)) for k in SCHEMA}
+    _stream(row)
+    return row
+
+
+# Where every row is also appended the moment it is made (BENCH_STREAM_CSV, set by
+# `make gpu-check`): a benchmark killed by its stage's timeout keeps what it measured,
+# although rows streamed before add_ratios ran carry no ratio.
+STREAM_ENV = "BENCH_STREAM_CSV"
+
+
+def _stream(row: dict) -> None:
+    target = os.environ.get(STREAM_ENV)
+    if not target:
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SCHEMA)
+        if fresh:
+            w.writeheader()
+        w.writerow(row)
 
 
 def add_ratios(rows: list[dict], baseline: str, keys=("benchmark", "op", "case", "dtype", "numel", "tensors")) -> None:

@@ -2,29 +2,37 @@
 
     python scripts/gpu_check.py OUT [--dry-run] [--budget SECONDS]
 
-Called by scripts/gpu_check.sh (see its header for the budget of each stage).  Every
-stage has its own timeout (cut to what is left of the whole budget), runs in its own
-process group (a timeout kills all of it), and when it ends -- passed, failed, timed
-out or skipped -- OUT/summary.md is rewritten and OUT/gpu_check.tgz refreshed with
-every log, junit file, CSV and chart so far.  OUT never holds more than three files
-(summary.md, summary.json, gpu_check.tgz): the device tool brings back at most 8.
+Called by scripts/gpu_check.sh.  One budget (default 330 s, after the machine's start)
+covers every stage; PLAN below gives each stage's expected seconds and timeout, and the
+timeouts add up to the budget.  A stage's timeout covers everything it runs (test
+collection, shards, reports).  Out of time, a stage's processes get SIGINT, then
+SIGKILL a few seconds later, and what they wrote stays: pytest outcomes are streamed
+one line per test (scripts/gpu_check_outcomes.py) and benchmark rows one line per
+measurement (benchmarks/harness.py, BENCH_STREAM_CSV).  After every stage -- passed,
+failed, timed out or skipped -- OUT/summary.md and OUT/summary.json are rewritten and
+OUT/gpu_check.tgz refreshed with every log, junit file, outcome stream, CSV and chart so
+far.  OUT never holds more than those three files: the device tool brings back at most 8.
 
-Stages: env, build, smoke, cpp_tests, triton_tests, bench_ops, bench_meta.  A failed
-build skips only what needs the extension (the cpp tests, the op benchmark, the cpp
-half of the meta-iteration benchmark); the Triton stages still run.  GPU tests are
-selected by the ``gpu`` marker (``-m gpu``), split into cpp and Triton by ``-k triton``,
-so they are found wherever they live under tests/.
+Stages, headline numbers first: env, build, smoke, bench_ops, bench_meta, cpp_tests,
+triton_tests, bench_eval.  A failed build skips only what needs the extension (the op
+benchmark, the cpp half of the meta-iteration benchmark, the cpp tests); the Triton
+stages still run.  GPU tests are selected by the ``gpu`` marker (``-m gpu``), split into
+cpp and Triton by ``-k triton``, so they are found wherever they live under tests/.
+Every skip is counted with its reason in the summary, modules skipped at collection too.
 
-Triton compile work is bounded: REPTILE_FUSED_TRITON_TUNE=quick (two autotune
-configurations), one cold TRITON_CACHE_DIR for the whole run, and each stage's new
-compiles are counted (cubins added to that cache) into the summary.
+Triton compile work is bounded: the benchmarks autotune over two configurations
+(REPTILE_FUSED_TRITON_TUNE=quick), the test stages over none (``single``: one
+configuration, so Triton never benchmarks there); one cold TRITON_CACHE_DIR serves the
+whole run, and each stage's new compiles (cubins added to it) are in the summary.
 
 ``--dry-run`` runs the same machinery on a machine without a GPU, as `make test` does
 (tests/gpu_ready/test_gpu_check.py): no build, the pytest stages on one small file (the
 GPU tests skip), the smoke stage on CPU at tiny sizes, the benchmark stages replaced by
-stand-ins of a few seconds.  GPU_CHECK_DRY_TIMEOUT_STAGE=<stage> makes that stage time
-out and GPU_CHECK_DRY_BUILD_FAILS=1 simulates a failed build, so the test exercises
-the timeout and skip paths too.
+stand-ins of a few seconds, each stage under a placeholder timeout; summary.json still
+reports the GPU plan (``budget_s`` and PLAN's ``timeout_s``/``expected_s``).
+GPU_CHECK_DRY_TIMEOUT_STAGE=<stage> makes that stage time out and
+GPU_CHECK_DRY_BUILD_FAILS=1 simulates a failed build, so the test exercises the timeout
+and skip paths too.
 """
 
 from __future__ import annotations
@@ -43,12 +51,49 @@ import subprocess
 import sys
 import tarfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LOG_BYTES = 4 << 20  # each log is cut to its last 4 MiB in the archive
+
+
+# The plan on the H200 machine (16 cores, cold Triton cache), in the order the stages run:
+# (expected seconds, timeout seconds).  Headline numbers first, then the GPU tests.  The
+# timeouts add up to the default budget, and each timeout covers everything its stage
+# runs: test collection, the pytest shards, the build's resource report, the SIGINT grace.
+PLAN = {
+    "env": (4, 10),
+    "build": (60, 95),
+    "smoke": (15, 25),
+    "bench_ops": (30, 45),
+    "bench_meta": (30, 45),
+    "cpp_tests": (25, 40),
+    "triton_tests": (35, 50),
+    "bench_eval": (15, 20),
+}
+DEFAULT_BUDGET = 330  # seconds after the machine's start-up: 10 minutes a command, 15 in all
+GRACE_S = 5  # a stage out of time gets SIGINT this long before SIGKILL: pytest writes its junit
+
+
+def _wait_all(procs: list[subprocess.Popen], until: float | None) -> bool:
+    """Wait for every process until the monotonic time ``until`` (None: for ever);
+    whether all of them ended."""
+    for p in procs:
+        try:
+            p.wait(timeout=None if until is None else max(0.05, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 @dataclass
@@ -57,6 +102,7 @@ class Stage:
     expected_s: int
     timeout_s: int
     needs_ext: bool = False
+    run_timeout_s: float | None = None  # what this run enforces (the dry run's placeholders); else timeout_s
     status: str = "pending"  # passed / failed / timed out / skipped
     seconds: float = 0.0
     detail: str = ""
@@ -65,9 +111,11 @@ class Stage:
 
 
 class Check:
-    def __init__(self, out: Path, work: Path, dry: bool, budget: float, py: str):
+    def __init__(self, out: Path, work: Path, dry: bool, budget: float, py: str, plan_budget: float | None = None):
         self.out, self.work, self.dry, self.py = out, work, dry, py
         self.deadline = time.monotonic() + budget
+        self.stage_end = self.deadline
+        self.budget_s = plan_budget if plan_budget is not None else budget
         self.started = dt.datetime.now(dt.timezone.utc)
         self.stages: list[Stage] = []
         self.ext_ok = True
@@ -80,21 +128,29 @@ class Check:
             TRITON_CACHE_DIR=str(self.triton_cache),
             REPTILE_FUSED_TRITON_TUNE="quick",
         )
+        # The GPU test stages never autotune: one configuration, so Triton never benchmarks
+        # there (it would, per key, even with one configuration left after pruning).
+        self.test_env = dict(self.env, REPTILE_FUSED_TRITON_TUNE="single")
+        self.test_env["PYTHONPATH"] = f"{ROOT / 'scripts'}{os.pathsep}{self.env['PYTHONPATH']}"
 
     # ------------------------------------------------------------ running
 
-    def left(self, at_most: float) -> float:
-        """Seconds a helper command may take: at most ``at_most``, never past the budget."""
-        return max(1.0, min(at_most, self.deadline - time.monotonic()))
+    def left(self, at_most: float | None = None) -> float:
+        """Seconds a helper command may take: never past the stage's end (its timeout, cut
+        to the budget), and at most ``at_most``."""
+        left = self.stage_end - time.monotonic()
+        return max(1.0, left if at_most is None else min(at_most, left))
 
     def cubins(self) -> int:
         return sum(1 for _ in self.triton_cache.rglob("*.cubin")) if self.triton_cache.exists() else 0
 
     def run(self, stage: Stage, cmds: list[list[str]], log: Path, env=None) -> str:
-        """Run ``cmds`` concurrently (each in its own process group) under the stage's
-        timeout; returns passed / failed / timed out."""
-        limit = min(stage.timeout_s, self.deadline - time.monotonic())
-        if limit <= 1:
+        """Run ``cmds`` concurrently (each in its own process group) until the stage's end;
+        returns passed / failed / timed out.  Out of time, they get SIGINT first (pytest
+        then still writes its junit and the outcome stream is already on disk), and
+        SIGKILL ``GRACE_S`` seconds later."""
+        end = self.stage_end
+        if end - time.monotonic() <= 1:
             return "timed out"
         procs = []
         logs = []
@@ -106,21 +162,13 @@ class Check:
             logs.append(f)
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
                                           start_new_session=True))  # fmt: skip
-        end = time.monotonic() + limit
-        timed_out = False
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
+        grace = min(GRACE_S, max(0.5, (end - time.monotonic()) / 4))
+        timed_out = not _wait_all(procs, end - grace)
         if timed_out:
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    p.wait()
+            _signal_all(procs, signal.SIGINT)
+            if not _wait_all(procs, end):
+                _signal_all(procs, signal.SIGKILL)
+                _wait_all(procs, None)
         for f in logs:
             f.close()
         if timed_out:
@@ -136,6 +184,8 @@ class Check:
         else:
             before = self.cubins()
             start = time.monotonic()
+            limit = stage.run_timeout_s if stage.run_timeout_s is not None else stage.timeout_s
+            self.stage_end = min(start + limit, self.deadline)
             try:
                 stage.status = body(stage)
             except Exception as exc:  # noqa: BLE001 - a broken stage must not lose the others
@@ -187,7 +237,7 @@ class Check:
         if self.ext_ok:  # the resource report of the fresh build: registers, no stack, no spills
             rep = subprocess.run([self.py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                                   "tests/gpu_ready/test_cuda_build.py"], cwd=ROOT, env=self.env,
-                                 capture_output=True, text=True, timeout=self.left(120))  # fmt: skip
+                                 capture_output=True, text=True, timeout=self.left())  # fmt: skip
             (self.work / "build_resources.log").write_text(rep.stdout + rep.stderr)
             regs = re.findall(r"sm_\d+\w*: \d+ kernels, registers \S+", rep.stdout)
             st.headline = regs + ([] if rep.returncode == 0 else ["resource check FAILED (stack or spills), see build_resources.log"])
@@ -198,7 +248,7 @@ class Check:
     def s_smoke(self, st: Stage) -> str:
         out = self.work / "smoke.json"
         args = [self.py, "scripts/gpu_smoke.py", str(out)] + (["--device", "cpu"] if self.dry else [])
-        status = self.run(st, [args], self.work / "smoke.log")
+        status = self.run(st, [args], self.work / "smoke.log", env=self.test_env)  # a check: no tuning
         if out.exists():
             r = json.loads(out.read_text())
             st.headline = [f"{r['passed']} cases passed, {r['failed']} failed ({r['device']}, size {r['size']})"]
@@ -207,81 +257,84 @@ class Check:
         return status
 
     def pytest_stage(self, st: Stage, selector: str, shards: int) -> str:
-        base = [self.py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
+        """The GPU tests ``-k selector`` in shards, with every outcome streamed to
+        ``<stage>.outcomes.jsonl`` as it happens (scripts/gpu_check_outcomes.py)."""
+        base = [self.py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "gpu_check_outcomes"]
         target = ["tests/gpu_ready/test_cuda_paths.py"] if self.dry else ["tests"]
         select = ["-m", "gpu", "-k", selector]
-        ids = subprocess.run(base + ["--collect-only"] + select + target, cwd=ROOT, env=self.env,
-                             capture_output=True, text=True, timeout=self.left(180)).stdout  # fmt: skip
+        outcomes = self.work / f"{st.name}.outcomes.jsonl"
+        env = dict(self.test_env, GPU_CHECK_OUTCOMES=str(outcomes))
+        ids = subprocess.run(base + ["--collect-only"] + select + target, cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=self.left()).stdout  # fmt: skip
         nodes = [line.strip() for line in ids.splitlines() if "::" in line]
         if not nodes:
             st.detail = "no tests selected"
+            st.headline = outcome_headline(outcomes, 0)
             return "failed"
         shards = max(1, min(shards, len(nodes)))
         cmds = []
         for i in range(shards):
             part = nodes[i::shards]
             cmds.append(base + [f"--junitxml={self.work / f'{st.name}.{i}.xml'}"] + part)
-        status = self.run(st, cmds, self.work / f"{st.name}.log")
-        counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-        failures = []
-        for i in range(shards):
-            xml = self.work / f"{st.name}.{i}.xml"
-            if not xml.exists():
-                continue
-            for case in ET.parse(xml).getroot().iter("testcase"):
-                kinds = {child.tag for child in case}
-                name = f"{case.get('classname', '')}::{case.get('name', '')}"
-                if "failure" in kinds:
-                    counts["failed"] += 1
-                    failures.append(name)
-                elif "error" in kinds:
-                    counts["errors"] += 1
-                    failures.append(name)
-                elif "skipped" in kinds:
-                    counts["skipped"] += 1
-                else:
-                    counts["passed"] += 1
-        ran = sum(counts.values())
+        status = self.run(st, cmds, self.work / f"{st.name}.log", env=env)
         st.detail = f"{len(nodes)} tests in {shards} shard(s)"
-        st.headline = [", ".join(f"{v} {k}" for k, v in counts.items()) + (f" ({len(nodes) - ran} not reached)" if ran < len(nodes) else "")]
-        st.headline += [f"FAILED {f}" for f in failures[:10]]
+        st.headline = outcome_headline(outcomes, len(nodes))
         return status
 
     def bench(self, st: Stage, cmds: list[list[str]], log: str) -> str:
+        """Run benchmark commands one after the other (timing two at once on one GPU would
+        measure the contention) until the first that does not pass.  Every row is also
+        appended to ``<stage>.stream.csv`` the moment it is measured."""
         if self.dry:
             if os.environ.get("GPU_CHECK_DRY_TIMEOUT_STAGE") == st.name:
                 cmds = [[self.py, "-c", "import time; print('dry run: sleeping past the timeout'); time.sleep(600)"]]
             else:
                 csv_path = self.work / f"{st.name}_dry.csv"
                 cmds = [[self.py, "-c", f"open({str(csv_path)!r}, 'w').write('dry,run\\n1,2\\n'); print('dry run stand-in')"]]
-        return self.run(st, cmds, self.work / log)
+        env = dict(self.env, BENCH_STREAM_CSV=str(self.work / f"{st.name}.stream.csv"))
+        status = "passed"
+        for i, cmd in enumerate(cmds):
+            status = self.run(st, [cmd], self.work / (log if len(cmds) == 1 else log.replace(".log", f"_{i}.log")), env=env)
+            if status != "passed":
+                break
+        return status
+
+    def results(self, st: Stage, final: list[Path]) -> list[Path]:
+        """The CSVs a benchmark stage wrote; the stream of rows if it did not get that far."""
+        done = [p for p in final if p.exists()]
+        stream = self.work / f"{st.name}.stream.csv"
+        return done or ([stream] if stream.exists() else [])
 
     def s_bench_ops(self, st: Stage) -> str:
-        status = self.bench(st, [[self.py, "benchmarks/bench_ops.py", "--device", "cuda", "--quick", "--out", str(self.work / "bench")]],
+        out = self.work / "bench"
+        status = self.bench(st, [[self.py, "benchmarks/bench_ops.py", "--device", "cuda", "--quick", "--out", str(out)]],
                             "bench_ops.log")  # fmt: skip
-        for path in sorted((self.work / "bench").glob("benchmarks.csv")):
+        for path in self.results(st, [out / "benchmarks.csv"]):
             st.headline += roofline_headline(path)
         return status
 
     def s_bench_meta(self, st: Stage) -> str:
-        cmds = []
+        """cpp, then Triton, under the stage's one timeout; peak memory is not measured
+        here (it would take one fresh process per mode)."""
         backends = ["cpp", "triton"] if self.ext_ok else ["triton"]
         if not self.ext_ok:
             st.detail = "cpp half skipped: the extension did not build"
-        for b in backends:
-            cmds.append([self.py, "benchmarks/bench_meta_iteration.py", "--device", "cuda", "--quick", "--nets", "omniglot",
-                         "--backend", b, "--modes", "seed,l2l,sequential,batched,graph",
-                         "--out", str(self.work / f"meta_iteration_cuda_{b}.csv")])  # fmt: skip
-        # One after the other: timing two runs at once on one GPU would measure the contention.
-        status = "passed"
-        for cmd in cmds:
-            s = self.bench(st, [cmd], f"bench_meta_{cmd[cmd.index('--backend') + 1]}.log")
-            if s != "passed":
-                status = s
-            if s == "timed out":
-                break
-        for path in sorted(self.work.glob("meta_iteration_cuda_*.csv")):
+        cmds = [[self.py, "benchmarks/bench_meta_iteration.py", "--device", "cuda", "--quick", "--no-memory",
+                 "--nets", "omniglot", "--backend", b, "--modes", "seed,l2l,sequential,batched,graph",
+                 "--out", str(self.work / f"meta_iteration_cuda_{b}.csv")] for b in backends]  # fmt: skip
+        status = self.bench(st, cmds, "bench_meta.log")
+        for path in self.results(st, [self.work / f"meta_iteration_cuda_{b}.csv" for b in backends]):
             st.headline += meta_headline(path)
+        return status
+
+    def s_bench_eval(self, st: Stage) -> str:
+        """Evaluation throughput: sequential, batched and batched as a CUDA graph."""
+        out = self.work / "eval"
+        status = self.bench(st, [[self.py, "benchmarks/bench_eval.py", "--device", "cuda", "--cases", "omniglot",
+                                  "--batch-tasks", "8", "--tasks", "8", "--rounds", "3", "--cuda-graph",
+                                  "--out", str(out)]], "bench_eval.log")  # fmt: skip
+        for path in self.results(st, [out / "benchmarks.csv"]):
+            st.headline += eval_headline(path)
         return status
 
     # ------------------------------------------------------------ results
@@ -304,9 +357,16 @@ class Check:
             if s.headline:
                 lines += [f"## {s.name}", "", *[f"- {h}" for h in s.headline], ""]
         total = round(sum(s.seconds for s in self.stages), 1)
-        lines.append(f"Total {total} s of stages; every log, junit file, CSV and chart is in gpu_check.tgz.")
+        lines.append(f"Total {total} s of stages (budget {self.budget_s:g} s); every log, junit file, outcome "
+                     "stream, CSV and chart is in gpu_check.tgz.")  # fmt: skip
         self._write(self.out / "summary.md", "\n".join(lines) + "\n")
-        data = {"dry_run": self.dry, "env": self.env_lines, "stages": [s.__dict__ for s in self.stages]}
+        data = {
+            "dry_run": self.dry,
+            "env": self.env_lines,
+            "budget_s": self.budget_s,
+            "plan": [{"name": n, "expected_s": e, "timeout_s": t} for n, (e, t) in PLAN.items()],
+            "stages": [s.__dict__ for s in self.stages],
+        }
         self._write(self.out / "summary.json", json.dumps(data, indent=1, default=str))
         self.archive()
 
@@ -331,6 +391,37 @@ class Check:
                     tar.add(path, arcname=arc)
             tar.add(self.out / "summary.md", arcname="summary.md")
         tmp.replace(self.out / "gpu_check.tgz")
+
+
+def read_outcomes(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by SIGKILL
+            pass
+    return out
+
+
+def outcome_headline(path: Path, selected: int) -> list[str]:
+    """Counts per outcome, what was not reached, every skip reason with its count (nothing
+    skipped silently: modules skipped at collection too), and the first failures."""
+    records = read_outcomes(path)
+    tests = [r for r in records if not r["outcome"].startswith("collect")]
+    counts = {k: sum(r["outcome"] == k for r in tests) for k in ("passed", "failed", "error", "skipped")}
+    ran = sum(counts.values())
+    lines = [", ".join(f"{v} {k}" for k, v in counts.items()) + (f" ({selected - ran} not reached)" if ran < selected else "")]
+    reasons: dict[str, int] = {}
+    for r in tests:
+        if r["outcome"] == "skipped":
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    lines += [f"{n} skipped: {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    lines += [f"module {r['outcome'].removeprefix('collect ')} at collection: {r['test']}: {r['reason']}"
+              for r in records if r["outcome"].startswith("collect")]  # fmt: skip
+    lines += [f"FAILED {r['test']}: {r['reason']}" for r in tests if r["outcome"] in ("failed", "error")][:10]
+    return lines
 
 
 def _harness_rows(path: Path, benchmark: str) -> list[dict]:
@@ -365,12 +456,29 @@ def meta_headline(path: Path) -> list[str]:
     return out
 
 
+def eval_headline(path: Path) -> list[str]:
+    """Evaluation tasks per second per mode, with the ratio to sequential where known."""
+    out = []
+    for r in _harness_rows(path, "eval"):
+        if r.get("metric") != "tasks_per_s" or not r.get("value"):
+            continue
+        ratio = f" (x{float(r['ratio_vs_baseline']):.2f} vs {r['baseline_provider']})" if r.get("ratio_vs_baseline") else ""
+        out.append(f"{r['case']} {r['provider']}: {float(r['value']):.1f} tasks/s{ratio}")
+    return out
+
+
+def test_shards(cores: int) -> int:
+    """pytest processes of a GPU test stage: half the cores (each compiles its Triton
+    kernels on a core while its tests drive the GPU), at most 8."""
+    return max(1, min(8, cores // 2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="make gpu-check: staged GPU validation")
     p.add_argument("out", type=Path)
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 540)),
-                   help="seconds for all stages together (default 540: under the device tool's 600 s per command)")
+    p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", DEFAULT_BUDGET)),
+                   help=f"seconds for all stages together (default {DEFAULT_BUDGET}; the stage timeouts add up to it)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder for logs (default: a temp folder)")
     args = p.parse_args(argv)
     py = os.environ.get("PYTHON") or sys.executable
@@ -378,28 +486,27 @@ def main(argv=None) -> int:
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_work_{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    check = Check(args.out, work, args.dry_run, args.budget, py)
-    cores = os.cpu_count() or 1
-    shards = 1 if args.dry_run else max(1, min(6, cores // 2))
-    dry_shards = 2
-    # Expected seconds on the H200 machine (16 cores, cold Triton cache): see gpu_check.sh's header.
-    T = dict(
-        env=(5, 60), build=(90, 240), smoke=(45, 75), cpp_tests=(45, 120), triton_tests=(90, 180),
-        bench_ops=(35, 90), bench_meta=(45, 120),
-    )  # fmt: skip
-    if args.dry_run:  # tiny settings: the machinery, not the numbers
-        T = {k: (2, 120) for k in T}
-        if os.environ.get("GPU_CHECK_DRY_TIMEOUT_STAGE") in T:
-            T[os.environ["GPU_CHECK_DRY_TIMEOUT_STAGE"]] = (2, 3)
-    check.stage(Stage("env", *T["env"]), check.s_env)
-    check.stage(Stage("build", *T["build"]), check.s_build)
-    check.stage(Stage("smoke", *T["smoke"]), check.s_smoke)
-    check.stage(Stage("cpp_tests", *T["cpp_tests"], needs_ext=True),
-                lambda st: check.pytest_stage(st, "not triton", dry_shards if args.dry_run else shards))
-    check.stage(Stage("triton_tests", *T["triton_tests"]),
-                lambda st: check.pytest_stage(st, "triton", dry_shards if args.dry_run else shards))
-    check.stage(Stage("bench_ops", *T["bench_ops"], needs_ext=True), check.s_bench_ops)
-    check.stage(Stage("bench_meta", *T["bench_meta"]), check.s_bench_meta)
+    # The dry run exercises the machinery with placeholder timeouts of its own, and
+    # reports the GPU plan (PLAN, the budget) as the plan.
+    dry_timeout = {k: 120.0 for k in PLAN}
+    if args.dry_run and os.environ.get("GPU_CHECK_DRY_TIMEOUT_STAGE") in PLAN:
+        dry_timeout[os.environ["GPU_CHECK_DRY_TIMEOUT_STAGE"]] = 3.0
+    run_budget = sum(dry_timeout.values()) if args.dry_run else args.budget
+    check = Check(args.out, work, args.dry_run, run_budget, py, plan_budget=args.budget)
+    shards = 2 if args.dry_run else test_shards(os.cpu_count() or 1)
+
+    def stage(name, body, needs_ext=False):
+        expected, timeout = PLAN[name]
+        check.stage(Stage(name, expected, timeout, needs_ext, dry_timeout[name] if args.dry_run else None), body)
+
+    stage("env", check.s_env)
+    stage("build", check.s_build)
+    stage("smoke", check.s_smoke)
+    stage("bench_ops", check.s_bench_ops, needs_ext=True)
+    stage("bench_meta", check.s_bench_meta)
+    stage("cpp_tests", lambda st: check.pytest_stage(st, "not triton", shards), needs_ext=True)
+    stage("triton_tests", lambda st: check.pytest_stage(st, "triton", shards))
+    stage("bench_eval", check.s_bench_eval)
     bad = [s.name for s in check.stages if s.status in ("failed", "timed out")]
     print(f"gpu_check: {'all stages passed' if not bad else 'problems in ' + ', '.join(bad)}; {args.out}/summary.md")
     if args.work is None:

@@ -29,6 +29,7 @@ block instead: the interpreter is slow and timing it means nothing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import struct
@@ -152,6 +153,19 @@ def _block(n_elements, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------- kernels
 
 
+def _kernel(fn):
+    """``triton.jit`` for a kernel whose ``*_bits`` arguments carry float64 bit patterns.
+
+    Those are typed int64 and never specialised: Triton would otherwise compile a variant
+    for each value class (0 is an int32, a multiple of 16 gets its own divisibility
+    variant), and Adam's bias corrections move between classes from step to step."""
+    bits = [name for name in inspect.signature(fn).parameters if name.endswith("_bits")]
+    for name in bits:
+        fn.__annotations__[name] = "tl.int64"
+    return triton.jit(do_not_specialize=bits)(fn)
+
+
+
 @triton.jit
 def _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
                     HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -167,7 +181,7 @@ def _param_and_grad(param_ptr, grad_ptr, offs, mask, weight_decay_bits,
     return p, g
 
 
-@triton.jit
+@_kernel
 def _sgd_kernel(
     param_ptr, grad_ptr, buf_ptr, update_ptr,
     lr_bits, lr_ptr, momentum_bits, one_minus_dampening_bits, weight_decay_bits,
@@ -198,7 +212,7 @@ def _sgd_kernel(
         _record_update(update_ptr, param_ptr, offs, new, p, mask, OPMATH, BF16_BITS)
 
 
-@triton.jit
+@_kernel
 def _adam_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, update_ptr,
     lr_bits, lr_ptr, step_ptr,
@@ -272,7 +286,7 @@ def _task_end_kernel(
     tl.store(param_ptr + offs, tl.load(anchor_ptr + offs, mask=mask), mask=mask)
 
 
-@triton.jit
+@_kernel
 def _meta_update_kernel(
     param_ptr, anchor_ptr, acc_ptr,
     meta_lr_bits, meta_lr_ptr, n_bits, n_ptr,
@@ -289,7 +303,7 @@ def _meta_update_kernel(
     tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
 
 
-@triton.jit
+@_kernel
 def _batched_meta_update_kernel(
     theta_ptr, tasks_ptr, updates_ptr,
     meta_lr_bits, meta_lr_ptr,
@@ -337,11 +351,26 @@ def _batched_meta_update_kernel(
 # to local memory for float64 Adam and for unaligned buffers, and 8192/16 caps the
 # registers at 128 per thread, which spills float64 Adam too.
 _TUNE_SPACE = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
-# REPTILE_FUSED_TRITON_TUNE=quick (read at import) tunes over two configurations only:
-# `make gpu-check` uses it so that a cold Triton cache costs seconds, not minutes
-# (every kernel variant is compiled once per configuration the pruning keeps).
+# REPTILE_FUSED_TRITON_TUNE (read at import) narrows the search for `make gpu-check`,
+# where a cold Triton cache must cost seconds, not minutes (every kernel variant is
+# compiled once per configuration the pruning keeps):
+#   quick   two configurations (its benchmarks still tune);
+#   single  one configuration that every dtype and variant can use (1024 elements on 4
+#           warps: at most 8 per thread, below every pruning limit), so the autotuner
+#           never benchmarks (its GPU test stages).
 _QUICK_TUNE_SPACE = ((1024, 4), (4096, 8))
-TUNE_SPACE = _QUICK_TUNE_SPACE if os.environ.get("REPTILE_FUSED_TRITON_TUNE", "") == "quick" else _TUNE_SPACE
+_SINGLE_TUNE_SPACE = ((1024, 4),)
+TUNE_SPACES = {"": _TUNE_SPACE, "full": _TUNE_SPACE, "quick": _QUICK_TUNE_SPACE, "single": _SINGLE_TUNE_SPACE}
+
+
+def _tune_space():
+    name = os.environ.get("REPTILE_FUSED_TRITON_TUNE", "").strip().lower()
+    if name not in TUNE_SPACES:
+        raise ValueError(f"REPTILE_FUSED_TRITON_TUNE={name!r}: expected one of full, quick, single")
+    return TUNE_SPACES[name]
+
+
+TUNE_SPACE = _tune_space()
 
 
 def _configs() -> list:

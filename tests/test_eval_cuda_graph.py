@@ -181,6 +181,63 @@ def test_recorded_anew_when_the_first_step_rule_changes(emulated_graph):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
+def _hyperparameter_changes(inner):
+    """Changes a graph holds fixed that also change the inner state's layout."""
+    if inner == "sgd":
+        return [("momentum", 0.9), ("momentum", 0.0)]  # a momentum buffer appears, then goes
+    return [("amsgrad", True), ("amsgrad", False)]  # a max_exp_avg_sq buffer appears, then goes
+
+
+def _check_hyperparameter_changes(inner, device="cpu", backend="auto", dtype=torch.float32, tol=None):
+    net, opt = _net_and_opt(inner, dtype, device, backend)
+    problem = _problem(dtype=dtype)
+    on_device = problem if device == "cpu" else _OnDevice(problem, device)
+    adapter = BatchedAdapter(net, opt, on_device.loss, capture=True)
+    drawn = _draw(problem, 3, iters=4)
+    if device != "cpu":
+        drawn = [(_OnDevice.task(t, device), o) for t, o in drawn]
+    xs, ys = _inputs(on_device, drawn, device)
+    adapter.adapt(xs, ys)
+    for key, value in _hyperparameter_changes(inner):
+        opt.param_groups[0][key] = value
+        rows = adapter.adapt(xs, ys)  # recorded anew: the old rows' state has the old layout
+        if device != "cpu":
+            torch.cuda.synchronize()
+        want = BatchedAdapter(net, opt, on_device.loss).adapt(xs, ys)
+        for g, w in zip(_weights(net, rows, 3), _weights(net, want, 3)):
+            torch.testing.assert_close(g, w, **(tol or dict(rtol=1e-6, atol=1e-7)))
+        assert set(rows[0].state) == set(want[0].state)
+    return adapter
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_recorded_anew_into_new_rows_when_the_state_layout_changes(inner, emulated_graph):
+    # Re-recording reused the first recording's rows, whose state buffers were laid out
+    # for the old hyperparameters: momentum 0 -> 0.9 or amsgrad on raised inside the step.
+    _check_hyperparameter_changes(inner)
+    assert len(emulated_graph.made) == 3
+
+
+def test_replays_read_the_groups_load_state_dict_put_in_place(emulated_graph):
+    # load_state_dict replaces the param-group dicts: the rows must read the new ones
+    # (the new lr) instead of the dicts they were built with.
+    net, opt = _net_and_opt("adam")
+    problem = _problem()
+    adapter = BatchedAdapter(net, opt, problem.loss, capture=True)
+    xs, ys = _inputs(problem, _draw(problem, 3, iters=4))
+    adapter.adapt(xs, ys)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.05
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 0.05
+    rows = adapter.adapt(xs, ys)
+    assert len(emulated_graph.made) == 1 and emulated_graph.made[0].replays == 1  # lr is not held fixed
+    assert float(rows[0].lr_t) == pytest.approx(0.05)
+    want = BatchedAdapter(net, opt, problem.loss).adapt(xs, ys)
+    for g, w in zip(_weights(net, rows, 3), _weights(net, want, 3)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
 def test_beyond_the_graph_limit_other_shapes_run_eagerly(emulated_graph, monkeypatch):
     monkeypatch.setattr(batched_eval, "MAX_GRAPHS", 1)
     net, opt = _net_and_opt("adam")
@@ -250,6 +307,14 @@ def test_graph_replays_equal_eager_batched_and_sequential_on_float64(inner, tran
     seq, _ = _sequential(net, opt, on_gpu, drawn, transductive)
     for g, w in zip(_weights(net, rows, 3), seq):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_real_graph_recorded_anew_when_the_state_layout_changes(inner, capturable_backend):
+    adapter = _check_hyperparameter_changes(inner, "cuda", capturable_backend, torch.float64,
+                                            dict(rtol=1e-10, atol=1e-12))
+    assert len(adapter._graphs) == 1  # one shape: each re-recording replaced the last
 
 
 @pytest.mark.gpu

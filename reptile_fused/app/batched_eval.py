@@ -72,23 +72,31 @@ class _Rows:
     tensors the backend reads (what a captured graph needs), refilled by :meth:`load`.
     """
 
-    def __init__(self, flat, names: list[str], group: dict, n: int, inner_optimizer: str,
+    def __init__(self, flat, names: list[str], opt: ReptileOptimizer, n: int, inner_optimizer: str,
                  device_scalars: bool = False):
         b = flat.buffer
         self.flat = flat
+        self.opt = opt
         self.buffer = b
         self.backend = flat.backend
-        self.group = group
         self.names = names
         self.tasks = torch.empty((n, *b.data.shape), device=b.data.device, dtype=b.data.dtype)
         self.grad = torch.zeros_like(self.tasks)
-        self.state = {key: torch.empty_like(self.tasks) for key in inner.state_keys(inner_optimizer, group)}
+        # Laid out for the hyperparameters of now (momentum 0 keeps no buffer, amsgrad one
+        # more): rows outlive a change of them only through frozen(), which re-records.
+        self.state = {key: torch.empty_like(self.tasks) for key in inner.state_keys(inner_optimizer, self.group)}
         self.leaves = [b.row_view(self.tasks, i).detach().requires_grad_() for i in range(len(b.params))]
         self.grad_views = [b.row_view(self.grad, i) for i in range(len(b.params))]
         kind = opmath_dtype(b.data.dtype)
         self.lr_t = torch.zeros((), device=b.data.device, dtype=kind) if device_scalars else None
         self.step_t = torch.zeros((), device=b.data.device, dtype=kind) if device_scalars else None
         self.load()
+
+    @property
+    def group(self) -> dict:
+        """The optimizer's param group as it is now: ``load_state_dict`` replaces the
+        dicts, so a reference kept from construction would go stale."""
+        return self.opt.param_groups[self.flat.group_index]
 
     def load(self) -> None:
         """Every row from the optimizer's current weights and inner state."""
@@ -182,7 +190,7 @@ class BatchedAdapter:
                                     f"{type(exc).__name__}: {exc}") from exc
 
     def _new_rows(self, n: int) -> list[_Rows]:
-        return [_Rows(f, names, self.opt.param_groups[f.group_index], n, self.inner_optimizer, self._device_scalars)
+        return [_Rows(f, names, self.opt, n, self.inner_optimizer, self._device_scalars)
                 for f, names in zip(self._flats, self._flat_names)]
 
     def adapt(self, xs: Tensor, ys: Tensor) -> list[_Rows]:
@@ -208,10 +216,10 @@ class BatchedAdapter:
             if tuple(r.frozen() for r in rows) == frozen:
                 graph.replay(xs, ys)
                 return rows
-        else:
-            rows = self._new_rows(xs.shape[1])
-        # First sight of this shape, or what the graph holds fixed changed: record anew.
-        # The recording's warm-up adapts these tasks, so the rows hold the result.
+        # First sight of this shape, or what the graph holds fixed changed: record anew,
+        # into new rows, whose state buffers follow the hyperparameters of now.  The
+        # recording's warm-up adapts these tasks, so the rows hold the result.
+        rows = self._new_rows(xs.shape[1])
         graph = CapturedIteration(lambda x, y, _: self._steps(rows, x, y), xs, ys, None,
                                   device=rows[0].tasks.device)  # fmt: skip
         self._graphs[key] = (rows, graph, tuple(r.frozen() for r in rows))

@@ -222,6 +222,11 @@ class Check:
                 return "failed"
             st.detail = "dry run: not built (the installed extension is used)"
             return "skipped"
+        if os.environ.get("GPU_CHECK_PREBUILT") == "1":
+            found = self._prebuilt()
+            if found:
+                st.detail = f"prebuilt library used: {found}"
+                return self._resource_report(st)
         env = dict(self.env)
         if not env.get("TORCH_CUDA_ARCH_LIST"):
             arch = subprocess.run([self.py, "-c", "import torch; print('%d.%d' % torch.cuda.get_device_capability())"],
@@ -234,16 +239,30 @@ class Check:
         st.detail = f"arch {env['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS {env['MAX_JOBS']}"
         status = self.run(st, [[self.py, "setup.py", "build_ext", "--inplace"]], self.work / "build.log", env=env)
         self.ext_ok = status == "passed"
-        if self.ext_ok:  # the resource report of the fresh build: registers, no stack, no spills
-            rep = subprocess.run([self.py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                                  "tests/gpu_ready/test_cuda_build.py"], cwd=ROOT, env=self.env,
-                                 capture_output=True, text=True, timeout=self.left())  # fmt: skip
-            (self.work / "build_resources.log").write_text(rep.stdout + rep.stderr)
-            regs = re.findall(r"sm_\d+\w*: \d+ kernels, registers \S+", rep.stdout)
-            st.headline = regs + ([] if rep.returncode == 0 else ["resource check FAILED (stack or spills), see build_resources.log"])
-            if rep.returncode != 0:
-                return "failed"
-        return status
+        return self._resource_report(st) if self.ext_ok else status
+
+    def _prebuilt(self) -> str | None:
+        """GPU_CHECK_PREBUILT=1: a library already in the tree (built elsewhere, e.g. by
+        `make test-compat` against this machine's torch) is used when it was built for
+        this torch with CUDA kernels for this GPU; what it was built against, or None."""
+        code = ("import torch, reptile_fused._C, reptile_fused._build_info as b\n"
+                "cap = '%d.%d' % torch.cuda.get_device_capability()\n"
+                "ok = b.TORCH_VERSION == torch.__version__ and b.WITH_CUDA and cap in b.CUDA_ARCH_LIST.replace(' ', ';').split(';')\n"
+                "print(f'torch {b.TORCH_VERSION}, arch {b.CUDA_ARCH_LIST}' if ok else '')\n")  # fmt: skip
+        probe = subprocess.run([self.py, "-c", code], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                               timeout=self.left())  # fmt: skip
+        (self.work / "build.log").write_text(f"# prebuilt probe\n{probe.stdout}{probe.stderr}")
+        return probe.stdout.strip() or None
+
+    def _resource_report(self, st: Stage) -> str:
+        """The cubins' registers, stack and spills (tests/gpu_ready/test_cuda_build.py)."""
+        rep = subprocess.run([self.py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                              "tests/gpu_ready/test_cuda_build.py"], cwd=ROOT, env=self.env,
+                             capture_output=True, text=True, timeout=self.left())  # fmt: skip
+        (self.work / "build_resources.log").write_text(rep.stdout + rep.stderr)
+        regs = re.findall(r"sm_\d+\w*: \d+ kernels, registers \S+", rep.stdout)
+        st.headline = regs + ([] if rep.returncode == 0 else ["resource check FAILED (stack or spills), see build_resources.log"])
+        return "passed" if rep.returncode == 0 else "failed"
 
     def s_smoke(self, st: Stage) -> str:
         out = self.work / "smoke.json"

@@ -49,6 +49,15 @@ def _opmath(t: Tensor) -> Tensor:
     return t if t.dtype == opmath_dtype(t.dtype) else t.float()
 
 
+def _div(x: Tensor, n: float, out: Tensor | None = None) -> Tensor:
+    """``x / n`` correctly rounded on every device.  With a Python number, CUDA torch
+    multiplies by its reciprocal instead (up to an ulp off, and every kernel divides);
+    a 0-dim tensor on the device keeps the division.  ``torch.full`` fills it without a
+    host copy, so this also runs inside a CUDA graph capture."""
+    divisor = torch.full((), n, dtype=x.dtype, device=x.device) if x.device.type == "cuda" else n
+    return torch.div(x, divisor, out=out)
+
+
 def _store(dst: Tensor, value: Tensor) -> None:
     if value is not dst:
         dst.copy_(value)
@@ -193,7 +202,7 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
     a = _opmath(anchor)
     # a + meta_lr * (acc / n - a), rounded step by step in that order, in one buffer.
     out = param if param.dtype == acc.dtype else torch.empty_like(acc)
-    torch.div(acc, n, out=out)
+    _div(acc, n, out=out)
     out.sub_(a).mul_(meta_lr).add_(a)
     _store(param, out)
     acc.zero_()
@@ -225,7 +234,7 @@ def batched_meta_update_(
     total = rows[0].clone()
     for row in range(1, n):
         total.add_(rows[row])
-    new = t + meta_lr * (total / n - t)
+    new = t + meta_lr * (_div(total, n) - t)
     theta.copy_(new)
     if write_back:
         tasks.copy_(theta.unsqueeze(0).expand_as(tasks))

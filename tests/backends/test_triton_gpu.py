@@ -111,7 +111,11 @@ def test_compiled_update_variants_match_reference(T, size, offset, dtype):
     ref, out = [at(t) for t in (p, g, m, v, vmax, u)], [at(t) for t in (p, g, m, v, vmax, u)]
     R.adam_step_(*ref[:5], step, lr, weight_decay=0.01, amsgrad=True, update=ref[5])
     T.adam_step_(*out[:5], step, lr, weight_decay=0.01, amsgrad=True, update=out[5])
-    for o, r, n in zip(out, ref, ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "update")):
+    # The update is the stored param minus the old one, exactly (the last assertion): a
+    # 16-bit param within its 1-ulp contract moves the update by that ulp, which the
+    # update's own float32 bound would call a failure.
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "update")
+    for o, r, n in zip(out, ref, names[:5] if dtype in (torch.float16, torch.bfloat16) else names):
         assert_contract(o, r, f"adam {n}")
     assert torch.equal(out[5], out[0].to(opmath(dtype)) - p.to(opmath(dtype)))
 
@@ -147,6 +151,8 @@ def test_fixed_blocks_match_reference(K, block):
 def test_autotuning_applies_the_update_once_and_caches(T, K):
     """Tuning runs the in-place kernel many times: the result must still be one update,
     and a second call of the same shape must not tune again."""
+    if len(K.TUNE_SPACE) < 2:
+        pytest.skip("REPTILE_FUSED_TRITON_TUNE=single: one configuration, nothing is tuned or cached")
     tuner = K.AUTOTUNED["meta_update_"]
     size = 3 * 4096 + 11  # a length no other test uses, so this call tunes
     param, anchor = _randn(size, torch.float32, 0), _randn(size, torch.float32, 1)
@@ -168,6 +174,12 @@ def test_autotuning_applies_the_update_once_and_caches(T, K):
     assert len(tuner.cache) == before + 2, "a new length tunes once more"
 
 
+@pytest.mark.xfail(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+    reason="torch 2.11's inductor fails on an int argument >= 2**31 of a user-defined Triton kernel (the "
+    "float64 bit patterns): AttributeError: 'int' object has no attribute 'xreplace' (seen on the H200)",
+    strict=True,
+)
 def test_torch_compile_fullgraph_traces_through_the_ops(T):
     """fullgraph=True fails on any graph break, so this proves torch.compile sees the ops."""
 

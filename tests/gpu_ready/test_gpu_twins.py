@@ -191,7 +191,9 @@ def test_float32_division_is_correctly_rounded(backend, device):
     for n in (3.0, 7.0, 10.0):
         param, anchor = torch.empty(size, device=device), torch.zeros(size, device=device)
         B.meta_update_(param, anchor, acc.clone(), 1.0, n)
-        expected = acc / n
+        # Divided in float64 and rounded once: correctly rounded for float32 operands
+        # (torch's CUDA `acc / n` multiplies by the reciprocal instead).
+        expected = (acc.double() / n).float()
         bad = param != expected
         assert not bad.any(), f"{backend}: {int(bad.sum())} of {size} quotients acc/{n} not correctly rounded"
     rows = 3
@@ -199,7 +201,7 @@ def test_float32_division_is_correctly_rounded(backend, device):
     theta = torch.zeros(size, device=device)
     B.batched_meta_update_(theta, tasks.clone(), 1.0, write_back=False)
     total = tasks[0] + tasks[1] + tasks[2]
-    assert torch.equal(theta, total / rows), f"{backend}: batched mean not correctly rounded"
+    assert torch.equal(theta, (total.double() / rows).float()), f"{backend}: batched mean not correctly rounded"
 
 
 # ------------------------------------------------------------------ test_triton_optimizer twin
@@ -265,8 +267,8 @@ def test_no_host_sync_and_replay_values(backend, dtype):
     p0, g = flat(size, dtype, "cuda", seed=0), flat(size, dtype, "cuda", seed=1)
     m0, v0 = flat(size, dtype, "cuda", seed=2), flat(size, dtype, "cuda", seed=3, positive=True)
     anchor, acc0 = flat(size, dtype, "cuda", seed=4), flat(size, opmath(dtype), "cuda", seed=5)
-    lr, step = torch.tensor(0.1, device="cuda"), torch.tensor(1.0, device="cuda")
-    meta_lr, n = torch.tensor(0.5, device="cuda"), torch.tensor(2.0, device="cuda")
+    # Scalars in the opmath dtype: a float32 0.9 is not float64's 0.9.
+    lr, step, meta_lr, n = (torch.tensor(v, device="cuda", dtype=opmath(dtype)) for v in (0.1, 1.0, 0.5, 2.0))
     p, m, v, acc = p0.clone(), m0.clone(), v0.clone(), acc0.clone()
 
     def body():

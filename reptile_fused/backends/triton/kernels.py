@@ -335,10 +335,12 @@ def _batched_meta_update_kernel(
     new = t + meta_lr * (_div(total, tl.cast(n_rows, OPMATH), OPMATH) - t)
     _store(theta_ptr, offs, new, mask, BF16_BITS)
     if WRITE_BACK:
-        stored = tl.load(theta_ptr + offs, mask=mask)
+        # The rows get what _store just rounded into theta, rounded the same way, not a
+        # reload of theta: on an H200 a reload right after the store read stale values
+        # for unaligned theta (the rows then differed from theta).
         row_ptr = tasks_ptr + offs
         for _ in range(0, n_rows):
-            tl.store(row_ptr, stored, mask=mask)
+            _store(row_ptr, 0, new, mask, BF16_BITS)
             row_ptr += n_elements
 
 

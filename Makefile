@@ -24,7 +24,7 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-stamp
 PROJECT_STAMP := $(VENV)/.project-stamp
-CSRC := reptile_fused/backends/cpp/csrc
+CSRC := csrc
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
 .PHONY: install test test-compat demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
@@ -57,6 +57,7 @@ $(CXX17_TORCH)/.stamp: $(DEPS_STAMP)
 install: $(PROJECT_STAMP)
 
 test: install $(CXX17_TORCH)/.stamp
+	$(PY) -m ruff check .
 	REPTILE_FUSED_CXX17_TORCH=$(CXX17_TORCH) $(PY) -m pytest -q
 
 demo: install

@@ -23,8 +23,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-if not CSRC.is_dir():  # before the move of the sources to the top level
-    CSRC = ROOT / "reptile_fused" / "backends" / "cpp" / "csrc"
 CXX_SOURCES = ["ops.cpp", "cpu/kernels.cpp", "cpu/kernels_avx2.cpp"]
 CUDA_SOURCES = ["cuda/kernels.cu"]
 # What torch.utils.cpp_extension defines for an extension named reptile_fused._C.

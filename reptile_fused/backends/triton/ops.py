@@ -13,7 +13,6 @@ through :mod:`reptile_fused.backends.triton`, which does.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 from torch.library import triton_op
@@ -32,7 +31,7 @@ LAUNCHERS = {
 }
 
 
-_ANNOTATIONS = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float": float, "bool": bool, "int": int}
+_ANNOTATIONS = {"Tensor": torch.Tensor, "Tensor?": torch.Tensor | None, "float": float, "bool": bool, "int": int}
 
 
 def _launch(op, launcher):

@@ -498,16 +498,21 @@ def test_reptile_train_running_stat_batch_norm(monkeypatch):
 # ---------------------------------------------------------------- GPU: CUDA graphs
 
 
+@pytest.fixture
+def exact_cudnn():
+    """Same kernels in the runs a test compares: deterministic cuDNN algorithms, no TF32.
+    Through cudnn.flags(), not attribute writes: torch.testing._internal, imported by the
+    conformance tests in the same process, forbids those (disable_global_flags)."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        yield
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [SGD_CASES[1], ADAM_CASES[0]], ids=case_id)
 @pytest.mark.parametrize("reset", ["task", "never"])
 @pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
-def test_graph_replay_equals_eager_with_annealing(case, reset, algorithm, monkeypatch, capturable_backend):
+def test_graph_replay_equals_eager_with_annealing(case, reset, algorithm, exact_cudnn, capturable_backend):
     backend = capturable_backend
-    # Same kernels in both runs: deterministic cuDNN algorithms, no TF32.
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     adam = case["inner_optimizer"] == "adam"
     iters, steps, n = 6, 3, 5
     xs, ys = omniglot_data(iters=iters, steps=steps, n=n, batch=10)
@@ -565,9 +570,8 @@ def test_graph_capture_auto_runs_new_shapes_eagerly_with_a_warning(capturable_ba
 
 
 @pytest.mark.gpu
-def test_batched_on_cuda_matches_sequential(monkeypatch):
-    # cuDNN convolutions use TF32 by default on Ampere and later: switch it off to compare in float32.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_batched_on_cuda_matches_sequential(exact_cudnn):
+    # cuDNN convolutions use TF32 by default on Ampere and later: exact_cudnn switches it off.
     xs, ys = omniglot_data(iters=2, steps=3, n=5, batch=10)
     xs, ys = xs.cuda(), ys.cuda()
     batched, sequential = conv().cuda(), conv().cuda()

@@ -301,19 +301,25 @@ def test_graph_replays_equal_eager_batched_and_sequential_on_float64(inner, tran
         torch.cuda.synchronize()
         want, _ = _batched(net, opt, on_gpu, drawn, transductive)
         for g, w in zip(_weights(net, rows, 3), want):
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(g, w, **GRAPH_TOL[inner])
     (entry,) = adapter._graphs.values()
     assert entry[0] is rows  # replayed into the recorded rows, not recorded again
     seq, _ = _sequential(net, opt, on_gpu, drawn, transductive)
     for g, w in zip(_weights(net, rows, 3), seq):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, w, **GRAPH_TOL[inner])
+
+
+# float64, graph against eager.  SGD: to rounding.  Adam divides by sqrt(v) + eps, so
+# where a weight's gradients are near zero a rounding-level difference in them (cuDNN
+# may pick another algorithm inside a capture) moves its step by up to lr * |dg| / eps:
+# seen up to 2.6e-9 on the H200, on 0.2% of the weights.
+GRAPH_TOL = {"sgd": dict(rtol=1e-10, atol=1e-12), "adam": dict(rtol=1e-7, atol=1e-8)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_real_graph_recorded_anew_when_the_state_layout_changes(inner, capturable_backend):
-    adapter = _check_hyperparameter_changes(inner, "cuda", capturable_backend, torch.float64,
-                                            dict(rtol=1e-10, atol=1e-12))
+    adapter = _check_hyperparameter_changes(inner, "cuda", capturable_backend, torch.float64, GRAPH_TOL[inner])
     assert len(adapter._graphs) == 1  # one shape: each re-recording replaced the last
 
 

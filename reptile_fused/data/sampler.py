@@ -79,7 +79,11 @@ class TaskSampler:
             pick = torch.randperm(c.count(base), generator=g)[:per]
             rows[label] = pick + int(c.offsets[base])
             turns.append(c.rotations[r])
-        x = c.images[rows.flatten().to(c.device)].to(dtype).div_(255.0)
+        x = c.images[rows.flatten().to(c.device)].to(dtype)
+        # A 0-dim divisor on the device: CUDA torch divides by a Python number as a
+        # multiply by its reciprocal, which would make the pixels differ by an ulp from
+        # the CPU's and the same seed give other inputs on another device.
+        x.div_(torch.full((), 255.0, dtype=dtype, device=x.device))
         x = x.view(self.ways, per, *x.shape[1:])
         for label, k in enumerate(turns):
             if k:

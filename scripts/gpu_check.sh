@@ -13,25 +13,25 @@
 # start-up, under the device tool's 10 minutes a command and 15 minutes in all.  Stages
 # run headline numbers first; each has a timeout that covers all it runs (collection,
 # shards, reports), and the timeouts add up to the budget.  scripts/gpu_check.py's PLAN
-# holds the numbers (expected s / timeout s, from the second H200 run; `make gpu-check-dry` writes this plan into summary.json):
+# holds the numbers (expected s / timeout s, from the H200 runs of 2026-12-04; `make gpu-check-dry` writes this plan into summary.json):
 #
-#   env            8  [10]   versions, GPU name, capability, SMs, memory
-#   build         10  [30]   GPU_CHECK_PREBUILT=1: the library built here against that torch (make
+#   env            7  [10]   versions, GPU name, capability, SMs, memory
+#   build         10  [20]   GPU_CHECK_PREBUILT=1: the library built here against that torch (make
 #                            test-compat); else setup.py build_ext --inplace for the detected
 #                            capability only (fails there today: GCC 13, kernels_avx2.cpp),
 #                            MAX_JOBS = all cores; then the cubins' register/stack/spill
 #                            report (tests/gpu_ready/test_cuda_build.py)
-#   smoke         18  [25]   scripts/gpu_smoke.py: every op and dtype on cpp and triton vs the
+#   smoke         19  [25]   scripts/gpu_smoke.py: every op and dtype on cpp and triton vs the
 #                            reference, one capture+replay per backend
-#   bench_ops     21  [30]   benchmarks/bench_ops.py --device cuda --quick: fused ops vs torch,
+#   bench_ops     22  [30]   benchmarks/bench_ops.py --device cuda --quick: fused ops vs torch,
 #                            the GPU's copy bandwidth as the roofline
-#   bench_meta    33  [40]   benchmarks/bench_meta_iteration.py --quick --no-memory, omniglot,
+#   bench_meta    38  [50]   benchmarks/bench_meta_iteration.py --quick --no-memory, omniglot,
 #                            modes seed, l2l, sequential, batched, graph; cpp then triton
-#   cpp_tests     60  [80]   pytest -m gpu -k "not triton", one shard per core
-#   triton_tests  55  [90]   pytest -m gpu -k triton, one shard per core; REPTILE_FUSED_TRITON_TUNE=single
+#   cpp_tests     66  [80]   pytest -m gpu -k "not triton", one shard per core
+#   triton_tests  72  [90]   pytest -m gpu -k triton, one shard per core; REPTILE_FUSED_TRITON_TUNE=single
 #                            (no autotuning: tests/gpu_ready/test_triton_compile_budget.py
 #                            bounds the compiles it needs)
-#   bench_eval    14  [25]   benchmarks/bench_eval.py --cuda-graph: evaluation tasks/s,
+#   bench_eval    20  [25]   benchmarks/bench_eval.py --cuda-graph: evaluation tasks/s,
 #                            sequential, batched, batched as a CUDA graph
 #
 # A stage out of time gets SIGINT, then SIGKILL 5 s later; pytest outcomes and benchmark

@@ -36,7 +36,7 @@ $(PY):
 # (--no-build-isolation), so it must already be in the venv.
 $(DEPS_STAMP): $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'torch>=2.6' setuptools wheel ninja pybind11 build
+	$(PY) -m pip install -q 'torch>=2.11' setuptools wheel ninja pybind11 build
 	touch $@
 
 $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)

@@ -49,7 +49,7 @@ CSRC = "csrc"
 # Runtime dependencies (pyproject.toml declares them dynamic so that a build with the
 # extension can pin the exact torch it was compiled against).
 DEPENDENCIES = ["numpy", "tqdm", "pillow"]
-MIN_TORCH = "torch>=2.6"
+MIN_TORCH = "torch>=2.11"  # pyproject.toml [tool.reptile_fused.supported]
 BUILDING_WHEEL = "bdist_wheel" in sys.argv[1:]
 
 

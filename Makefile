@@ -52,11 +52,11 @@ demo: install
 	$(PY) -m reptile_fused demo
 
 # Every script writes rows of one schema into benchmarks/results/benchmarks.csv
-# (benchmarks/harness.py); report.py regenerates the README's tables from it.
+# (benchmarks/harness.py); report.py regenerates the tables of docs/benchmarks.md from it.
 bench: install
 	$(PY) benchmarks/bench_ops.py --threads 1
 	$(PY) benchmarks/bench_distributed.py
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py --page docs/benchmarks.md
 
 # On a lent GPU machine: uses the torch already installed there (no venv, no
 # downloads), builds in place for the local GPU's architecture with every core, then

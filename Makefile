@@ -27,7 +27,7 @@ PROJECT_STAMP := $(VENV)/.project-stamp
 CSRC := reptile_fused/backends/cpp/csrc
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
-.PHONY: install test demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
+.PHONY: install test docs docs-serve demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,13 +40,22 @@ $(DEPS_STAMP): $(PY)
 	touch $@
 
 $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,triton]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,triton,docs]'
 	touch $@
 
 install: $(PROJECT_STAMP)
 
 test: install
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, pages in docs/, API reference from the docstrings) into
+# site/, in strict mode: any warning (a broken link or anchor, a page missing from the nav, a
+# docstring mkdocstrings cannot read) fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 demo: install
 	$(PY) -m reptile_fused demo
@@ -92,4 +101,4 @@ wheel-check-cuda: wheel
 	$(PY) scripts/wheel_check.py $(WHEEL_DIR) --flavour cuda --source . $(if $(WHEEL_ARCHS),--archs '$(WHEEL_ARCHS)')
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info reptile_fused/*.so reptile_fused/_build_info.py
+	rm -rf build dist wheelhouse site *.egg-info reptile_fused/*.so reptile_fused/_build_info.py

@@ -9,7 +9,7 @@ from torch import nn
 
 from fewshot_fixtures import one_thread  # noqa: F401
 
-from reptile_fused.app.batched_eval import BatchedAdapter, NotBatchableError
+from reptile_fused.batched import BatchedAdapter, NotBatchableError
 from reptile_fused.app.config import TrainConfig
 from reptile_fused.app.evaluate import (Restorer, adapt, draw_task, evaluate, evaluate_task, predict,
                                         score_tasks_batched)

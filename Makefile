@@ -45,11 +45,12 @@ $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 
 install: $(PROJECT_STAMP)
 
-# The test suite, then every Python code block of README.md and docs/*.md (pytest-markdown-docs;
+# ruff check, the test suite, then every Python code block of README.md and docs/*.md (pytest-markdown-docs;
 # a block fenced ```python notest is shown, not run), then the documentation site (`docs`).
 # The code blocks run on one CPU thread: their nets are tiny, and on a small shared machine
 # a second thread makes them several times slower.
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --markdown-docs README.md docs
 	$(MAKE) --no-print-directory docs

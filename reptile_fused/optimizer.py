@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,14 +38,14 @@ class _MetaBatchState:
 
     __slots__ = ("owner_ref", "tasks_done", "in_task", "view")
 
-    def __init__(self, owner: "ReptileOptimizer"):
+    def __init__(self, owner: ReptileOptimizer):
         self.owner_ref = weakref.ref(owner)
         self.tasks_done = 0  # tasks finished since the last meta step
         self.in_task = False
         self.view: MetaStepView | None = None
 
     @property
-    def owner(self) -> "ReptileOptimizer":
+    def owner(self) -> ReptileOptimizer:
         return self.owner_ref()
 
 
@@ -403,7 +403,7 @@ class ReptileOptimizer(Optimizer):
             self._meta.view._opt_called = True
 
     @property
-    def meta_optimizer(self) -> "MetaStepView":
+    def meta_optimizer(self) -> MetaStepView:
         """An ``Optimizer`` view whose ``lr`` is each group's ``meta_lr`` and whose
         ``step()`` is ``meta_step()``: hand it to any ``torch.optim.lr_scheduler`` to
         anneal the meta step size, e.g. linearly to 0 as in the paper::
@@ -417,7 +417,7 @@ class ReptileOptimizer(Optimizer):
         return self._meta.view
 
     @property
-    def state(self) -> "_StateView":
+    def state(self) -> _StateView:
         """Each parameter's inner state, as ``torch.optim`` exposes it: ``opt.state[p]`` is
         ``{"momentum_buffer": ...}`` (SGD with momentum) or ``{"step": ..., "exp_avg": ...,
         "exp_avg_sq": ...[, "max_exp_avg_sq": ...]}`` (Adam), empty before the parameter's

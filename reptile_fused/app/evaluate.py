@@ -19,7 +19,7 @@ class), as in the authors' code.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

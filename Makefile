@@ -27,7 +27,7 @@ PROJECT_STAMP := $(VENV)/.project-stamp
 CSRC := csrc
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
-.PHONY: install test test-compat demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
+.PHONY: install test test-compat docs docs-serve demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ $(DEPS_STAMP): $(PY)
 	touch $@
 
 $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,triton]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,triton,docs]'
 	touch $@
 
 # The oldest supported torch's headers, for the C++17 guard (tests/test_cxx17.py):
@@ -56,9 +56,24 @@ $(CXX17_TORCH)/.stamp: $(DEPS_STAMP)
 
 install: $(PROJECT_STAMP)
 
+# ruff check, the test suite, then every Python code block of README.md and docs/*.md (pytest-markdown-docs;
+# a block fenced ```python notest is shown, not run), then the documentation site (`docs`).
+# The code blocks run on one CPU thread: their nets are tiny, and on a small shared machine
+# a second thread makes them several times slower.
 test: install $(CXX17_TORCH)/.stamp
 	$(PY) -m ruff check .
 	REPTILE_FUSED_CXX17_TORCH=$(CXX17_TORCH) $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --markdown-docs README.md docs
+	$(MAKE) --no-print-directory docs
+
+# The documentation site (mkdocs.yml, pages in docs/, API reference from the docstrings) into
+# site/, in strict mode: any warning (a broken link or anchor, a page missing from the nav, a
+# docstring mkdocstrings cannot read) fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 demo: install
 	$(PY) -m reptile_fused demo
@@ -72,11 +87,11 @@ test-compat:
 	scripts/test_compat.sh $(TORCH) $(TRITON)
 
 # Every script writes rows of one schema into benchmarks/results/benchmarks.csv
-# (benchmarks/harness.py); report.py regenerates the README's tables from it.
+# (benchmarks/harness.py); report.py regenerates the tables of docs/benchmarks.md from it.
 bench: install
 	$(PY) benchmarks/bench_ops.py --threads 1
 	$(PY) benchmarks/bench_distributed.py
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py --page docs/benchmarks.md
 
 # On a lent GPU machine: uses the torch already installed there (no venv, no
 # downloads), builds in place for the local GPU's architecture with every core, then
@@ -113,4 +128,4 @@ wheel-check-cuda: wheel
 	$(PY) scripts/wheel_check.py $(WHEEL_DIR) --flavour cuda --source . $(if $(WHEEL_ARCHS),--archs '$(WHEEL_ARCHS)')
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info reptile_fused/*.so reptile_fused/_build_info.py
+	rm -rf build dist wheelhouse site *.egg-info reptile_fused/*.so reptile_fused/_build_info.py

@@ -2,7 +2,7 @@
 
 Every script in ``benchmarks/`` times with :class:`Timer`, writes rows of exactly
 :data:`SCHEMA` with :func:`write_csv`, and draws with ``benchmarks/plot.py``;
-``benchmarks/report.py`` renders the README tables from the CSV.
+``benchmarks/report.py`` renders the tables of ``docs/benchmarks.md`` from the CSV.
 
 Timing.  Every variant (provider) of a case runs once per round; the rounds interleave
 the variants, rotating their order each round, so background load on a shared machine

@@ -1,10 +1,10 @@
-"""Markdown tables from the results CSV (rows of the harness schema), and the README's
-benchmark section regenerated from them.
+"""Markdown tables from the results CSV (rows of the harness schema), and the benchmark
+section of the documentation (docs/benchmarks.md) regenerated from them.
 
     python benchmarks/report.py                                  # print the tables
-    python benchmarks/report.py --readme README.md               # rewrite the generated block
+    python benchmarks/report.py --page docs/benchmarks.md        # rewrite the generated block
 
-The README block lies between the two marker comments ``BEGIN`` and ``END`` below; the
+The generated block lies between the two marker comments ``BEGIN`` and ``END`` below; the
 text outside them is not touched.
 """
 
@@ -270,7 +270,7 @@ def _meta(rows, benchmark):
     return sub[0]["machine"], max(r["date"] for r in sub), sub[0]["torch"]
 
 
-def readme_section(rows) -> str:
+def page_section(rows) -> str:
     out = [BEGIN, ""]
     info = _meta(rows, "ops")
     if info:
@@ -332,32 +332,34 @@ def readme_section(rows) -> str:
                 "with two processes on two shared cores the small sizes are dominated by scheduling, where it "
                 "can exceed 100%.", ""]
         out += distributed_table(rows) + [""]
-    out += ["Everything above is rendered by `python benchmarks/report.py --readme README.md` from "
+    out += ["Everything above is rendered by `python benchmarks/report.py --page docs/benchmarks.md` from "
             "`benchmarks/results/benchmarks.csv` (one schema: `benchmarks/harness.py: SCHEMA`); the charts are "
             "`benchmarks/results/*.png`.", "", END]  # fmt: skip
     return "\n".join(out)
 
 
-def update_readme(readme: Path, rows) -> None:
-    text = readme.read_text()
+def update_page(page: Path, rows) -> None:
+    """Rewrite the generated block of ``page`` (a Markdown file holding the two markers)."""
+    text = page.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: the markers are missing:\n{BEGIN}\n{END}")
+        raise SystemExit(f"{page}: the markers are missing:\n{BEGIN}\n{END}")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + readme_section(rows) + tail)
+    page.write_text(head + page_section(rows) + tail)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--csv", type=Path, nargs="+", default=[h.RESULTS / "benchmarks.csv"])
-    ap.add_argument("--readme", type=Path, default=None, help="rewrite the generated block of this README")
+    ap.add_argument("--page", type=Path, default=None,
+                    help="rewrite the generated block of this Markdown page (docs/benchmarks.md)")
     args = ap.parse_args(argv)
     rows = [r for path in args.csv for r in h.read_csv(path)]
-    if args.readme:
-        update_readme(args.readme, rows)
-        print(f"updated {args.readme}")
+    if args.page:
+        update_page(args.page, rows)
+        print(f"updated {args.page}")
     else:
-        print(readme_section(rows))
+        print(page_section(rows))
     return 0
 
 

@@ -102,7 +102,7 @@ class ReptileOptimizer(Optimizer):
             own layout, ``torch.channels_last`` (``channels_last_3d``) lays the 4-D (5-D)
             parameters out as ``model.to(memory_format=...)`` would, ``torch.contiguous_format``
             makes every parameter row-major.  Values and updates are the same in every
-            layout; convolutions can be much faster in one (see the README's benchmarks).
+            layout; convolutions can be much faster in one (see docs/benchmarks.md).
 
     ``zero_grad()`` zeroes the flat gradient in one fill and keeps ``p.grad`` attached
     (torch's ``set_to_none=False``): a parameter that got no gradient is then updated

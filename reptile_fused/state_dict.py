@@ -146,7 +146,7 @@ def unpack(
                 f"state_dict param group {n} says {expected} parameter(s) had inner-optimizer state (momentum, "
                 f"Adam moments) but only {present} came with it. torch.distributed.checkpoint's dcp.load fills "
                 "only the keys of the template it is given: build the template from an optimizer that has "
-                "stepped (see the README's section on training frameworks)."
+                "stepped (see docs/frameworks.md, torch.distributed.checkpoint)."
             )
 
     # All checks passed: apply.

@@ -1,4 +1,4 @@
-"""The numerics contract of the README (and of ``reptile_fused/reference.py``'s
+"""The numerics contract of docs/numerics.md (and of ``reptile_fused/reference.py``'s
 docstring), encoded once for every backend, plus the looser bound a whole training
 trajectory is held to.
 

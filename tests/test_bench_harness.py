@@ -79,7 +79,7 @@ def test_rows_have_one_schema_and_the_roofline_fraction_of_real_bytes(mods, tiny
     assert list(ok) == ["reference"] and "unknown backend" in missing["no-such-backend"]
 
 
-def test_csv_merge_plot_and_readme(mods, tiny_rows, tmp_path):
+def test_csv_merge_plot_and_page(mods, tiny_rows, tmp_path):
     h, plot, report = mods["harness"], mods["plot"], mods["report"]
     other = h.make_row(benchmark="distributed", op="meta_step", case="2 process(es)", provider="gloo",
                        numel=10, median_s=0.001)  # fmt: skip
@@ -90,9 +90,17 @@ def test_csv_merge_plot_and_readme(mods, tiny_rows, tmp_path):
     assert len(back) == len(tiny_rows) + 1
     png = plot.plot_ops(back, tmp_path / "ops.png", "tiny")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nSTALE-BLOCK\n{report.END}\n\n## Layout\nkept\n")
-    report.update_readme(readme, back)
-    text = readme.read_text()
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nSTALE-BLOCK\n{report.END}\n\n## Layout\nkept\n")
+    report.update_page(page, back)
+    text = page.read_text()
     assert "STALE-BLOCK" not in text and text.endswith("## Layout\nkept\n")
     assert "roofline fraction" in text and "GPU" in text and "not measured" in text
+
+
+def test_the_benchmarks_page_holds_the_generated_block(mods):
+    """`make bench` rewrites docs/benchmarks.md between the markers: they must be there, once."""
+    report = mods["report"]
+    text = (BENCH.parent / "docs" / "benchmarks.md").read_text()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert text.index(report.BEGIN) < text.index(report.END)

@@ -77,7 +77,7 @@ def _add_runtime(p: argparse.ArgumentParser, seed_default=None, threads_help=Non
     if conv_layout:
         g.add_argument("--channels-last", action="store_true",
                        help="lay the conv weights out channels-last in the optimizer's flat buffer: the same "
-                            "values, faster convolutions on the CPU (see the README's benchmarks)")
+                            "values, faster convolutions on the CPU (see docs/benchmarks.md)")
 
 
 def _memory_format(args: argparse.Namespace):

@@ -137,8 +137,8 @@ def default_eval_batch_tasks(device: torch.device) -> int:
     """Tasks adapted at once when ``--eval-batch-tasks`` is not given.
 
     CUDA: 32 (enough rows to fill the GPU with the paper's small nets).  CPU: 1, the
-    sequential evaluation: batching measured no faster on the CPU (the README's
-    evaluation benchmark), as for training (docs/batched.md).
+    sequential evaluation: batching measured no faster on the CPU (docs/evaluation.md,
+    the evaluation benchmark), as for training (docs/batched.md).
     """
     return 32 if torch.device(device).type == "cuda" else 1
 

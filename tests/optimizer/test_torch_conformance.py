@@ -185,7 +185,7 @@ def test_hyperparameters_of_the_other_inner_optimizer_are_refused():
 
 CUDA_BACKENDS = ["cpp", "triton"]
 # On CUDA the kernels follow torch's operation order but nvcc and Triton choose their own
-# fused multiply-adds and torch's CUDA sqrt is correctly rounded: a few ulp, as the README says.
+# fused multiply-adds and torch's CUDA sqrt is correctly rounded: a few ulp, as docs/numerics.md says.
 CUDA_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 
 

@@ -250,3 +250,96 @@ def test_resume_extends_a_finished_run_reannealing_the_meta_step(tmp_path, capsy
     assert "extended, not shortened" in _one_error_line(capsys.readouterr().err, "train")
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0, "a plain resume of the extended run"
     assert ckpt_io.load(run / "checkpoint.pt")["iteration"] == 8
+
+
+# ---------------------------------------------------------------------- outputs never land on a run's files (issue 24)
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pt", "metrics.csv"])
+def test_eval_json_never_overwrites_the_run(target, sine_run, capsys):
+    before = (sine_run / target).read_bytes()
+    assert main(["eval", "--checkpoint", str(sine_run / "checkpoint.pt"), "--eval-samples", "2", "--quiet",
+                 "--json", str(sine_run / target)]) == 2
+    out, err = capsys.readouterr()
+    assert "--json" in _one_error_line(err, "eval") and "Wrote" not in out
+    assert (sine_run / target).read_bytes() == before
+
+
+def test_eval_json_never_overwrites_a_checkpoint_given_by_another_name(sine_run, tmp_path, capsys):
+    other = tmp_path / "best.pt"
+    other.write_bytes((sine_run / "checkpoint.pt").read_bytes())
+    assert main(["eval", "--checkpoint", str(other), "--eval-samples", "2", "--quiet", "--json", str(other)]) == 2
+    assert "an input of this command" in _one_error_line(capsys.readouterr().err, "eval")
+    assert ckpt_io.load(other)["iteration"] == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", *SINE, "--meta-iters", "2", "--out", ""],
+    ["eval", "--checkpoint", "RUN", "--eval-samples", "2", "--quiet", "--json", ""],
+    ["demo", "--iters", "2", "--test-tasks", "2", "--quiet", "--out", ""],
+    ["plot", "RUN", "--out", ""],
+], ids=["train", "eval", "demo", "plot"])
+def test_empty_output_path_is_refused(argv, sine_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(sine_run) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    assert "is empty: give a path" in _one_error_line(capsys.readouterr().err, argv[0])
+    assert list(tmp_path.iterdir()) == [], "nothing written into the current folder"
+
+
+# ---------------------------------------------------------------------- metrics.csv is never lost (issue 24)
+
+
+def test_fresh_train_moves_an_earlier_runs_rows_aside(sine_run, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves metrics.csv and no checkpoint.pt:
+    training afresh into the folder keeps those rows, renamed, and says so."""
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = (sine_run / "metrics.csv").read_bytes()
+    (run / "metrics.csv").write_bytes(earlier)
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "held the rows of an earlier run" in err and "metrics.earlier-1.csv" in err
+    assert (run / "metrics.earlier-1.csv").read_bytes() == earlier
+    assert [int(r["iteration"]) for r in _rows(run / "metrics.csv")] == [0]
+    # A second time: a new name, nothing overwritten.
+    (run / "checkpoint.pt").unlink()
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(run)]) == 0
+    assert (run / "metrics.earlier-1.csv").read_bytes() == earlier and (run / "metrics.earlier-2.csv").is_file()
+
+
+def test_resume_drops_partly_written_and_out_of_order_rows(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SINE, "--meta-iters", "4", "--eval-interval", "1", "--out", str(run)]) == 0
+    with open(run / "metrics.csv", "a") as f:
+        f.write("3,,,,\n1,0.5,0.1,0.2,0.0\n")  # a partly written row, then one out of order
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "dropped lines 6, 7" in err and "metrics.csv" in err
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["iteration"]) for r in rows] == list(range(6))
+    assert all(v != "" for r in rows for v in r.values())
+
+
+def test_resume_drops_rows_after_the_checkpoint(tmp_path, capsys):
+    """The README's promise: rows written after the checkpoint are dropped and rewritten."""
+    run = tmp_path / "run"
+    assert main(["train", *SINE, "--meta-iters", "4", "--eval-interval", "1", "--out", str(run)]) == 0
+    with open(run / "metrics.csv", "a") as f:
+        f.write("4,0.5,0.1,0.2,0.0\n5,0.5,0.1,0.2,0.0\n4,0.5,0.1,0.2,0.0\n")
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "6"]) == 0
+    assert "dropped" not in capsys.readouterr().err, "rows after the checkpoint go without a note"
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["iteration"]) for r in rows] == list(range(6)) and rows[4]["loss"] != "0.1"
+
+
+def test_resume_with_a_renamed_metrics_header_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SINE, "--meta-iters", "2", "--eval-interval", "1", "--out", str(run)]) == 0
+    text = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(text.replace("iteration", "iter", 1))
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "3"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert str(run / "metrics.csv") in line and "header" in line
+    assert (run / "metrics.csv").read_text().startswith("iter,"), "left as it was"

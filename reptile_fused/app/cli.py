@@ -44,12 +44,43 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _check_output(path, flag: str) -> Path:
+def _nonempty(value, flag: str) -> str:
+    """An empty path would silently mean the current folder: refuse it."""
+    if value is not None and not str(value).strip():
+        raise CLIError(f"{flag} is empty: give a path")
+    return value
+
+
+# The files a run folder's run owns: no other output may land on them.
+_RUN_FILES = ("checkpoint.pt", "metrics.csv", ".lock")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare the paths
+        return a.resolve() == b.resolve()
+
+
+def _check_not_run_file(path: Path, flag: str, protected=()) -> None:
+    """Refuse an output that would replace a run's checkpoint, metrics or lock: the paths
+    in ``protected`` (whatever their names), and any existing file with a run file's name."""
+    for other in protected:
+        if _same_path(path, Path(other)):
+            raise CLIError(f"{flag} {path} is {other}, an input of this command: it would be overwritten; "
+                           f"choose another file name")
+    if path.name in _RUN_FILES and path.exists():
+        raise CLIError(f"{flag} {path} would overwrite a run's {path.name}: choose another file name")
+
+
+def _check_output(path, flag: str, protected=()) -> Path:
     """Fail now, before any work, if the file ``path`` cannot be written (its folder is
-    created; the file itself is left as it was)."""
+    created; the file itself is left as it was) or is one of a run's own files."""
+    _nonempty(str(path), flag)
     path = Path(path)
     if path.is_dir():
         raise CLIError(f"{flag} {path}: is a folder; give a file name")
+    _check_not_run_file(path, flag, protected)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
@@ -60,6 +91,19 @@ def _check_output(path, flag: str) -> Path:
     except OSError as exc:
         raise CLIError(f"{flag} {path}: cannot write there ({_reason(exc)})") from None
     return path
+
+
+def _figure_output(value: str, flag: str, default_name: str, protected=()) -> Path:
+    """Where a figure goes: ``value``, or ``value/default_name`` when ``value`` is a folder
+    (an existing one, or a path ending in a slash); ``.png`` added when there is no
+    extension.  Checked to be writable now, before any work."""
+    from .demo import figure_path
+
+    _nonempty(value, flag)
+    path = Path(value)
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        path = path / default_name
+    return _check_output(figure_path(path), flag, protected)
 
 
 # ---------------------------------------------------------------------- shared flags
@@ -133,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="meta-train on sine waves for a few minutes and draw Figure 1",
                        description="Meta-train the 1-64-64-1 MLP on sine waves, then compare adapting to new "
                                    "waves from the meta-learned and from a random initialisation.")
-    d.add_argument("--out", default="runs/demo/sine_demo.png", help="where to write the PNG (default %(default)s)")
+    d.add_argument("--out", default="runs/demo/sine_demo.png",
+                   help="where to write the PNG (default %(default)s); a folder: FOLDER/sine_demo.png")
     d.add_argument("--iters", "--meta-iters", dest="iters", type=int, default=None,
                    help="meta-training iterations (default 10000: about a minute on one CPU core)")
     d.add_argument("--test-tasks", type=int, default=200, help="new waves to average the MSE over (default %(default)s)")
@@ -186,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Loss and evaluation scores against meta-iterations of each RUN_DIR's "
                                     "metrics.csv on one chart (e.g. Reptile against FOMAML).")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.csv)")
-    pl.add_argument("--out", required=True, help="the image to write (.png, .pdf, .svg, ...)")
+    pl.add_argument("--out", required=True,
+                    help="the image to write (.png, .pdf, .svg, ...); a folder: FOLDER/plot.png")
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
@@ -331,7 +377,7 @@ def _locked_run_dir(run_dir: Path):
 def _train(args, device) -> int:
     from .train import CHECKPOINT_NAME
 
-    run_dir = Path(args.out)
+    run_dir = Path(_nonempty(args.out, "--out"))
     if args.resume:
         if args.preset is not None:
             raise CLIError("--resume takes the run's settings from its checkpoint; drop --preset")
@@ -412,6 +458,10 @@ def _check_tensorboard() -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise CLIError("--tensorboard needs the tensorboard package: pip install 'reptile-fused[tensorboard]'") from None
+    except Exception as exc:  # an installed but broken tensorboard (say, a protobuf it does not fit)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CLIError(f"--tensorboard: importing tensorboard failed ({type(exc).__name__}: {first}); repair its "
+                       "installation (pip install -U tensorboard protobuf) or train without --tensorboard") from None
 
 
 def _notice(line: str) -> None:
@@ -422,16 +472,17 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from ..models import build_model
     from .problems import build_problem
-    from .train import CHECKPOINT_NAME, make_optimizer
+    from .train import CHECKPOINT_NAME, METRICS_NAME, make_optimizer
 
     device = _device(args.device)
     _check_backend(args.backend, device)
     _check_eval_cuda_graph(args, device)
-    if args.json:
-        _check_output(args.json, "--json")
-    path = Path(args.checkpoint)
+    path = Path(_nonempty(args.checkpoint, "--checkpoint"))
     if path.is_dir():
         path = path / CHECKPOINT_NAME
+    if args.json is not None:
+        # Never onto the checkpoint being evaluated, nor its run's metrics.
+        _check_output(_nonempty(args.json, "--json"), "--json", protected=(path, path.parent / METRICS_NAME))
     try:
         ckpt = ckpt_io.load(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -491,7 +542,7 @@ def cmd_eval(args) -> int:
               f"accuracy {100 * value:.2f}% ± {ci_text}% (95% CI, {result['tasks']:,} tasks)")
     else:
         print(f"sine {config.shots}-shot: MSE {value:.4f} ± {ci_text} (95% CI, {result['tasks']:,} tasks)")
-    if args.json:
+    if args.json is not None:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -502,7 +553,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEFAULT_ITERS, figure_path, run_demo
+    from .demo import DEFAULT_ITERS, run_demo
 
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
@@ -513,7 +564,7 @@ def cmd_demo(args) -> int:
         raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
     device = _device(args.device)
     _check_backend(args.backend, device)
-    out = _check_output(figure_path(args.out), "--out")
+    out = _figure_output(args.out, "--out", "sine_demo.png")
     try:
         run_demo(out=out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
                  test_tasks=args.test_tasks, progress=not args.quiet)
@@ -527,13 +578,19 @@ def cmd_plot(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise CLIError("plot draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
-    from .curves import CurvesError, plot_runs
-    from .demo import figure_path
+    from .curves import plot_runs
+    from .metrics import MetricsError
+    from .train import CHECKPOINT_NAME, METRICS_NAME
 
-    out = _check_output(figure_path(args.out), "--out")
+    # Never onto an input: a run's metrics.csv (or the file given) or its checkpoint.
+    inputs = []
+    for run in args.runs:
+        run = Path(_nonempty(run, "RUN_DIR"))
+        inputs += [run / METRICS_NAME, run / CHECKPOINT_NAME] if run.is_dir() else [run]
+    out = _figure_output(args.out, "--out", "plot.png", protected=inputs)
     try:
         plot_runs(args.runs, out)
-    except CurvesError as exc:
+    except MetricsError as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write the chart ({_reason(exc)})") from None

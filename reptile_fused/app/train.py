@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt_io
+from . import metrics as metrics_io
 from .config import TrainConfig
 from ..data import inner_batches
 from ..distributed import rank_and_world, shard
@@ -40,7 +41,7 @@ from ..optimizer import ReptileOptimizer
 from .problems import build_problem
 
 CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.csv"
+METRICS_NAME = metrics_io.METRICS_NAME
 CURVES_NAME = "curves.png"
 # metrics.csv columns -> TensorBoard tags (score columns go under eval/).
 TENSORBOARD_TAGS = {"meta_step": "train/meta_step", "loss": "train/loss"}
@@ -218,20 +219,28 @@ class Trainer:
         return ["iteration", "meta_step", "loss"] + [f"{s}_{p.metric}" for s in p.eval_splits] + ["wall_s"]
 
     def _prepare_csv(self) -> None:
-        """Create the CSV, or on resume drop the rows written after the checkpoint."""
+        """Create the CSV, or on resume drop the rows written after the checkpoint (and
+        any row that is not whole, with a notice).  A new run never discards the rows of
+        an earlier one: a metrics.csv it finds (an earlier run stopped before its first
+        checkpoint) is renamed to ``metrics.earlier-N.csv`` first, with a notice."""
         path = self.metrics_path
         if path is None or not self.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = self.metric_columns()
-        kept = []
+        kept: list[list[str]] = []
         if self.iteration > 0 and path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                kept = [row for row in reader if int(row["iteration"]) < self.iteration]
+            kept, note = metrics_io.rows_to_keep(path, columns, self.iteration)
+            if note and self.notice is not None:
+                self.notice(note)
+        elif self.iteration == 0 and metrics_io.has_rows(path):
+            moved = metrics_io.set_aside(path)
+            if self.notice is not None:
+                self.notice(f"note: {path} held the rows of an earlier run (which left no checkpoint to resume); "
+                            f"moved them to {moved}")
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
+            writer = csv.writer(f)
+            writer.writerow(columns)
             writer.writerows(kept)
 
     def _append_row(self, row: dict) -> None:
@@ -263,11 +272,11 @@ class Trainer:
             if self.notice is not None:
                 self.notice(f"note: no {CURVES_NAME} (it is drawn with matplotlib: pip install 'reptile-fused[demo]')")
             return
-        from .curves import CurvesError, plot_run
+        from .curves import plot_run
 
         try:
             plot_run(self.run_dir)
-        except CurvesError:  # no evaluation row yet
+        except metrics_io.MetricsError:  # no evaluation row yet (the chart is a convenience)
             return
         self._curves_drawn_at = time.perf_counter()
         self._curves_cost += self._curves_drawn_at - now

@@ -84,8 +84,11 @@ def test_lock_released_when_the_run_dies(tmp_path, monkeypatch, how):
 
     with monkeypatch.context() as m:
         m.setattr(train_mod.Trainer, "_iteration_done", die)
-        with pytest.raises(type(how)):
-            main(["train", *SINE, "--meta-iters", "3", "--out", str(run)])
+        if isinstance(how, KeyboardInterrupt):  # a second Ctrl-C: one line, status 130
+            assert main(["train", *SINE, "--meta-iters", "3", "--out", str(run)]) == 130
+        else:
+            with pytest.raises(type(how)):
+                main(["train", *SINE, "--meta-iters", "3", "--out", str(run)])
     assert not (run / LOCK_NAME).exists()
     with RunLock(run):  # free again
         pass
@@ -343,3 +346,241 @@ def test_resume_with_a_renamed_metrics_header_is_one_line(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err, "train")
     assert str(run / "metrics.csv") in line and "header" in line
     assert (run / "metrics.csv").read_text().startswith("iter,"), "left as it was"
+
+
+# ---------------------------------------------------------------------- checkpoints checked on load (issue 24)
+
+
+def _flip_a_weight_byte(good: Path, path: Path) -> None:
+    """Change one byte of a tensor record in place: the zip stays readable, its CRC does not match."""
+    import torch
+
+    data = bytearray(good.read_bytes())
+    ckpt = torch.load(good, weights_only=True)
+    weight = next(v for k, v in ckpt["model"].items() if k.endswith("weight"))
+    at = data.find(weight.contiguous().numpy().tobytes()[:16])
+    assert at > 0
+    data[at + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _resave(good: Path, path: Path, edit) -> None:
+    import torch
+
+    ckpt = torch.load(good, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+
+
+def _both_commands_refuse(run, capsys, *words):
+    for argv, command in [(["eval", "--checkpoint", str(run), "--quiet", "--eval-samples", "2"], "eval"),
+                          (["train", "--out", str(run), "--resume", "--quiet"], "train")]:
+        assert main(argv) == 2, command
+        out, err = capsys.readouterr()
+        line = _one_error_line(err, command)
+        assert str(run / "checkpoint.pt") in line and all(w in line for w in words), line
+        assert "accuracy" not in out and "MSE" not in out
+
+
+def test_checkpoint_whose_bytes_changed_is_reported(sine_run, tmp_path, capsys):
+    """The README's promise: a checkpoint damaged after it was written is reported, not
+    evaluated (it used to score chance) or resumed (it used to train on with loss nan)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _flip_a_weight_byte(sine_run / "checkpoint.pt", run / "checkpoint.pt")
+    assert zipfile.is_zipfile(run / "checkpoint.pt")
+    _both_commands_refuse(run, capsys, "corrupt", "does not match the checksum", "restore a good copy")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.pop("optimizer"), ["no 'optimizer' entry"]),
+    (lambda c: c.pop("config"), ["no 'config' entry"]),
+    (lambda c: c.update(config=[1, 2]), ["'config' entry is a list, not a dict"]),
+    (lambda c: c["config"].update(classes="5"), ["settings are not valid", "--classes must be an integer, got '5'"]),
+    (lambda c: c["config"].update(meta_step=float("inf")), ["--meta-step must be a finite number"]),
+    (lambda c: c.update(iteration="3"), ["'iteration' entry is a str"]),
+    (lambda c: c["model"].update({k: v[:1] for k, v in c["model"].items() if k.endswith("weight")}),
+     ["its weights do not fit", "size mismatch"]),
+    (lambda c: c["optimizer"].update(param_groups=[]), ["optimizer state cannot be restored"]),
+], ids=["no-optimizer", "no-config", "config-type", "config-value-type", "config-inf", "iteration-type",
+        "weight-shape", "optimizer-groups"])
+def test_checkpoint_with_wrong_entries_is_one_line(edit, words, sine_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    _resave(sine_run / "checkpoint.pt", run / "checkpoint.pt", edit)
+    _both_commands_refuse(run, capsys, *words)
+
+
+def test_checkpoint_with_nan_weights_is_reported_not_evaluated(sine_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def poison(c):
+        w = next(k for k in c["model"] if k.endswith("weight"))
+        c["model"][w][0] = float("nan")
+
+    _resave(sine_run / "checkpoint.pt", run / "checkpoint.pt", poison)
+    _both_commands_refuse(run, capsys, "holds nan or inf", "smaller --learning-rate")
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    run = tmp_path / "run"
+    real = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    assert main(["train", *SINE, "--meta-iters", "4", "--checkpoint-interval", "2", "--out", str(run)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "No space left on device" in line and "of iteration 2 is kept" in line and "--resume" in line
+    assert ckpt_io.load(run / "checkpoint.pt")["iteration"] == 2, "the last good checkpoint, untouched"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv"], "no temp file"
+
+
+# ---------------------------------------------------------------------- nothing non-finite (issue 24)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--meta-step", "inf"], ["--learning-rate", "inf"], ["--learning-rate", "1e400"], ["--meta-step-final", "nan"],
+    ["--learning-rate", "nan"], ["--adam-beta2", "nan", "--inner-optimizer", "adam"],
+], ids=["meta-step-inf", "lr-inf", "lr-1e400", "final-nan", "lr-nan", "beta2-nan"])
+def test_non_finite_hyperparameters_are_refused(flags, tmp_path, capsys):
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert "must be a finite number" in _one_error_line(capsys.readouterr().err, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_naming_the_iteration(tmp_path, capsys):
+    """--learning-rate 1e6 used to log nan on every row, print Done and exit 0."""
+    run = tmp_path / "run"
+    assert main(["train", *SINE, "--meta-iters", "20", "--eval-interval", "1", "--learning-rate", "1e6",
+                 "--out", str(run)]) == 1
+    out, err = capsys.readouterr()
+    line = _one_error_line(err, "train")
+    assert "the run diverged" in line and "iteration" in line and "smaller --learning-rate" in line
+    assert "Done" not in out
+    rows = _rows(run / "metrics.csv")
+    assert all(r["loss"] not in ("nan", "inf") for r in rows), "no nan rows logged"
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    real = train_mod.Trainer.train_iteration
+
+    def nan_at_5(self):
+        loss, steps, meta_lr = real(self)
+        if self.iteration == 5:
+            loss = loss * float("nan")
+        return loss, steps, meta_lr
+
+    monkeypatch.setattr(train_mod.Trainer, "train_iteration", nan_at_5)
+    assert main(["train", *SINE, "--meta-iters", "8", "--eval-interval", "2", "--checkpoint-interval", "4",
+                 "--out", str(run)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.startswith("reptile-fused train: error: iteration 5: the training loss is nan")
+    assert f"{run / 'checkpoint.pt'} of iteration 4 is kept" in line
+    ckpt = ckpt_io.load(run / "checkpoint.pt")
+    assert ckpt["iteration"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [int(r["iteration"]) for r in _rows(run / "metrics.csv")] == [0, 2, 4], "no row for the nan window"
+
+
+def test_non_finite_weights_stop_the_run(tmp_path, monkeypatch, capsys):
+    """The meta step itself can go non-finite (the loss before it was finite)."""
+    import torch
+
+    run = tmp_path / "run"
+    real = train_mod.Trainer.train_iteration
+
+    def inf_weights_at_2(self):
+        out = real(self)
+        if self.iteration == 2:
+            with torch.no_grad():
+                self.opt.flat_buffers[0].data[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train_mod.Trainer, "train_iteration", inf_weights_at_2)
+    assert main(["train", *SINE, "--meta-iters", "6", "--eval-interval", "3", "--checkpoint-interval", "1",
+                 "--out", str(run)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "iteration 2: the meta-weights hold nan or inf" in line and "of iteration 2 is kept" in line
+    assert ckpt_io.load(run / "checkpoint.pt")["iteration"] == 2
+
+
+def test_eval_json_is_valid_json_when_the_score_is_not_finite(sine_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    from reptile_fused.app import evaluate as eval_mod
+
+    def diverged(*args, **kwargs):
+        return {"mse": float("nan"), "ci95": float("nan"), "tasks": 4, "nonfinite_tasks": 3, "batch_tasks": 1,
+                "cuda_graph": False}
+
+    monkeypatch.setattr(eval_mod, "evaluate", diverged)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(sine_run), "--eval-samples", "4", "--quiet", "--json", str(out)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "eval")
+    assert "diverged on 3 of 4 tasks" in line
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert result["mse"] is None and result["ci95"] is None and result["finite"] is False
+    assert result["nonfinite_tasks"] == 3
+
+
+# ---------------------------------------------------------------------- values not reinterpreted (issue 24)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--inner-iters", "0"], "--inner-iters must be >= 1"),
+    (["--data-root", "somewhere"], "--dataset sine reads no data"),
+], ids=["inner-iters-0", "sine-data-root"])
+def test_sine_flags_that_would_be_ignored_are_refused(flags, words, tmp_path, capsys):
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert words in _one_error_line(capsys.readouterr().err, "train")
+
+
+def test_eval_of_sine_with_a_data_root_is_refused(sine_run, capsys):
+    assert main(["eval", "--checkpoint", str(sine_run), "--eval-samples", "2", "--quiet", "--data-root", "x"]) == 2
+    assert "--dataset sine reads no data" in _one_error_line(capsys.readouterr().err, "eval")
+
+
+# ---------------------------------------------------------------------- Ctrl-C and printed commands (issue 24)
+
+
+def test_second_ctrl_c_is_one_line_without_traceback(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+
+    def two_ctrl_c(self):
+        if self.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # first: finish the iteration ...
+            os.kill(os.getpid(), signal.SIGINT)  # second: abort
+
+    monkeypatch.setattr(train_mod.Trainer, "_iteration_done", two_ctrl_c)
+    assert main(["train", *SINE, "--meta-iters", "6", "--checkpoint-interval", "1", "--out", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("reptile-fused train: aborted by a second Ctrl-C at iteration 2")
+    assert f"{run / 'checkpoint.pt'} of iteration 1 is kept" in last
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler restored"
+
+
+def test_printed_commands_are_shell_quoted(tmp_path, capsys):
+    import shlex
+
+    run = tmp_path / "a run; with 'quotes'"
+    assert main(["train", *SINE, "--meta-iters", "2", "--out", str(run)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Evaluate with: "))
+    argv = shlex.split(line[len("Evaluate with: "):])
+    assert argv == ["reptile-fused", "eval", "--checkpoint", str(run / "checkpoint.pt")]
+    assert main(argv[1:] + ["--eval-samples", "2", "--quiet"]) == 0

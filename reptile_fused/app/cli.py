@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -27,12 +29,22 @@ from .. import backends
 from ..backends import BackendUnavailableError
 from ..data import DatasetError
 from .runlock import RunLock, RunLockedError
+from .train import RunStopped
 
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class Aborted(Exception):
+    """A second Ctrl-C ended the run: printed as one line, exit status 130."""
+
+
+class Failed(Exception):
+    """The command ran but its result is not usable (a non-finite score): one line, exit status 1."""
 
 
 def _reason(exc: OSError) -> str:
@@ -417,16 +429,21 @@ def _train_locked(args, device, run_dir: Path) -> int:
             what += ", first-order MAML" + (f" (last batch: a held-out tail of {c.foml_tail})" if c.foml_tail else "")
         print(f"Training {what} for {c.meta_iters:,} iterations on {trainer.device}, "
               f"backend {trainer.opt.backends[0]}; run dir {run_dir}")
-    with _StopOnSignal(trainer):
-        trainer.run()
+    try:
+        with _StopOnSignal(trainer):
+            trainer.run()
+    except KeyboardInterrupt:
+        raise Aborted(f"aborted by a second Ctrl-C at iteration {trainer.iteration:,}; {trainer.kept()}") from None
     if trainer.iteration < trainer.config.meta_iters:
         print(f"Stopped at iteration {trainer.iteration:,}; checkpoint written. Continue with:\n"
-              f"  reptile-fused train --out {run_dir} --resume", file=sys.stderr)
+              f"  {shlex.join(['reptile-fused', 'train', '--out', str(run_dir), '--resume'])}", file=sys.stderr)
         return EXIT_INTERRUPTED
     c = trainer.config
     print(f"Done: {c.meta_iters:,} iterations in {trainer.elapsed:.1f} s. Checkpoint: {trainer.checkpoint_path}")
-    print(f"Evaluate with: reptile-fused eval --checkpoint {trainer.checkpoint_path}"
-          + (f" --data-root {c.data_root}" if c.data_root else "") + (" --transductive" if c.transductive else ""))
+    command = ["reptile-fused", "eval", "--checkpoint", str(trainer.checkpoint_path)]
+    command += ["--data-root", c.data_root] if c.data_root else []
+    command += ["--transductive"] if c.transductive else []
+    print(f"Evaluate with: {shlex.join(command)}")
     return 0
 
 
@@ -472,7 +489,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from ..models import build_model
     from .problems import build_problem
-    from .train import CHECKPOINT_NAME, METRICS_NAME, make_optimizer
+    from .train import CHECKPOINT_NAME, METRICS_NAME, load_weights, make_optimizer
 
     device = _device(args.device)
     _check_backend(args.backend, device)
@@ -489,7 +506,7 @@ def cmd_eval(args) -> int:
         raise CLIError(str(exc)) from exc
     settings = dict(ckpt["config"])
     for key in ("dataset", "data_root", "classes", "shots", "eval_batch", "eval_iters", "transductive", "split",
-                "split_seed", "image_size", "channels", "train_fraction"):
+                "split_seed", "image_size", "channels", "model", "train_fraction"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -504,16 +521,21 @@ def cmd_eval(args) -> int:
     if "num_classes" in spec and spec["num_classes"] != config.classes:
         raise CLIError(f"the checkpoint's model has {spec['num_classes']} outputs; it cannot do "
                        f"{config.classes}-way tasks (pass --classes {spec['num_classes']})")
+    if args.model is not None and spec.get("name") != args.model:
+        raise CLIError(f"--model {args.model}: the checkpoint holds the {spec.get('name')} conv net, and its weights "
+                       f"fit only that one; drop --model (or pass --model {spec.get('name')})")
     split = "test" if config.dataset == "sine" else args.eval_split
     problem, data_spec = build_problem(config, device, eval_only=split)
     if data_spec != spec:
-        raise CLIError(f"the data gives model {data_spec}, the checkpoint holds {spec}: "
-                       "check --image-size/--channels and the dataset")
-    model = build_model(spec).to(device)
-    model.load_state_dict(ckpt["model"])
+        raise CLIError(_spec_mismatch(data_spec, spec))
+    try:
+        model = build_model(spec).to(device)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CLIError(f"{path}: its model_spec {spec} does not describe a model ({exc}); "
+                       f"{ckpt_io.DAMAGED_ADVICE}") from None
     opt = make_optimizer(model, config, args.backend, _memory_format(args))
     # The inner optimizer's trained state (Adam moments) adapts at test time too, as in the authors' code.
-    opt.load_state_dict(ckpt["optimizer"])
+    load_weights(model, opt, ckpt, path)
     generator = torch.Generator().manual_seed(args.seed)
     batch_tasks = _eval_batch_tasks(args, device)
     result = evaluate(model, opt, problem, split, args.eval_samples, config.eval_batch, config.eval_iters,
@@ -522,9 +544,11 @@ def cmd_eval(args) -> int:
     metric = problem.metric
     value, ci = result[metric], result["ci95"]
     key = "accuracy" if metric == "acc" else "mse"
+    finite = math.isfinite(value) and (ci is None or math.isfinite(ci))
     out = {
-        key: value,
-        "ci95": ci,
+        # JSON has no nan: a non-finite score is null, with "finite": false (below).
+        key: value if math.isfinite(value) else None,
+        "ci95": ci if ci is not None and math.isfinite(ci) else None,
         "tasks": result["tasks"],
         "settings": {
             "checkpoint": str(path), "iteration": int(ckpt["iteration"]), "dataset": config.dataset,
@@ -535,6 +559,8 @@ def cmd_eval(args) -> int:
             "eval_batch_tasks": result["batch_tasks"], "eval_cuda_graph": result["cuda_graph"],
         },
     }
+    if not finite:
+        out.update(finite=False, nonfinite_tasks=result["nonfinite_tasks"])
     ci_text = "n/a" if ci is None else (f"{100 * ci:.2f}" if key == "accuracy" else f"{ci:.4f}")
     mode = "transductive" if config.transductive else "non-transductive"
     if key == "accuracy":
@@ -545,11 +571,25 @@ def cmd_eval(args) -> int:
     if args.json is not None:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
         except OSError as exc:
             raise CLIError(f"--json {args.json}: cannot write there ({_reason(exc)}); the result is printed above") from None
         print(f"Wrote {args.json}")
+    if not finite:
+        raise Failed(f"the {key} is not finite: the adaptation diverged on {result['nonfinite_tasks']:,} of "
+                     f"{result['tasks']:,} tasks (learning rate {config.learning_rate:g}, {config.eval_iters} steps); "
+                     "the score means nothing")
     return 0
+
+
+def _spec_mismatch(data: dict, ckpt: dict) -> str:
+    """Which setting makes the data's model differ from the checkpoint's, in one line."""
+    names = {"in_channels": ("channels", "--channels"), "image_size": ("image size", "--image-size")}
+    for key, (what, flag) in names.items():
+        if data.get(key) != ckpt.get(key):
+            return (f"the data gives images of {what} {data.get(key)}, the checkpoint's model takes {ckpt.get(key)}: "
+                    f"pass {flag} {ckpt.get(key)} (or evaluate on the data it was trained on)")
+    return f"the data gives model {data}, the checkpoint holds {ckpt}: check the dataset and its flags"
 
 
 def cmd_demo(args) -> int:
@@ -625,6 +665,15 @@ def main(argv=None) -> int:
     except (CLIError, DatasetError, BackendUnavailableError) as exc:
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Aborted as exc:
+        print(f"reptile-fused {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\nreptile-fused {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RunStopped, Failed) as exc:
+        print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ValueError as exc:
         # Settings the config or the optimizer rejected: a user error, not a crash.
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)

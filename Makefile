@@ -24,7 +24,7 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-stamp
 PROJECT_STAMP := $(VENV)/.project-stamp
-CSRC := reptile_fused/backends/cpp/csrc
+CSRC := csrc
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard $(CSRC)/* $(CSRC)/*/*)
 
 .PHONY: install test demo bench gpu-check gpu-check-dry gpu-check-wheel wheel wheel-cpu wheel-check wheel-check-cuda clean
@@ -46,6 +46,7 @@ $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 install: $(PROJECT_STAMP)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 demo: install

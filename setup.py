@@ -43,8 +43,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-# The C++/CUDA backend keeps its sources beside its Python half.
-CSRC = "reptile_fused/backends/cpp/csrc"
+# The C++/CUDA sources, at the top level as in pytorch/extension-cpp: shared headers
+# beside ops.cpp, kernels in cpu/ and cuda/.  The sdist ships them (MANIFEST.in).
+CSRC = "csrc"
 # Runtime dependencies (pyproject.toml declares them dynamic so that a build with the
 # extension can pin the exact torch it was compiled against).
 DEPENDENCIES = ["numpy", "tqdm", "pillow"]
@@ -188,7 +189,7 @@ def _extension():
         extra_compile_args=args,
         extra_link_args=link,
         py_limited_api=True,
-        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "cpu/kernels.h", "cpu/kernels_impl.h")],
+        depends=[f"{CSRC}/{h}" for h in ("element_math.h", "checks.h", "grid.h", "cpu/kernels.h", "cpu/kernels_impl.h")],
     )
     return ext, info
 

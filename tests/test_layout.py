@@ -52,3 +52,13 @@ def test_command_line_lives_in_the_application():
 
     assert callable(cli.main)
     assert (ROOT / "reptile_fused" / "app" / "cli.py").is_file()
+
+
+def test_native_sources_live_in_top_level_csrc():
+    """The C++/CUDA sources are in csrc/ (shared headers beside ops.cpp, cpu/ and cuda/),
+    none under the Python package, and the sdist takes them along (MANIFEST.in)."""
+    native = [p for p in (ROOT / "reptile_fused").rglob("*") if p.suffix in (".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")]
+    assert native == []
+    csrc = ROOT / "csrc"
+    assert {"ops.cpp", "element_math.h", "checks.h", "grid.h", "cpu", "cuda"} <= {p.name for p in csrc.iterdir()}
+    assert "graft csrc" in (ROOT / "MANIFEST.in").read_text().splitlines()

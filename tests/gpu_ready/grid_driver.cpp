@@ -1,4 +1,4 @@
-// Runs the CUDA kernels' index arithmetic (csrc/cuda/grid.h) over an emulated grid on
+// Runs the CUDA kernels' index arithmetic (csrc/grid.h) over an emulated grid on
 // the CPU: every block and every thread of the launch that kernels.cu's launch() would
 // make, each running the grid-stride loop that flat_kernel runs.  Prints one line per
 // failed check and "checked N cases" at the end; exit status 1 on any failure.

@@ -1,7 +1,7 @@
 """The CUDA kernels' grid-stride index arithmetic, run on the CPU over an emulated grid
 (issue 13, section 3).
 
-``csrc/cuda/grid.h`` holds that arithmetic as ``__host__ __device__`` code which
+``csrc/grid.h`` holds that arithmetic as ``__host__ __device__`` code which
 ``kernels.cu`` uses; ``grid_driver.cpp`` (next to this file) includes it in a plain
 g++ build and runs every block and thread of the launch ``kernels.cu`` would make, for
 float32/float64/16-bit vector widths, awkward sizes (tails of every length, one short
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GRID_DIR = ROOT / "reptile_fused" / "backends" / "cpp" / "csrc" / "cuda"
+CSRC = ROOT / "csrc"
+GRID_DIR = CSRC  # grid.h
 DRIVER = Path(__file__).with_name("grid_driver.cpp")
 
 
@@ -60,8 +61,8 @@ def test_the_emulation_covers_the_paths(driver_output):
 def test_kernels_cu_uses_grid_h():
     """The emulated code is the code the kernels run: flat_kernel's loop, the launch's
     block count, the alignment checks and the row offsets all come from grid.h."""
-    src = (GRID_DIR / "kernels.cu").read_text()
-    assert '#include "grid.h"' in src
+    src = (CSRC / "cuda" / "kernels.cu").read_text()
+    assert '#include "../grid.h"' in src
     for use in ("grid::for_each<VEC>", "grid::thread_of(", "grid::blocks_for(", "grid::aligned16(", "grid::rows_aligned(",
                 "grid::row_offset("):
         assert use in src, use

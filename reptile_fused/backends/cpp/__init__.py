@@ -1,6 +1,6 @@
 """The C++/CUDA backend: the fused kernels of the compiled extension ``reptile_fused._C``.
 
-The extension (sources in ``csrc/`` beside this file: the op schemas in ``ops.cpp``,
+The extension (sources in the top-level ``csrc/``: the op schemas in ``ops.cpp``,
 the shared per-element math and checks, ``cpu/`` and ``cuda/`` kernels) registers
 ``torch.ops.reptile_fused.*``: CPU kernels always, CUDA kernels when it was built
 with a CUDA toolkit.  The Python functions here are bound from

@@ -27,7 +27,7 @@
 
 #include "../checks.h"
 #include "../element_math.h"
-#include "grid.h"
+#include "../grid.h"
 
 namespace reptile_fused {
 namespace {

@@ -714,3 +714,23 @@ def test_copies_continue_like_the_original(how):
         b.meta_step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_settings_are_checked_when_written():
+    br = BatchedReptile(mlp(), 4, lr=0.1, loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        br.algorithm = "maml"
+    with pytest.raises(ValueError, match="reset_inner_state must be one of"):
+        br.reset_inner_state = "meta_step"
+    for name in ("n_tasks", "inner_optimizer"):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(br, name, 2)
+    with pytest.raises(ValueError, match="invalid meta_lr: inf"):
+        br.meta_lr = float("inf")
+    xs, ys = regression_data(1, 1, 4)
+    br.inner_step(xs[0, 0], ys[0, 0])
+    with pytest.raises(RuntimeError, match="inner step\\(s\\) pending: call meta_step\\(\\) first"):
+        br.algorithm = "fomaml"
+    br.meta_step()
+    br.algorithm = "fomaml"
+    assert copy.deepcopy(br).algorithm == "fomaml"

@@ -224,7 +224,7 @@ def test_eval_model_flag_is_honoured_or_refused_naming_it(folder_root, uninterru
     assert main(["eval", "--checkpoint", str(uninterrupted), "--eval-samples", "2", "--quiet",
                  "--model", "miniimagenet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("reptile-fused eval: error: --model miniimagenet: the checkpoint holds the omniglot conv net")
+    assert err.startswith("reptile-fused eval: error: --model miniimagenet: the checkpoint holds the omniglot network")
     assert main(["eval", "--checkpoint", str(uninterrupted), "--eval-samples", "2", "--quiet",
                  "--model", "omniglot"]) == 0
     capsys.readouterr()

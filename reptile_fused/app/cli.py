@@ -522,8 +522,9 @@ def cmd_eval(args) -> int:
         raise CLIError(f"the checkpoint's model has {spec['num_classes']} outputs; it cannot do "
                        f"{config.classes}-way tasks (pass --classes {spec['num_classes']})")
     if args.model is not None and spec.get("name") != args.model:
-        raise CLIError(f"--model {args.model}: the checkpoint holds the {spec.get('name')} conv net, and its weights "
-                       f"fit only that one; drop --model (or pass --model {spec.get('name')})")
+        raise CLIError(f"--model {args.model}: the checkpoint holds the {spec.get('name')} network, and its weights "
+                       f"fit only that one; drop --model" + (f" (or pass --model {spec.get('name')})"
+                                                             if spec.get("name") != "sine" else ""))
     split = "test" if config.dataset == "sine" else args.eval_split
     problem, data_spec = build_problem(config, device, eval_only=split)
     if data_spec != spec:

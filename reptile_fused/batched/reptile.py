@@ -201,16 +201,16 @@ class BatchedReptile:
             get_backend(backend, device)
 
         self.model = model
-        self.n_tasks = n_tasks
+        self._n_tasks = n_tasks
         # As given, for copies (see __reduce_ex__).
         self._config = dict(
             n_tasks=n_tasks, inner_optimizer=inner_optimizer, algorithm=algorithm, loss_fn=loss_fn,
             reset_inner_state=reset_inner_state, randomness=randomness, backend=backend, capture=capture,
             memory_format=memory_format,
         )  # fmt: skip
-        self.inner_optimizer = inner_optimizer
-        self.algorithm = algorithm
-        self.reset_inner_state = reset_inner_state
+        self._inner_optimizer = inner_optimizer
+        self._algorithm = algorithm
+        self._state_reset = reset_inner_state
         self.loss_fn = loss_fn
         self.hyper = hyper
         self._groups = [_Group(params, n_tasks, backend, memory_format) for params in by_key.values()]
@@ -258,6 +258,59 @@ class BatchedReptile:
             raise ValueError(f"capture=True is impossible here: {reason}. Use capture=False (eager batched mode).")
         warnings.warn(f"BatchedReptile(capture='auto') runs eagerly: {reason}.", stacklevel=3)
         return False
+
+    @property
+    def n_tasks(self) -> int:
+        """The meta-batch size n, fixed at construction (the rows of the task buffers)."""
+        return self._n_tasks
+
+    @n_tasks.setter
+    def n_tasks(self, value) -> None:
+        raise AttributeError("n_tasks is fixed at construction (the task buffers have n rows); "
+                             "build a new BatchedReptile for another meta-batch size")
+
+    @property
+    def inner_optimizer(self) -> str:
+        """``"sgd"`` or ``"adam"``, fixed at construction (the state buffers follow it)."""
+        return self._inner_optimizer
+
+    @inner_optimizer.setter
+    def inner_optimizer(self, value) -> None:
+        raise AttributeError("inner_optimizer is fixed at construction (its hyperparameters and state buffers are "
+                             "set up then); build a new BatchedReptile for another one")
+
+    @property
+    def algorithm(self) -> str:
+        """``"reptile"`` or ``"fomaml"``; may change between meta-iterations, not between
+        ``inner_step()`` and ``meta_step()``, nor once a CUDA graph is recorded."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, value) -> None:
+        inner.check_algorithm(value)
+        if value == self._algorithm:
+            return
+        if self._steps_pending:
+            raise RuntimeError(f"algorithm changed from {self._algorithm!r} to {value!r} with {self._steps_pending} "
+                               "inner step(s) pending: call meta_step() first, then change it")
+        if self._graph is not None:
+            raise RuntimeError("algorithm cannot change once meta_iteration() is recorded as a CUDA graph; "
+                               "build a new BatchedReptile")
+        if value == "fomaml":
+            for g in self._groups:
+                g.update_buffer()
+        self._algorithm = value
+
+    @property
+    def reset_inner_state(self) -> str:
+        """``"task"`` or ``"never"`` (see the class); may change between meta-iterations."""
+        return self._state_reset
+
+    @reset_inner_state.setter
+    def reset_inner_state(self, value) -> None:
+        if value not in BATCHED_STATE_RESETS:
+            raise ValueError(f"reset_inner_state must be one of {BATCHED_STATE_RESETS}, got {value!r}")
+        self._state_reset = value
 
     @property
     def lr(self) -> float:
@@ -669,7 +722,8 @@ class BatchedReptile:
         # copy.deepcopy and pickle rebuild it over (a copy of) its model and restore its
         # state_dict; copied together with the model, the copy packs the copied model.  A
         # recorded CUDA graph is not copied: a capturing copy records its own.
-        return (_rebuild, (type(self), self.model, dict(self._config), dict(self.hyper), self.state_dict()))
+        config = dict(self._config, algorithm=self.algorithm, reset_inner_state=self.reset_inner_state)
+        return (_rebuild, (type(self), self.model, config, dict(self.hyper), self.state_dict()))
 
     def __repr__(self) -> str:
         return (

@@ -5,7 +5,7 @@ from .backends import BackendUnavailableError, available_backends, get_backend
 from .batched import BatchedReptile, NotBatchableError
 from .flat import FlatBuffer
 from .functional import reptile_adapt, reptile_train
-from .optimizer import MetaLRScheduler, MetaStepView, ReptileOptimizer
+from .optimizer import MetaLRScheduler, MetaStepView, NonFiniteError, ReptileOptimizer
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "ReptileOptimizer",
     "MetaStepView",
     "MetaLRScheduler",
+    "NonFiniteError",
     "BatchedReptile",
     "NotBatchableError",
     "FlatBuffer",

@@ -104,6 +104,33 @@ def _owner(p: Tensor) -> int | None:
     return entry[1]
 
 
+# Packed parameters that a module replaced by another tensor: ``model.load_state_dict(sd,
+# assign=True)`` or ``module.weight = nn.Parameter(...)``.  The optimizer still holds the
+# old one, in its flat buffer, while the model computes with the new one: it would never
+# train.  torch calls the hook below before the module lets go of the old parameter.
+_REPLACED: dict[int, weakref.ref] = {}
+_replacements = [0]  # how many replacements were seen, so a buffer checks only after one
+
+
+def _on_parameter_registration(module, name, param):
+    old = module._parameters.get(name) if isinstance(getattr(module, "_parameters", None), dict) else None
+    if param is not None:
+        _REPLACED.pop(id(param), None)  # registered (again): in a module, not left behind
+    if old is not None and old is not param and _owner(old) is not None:
+        key = id(old)
+        _REPLACED[key] = weakref.ref(old, lambda _ref, key=key: _REPLACED.pop(key, None))
+        _replacements[0] += 1
+    return None
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registration)
+
+
+def _replaced(p: Tensor) -> bool:
+    entry = _REPLACED.get(id(p))
+    return entry is not None and entry() is p
+
+
 class FlatBuffer:
     """One device/dtype's parameters of one param group, packed contiguously.
 
@@ -148,6 +175,7 @@ class FlatBuffer:
         self._data_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
         self._whole = (Segment(0, len(self.params) - 1, 0, total),)
+        self._replacements_seen = _replacements[0]
 
     def _own_storage_view(self, i: int) -> Tensor:
         """Parameter ``i``'s slice of ``data`` as a tensor with a storage of its own.
@@ -187,6 +215,8 @@ class FlatBuffer:
             # eager task(), meta_step() and state_dict() run the full check below.
             self._check_device_dtype()
             return
+        if _replacements[0] != self._replacements_seen:
+            self._check_replaced()
         # Runs every step: one C-level pass over the pointers in the common case.
         if list(map(Tensor.data_ptr, self.params)) == self._data_ptrs:
             return
@@ -202,6 +232,17 @@ class FlatBuffer:
             if p.data_ptr() != self._data_ptrs[i]:
                 self._moved(i, p)
         self._check_device_dtype()
+
+    def _check_replaced(self) -> None:
+        for i, p in enumerate(self.params):
+            if _replaced(p):
+                raise RuntimeError(
+                    f"parameter {i} of shape {tuple(self.shapes[i])} was replaced in its module by another tensor "
+                    "(model.load_state_dict(..., assign=True), or a new nn.Parameter assigned to the attribute): the "
+                    "model now computes with a tensor this optimizer does not hold, so it would never train. Load "
+                    "without assign=True (that copies into the flat buffer), or build the optimizer after loading."
+                )
+        self._replacements_seen = _replacements[0]
 
     def _check_device_dtype(self) -> None:
         for i, p in enumerate(self.params):
@@ -223,8 +264,10 @@ class FlatBuffer:
         Checks only; nothing is modified, so a bad gradient anywhere leaves everything as it was.
         """
         grads = [p.grad for p in self.params]
-        if all(map(operator.is_, grads, self.grad_views)) and (
-            torch.compiler.is_compiling() or list(map(Tensor.data_ptr, grads)) == self._grad_ptrs
+        if (
+            all(map(operator.is_, grads, self.grad_views))
+            and (torch.compiler.is_compiling() or list(map(Tensor.data_ptr, grads)) == self._grad_ptrs)
+            and all(p.requires_grad for p in self.params)
         ):
             # (Under torch.compile identity is enough: the views are the buffer's own.)
             return None, []
@@ -232,7 +275,10 @@ class FlatBuffer:
         foreign = []
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is None:
+            if g is None or (not p.requires_grad and g is self.grad_views[i]):
+                # No gradient; or frozen after packing (requires_grad_(False)) with only the
+                # buffer's own view attached, which autograd no longer fills: torch.optim
+                # sees p.grad None after zero_grad() and leaves it alone, so do we.
                 active.append(False)
                 continue
             active.append(True)

@@ -152,15 +152,37 @@ class FlatState:
         update = self.last_updates() if fomaml else None
         self.backend.task_end_(self.buffer.data, self.anchor, self.acc, update)
 
+    def _trainable_now(self) -> list | None:
+        """Per parameter ``True``, or ``None`` for one frozen since packing (requires_grad_(False));
+        ``None`` overall when none is."""
+        params = self.buffer.params
+        if all(p.requires_grad for p in params):
+            return None
+        return [True if p.requires_grad else None for p in params]
+
     def meta_update(self, meta_lr: float, n: float) -> None:
-        """θ ← θ + meta_lr · (task sum / n − θ), and the task sum cleared."""
-        self.backend.meta_update_(self.buffer.data, self.anchor, self.acc, meta_lr, n)
+        """θ ← θ + meta_lr · (task sum / n − θ), and the task sum cleared.  A parameter frozen
+        since packing is left exactly as it is (its mean of n equal values would round)."""
+        keys = self._trainable_now()
+        if keys is None:
+            self.backend.meta_update_(self.buffer.data, self.anchor, self.acc, meta_lr, n)
+            return
+        for _, seg in self.buffer.segments(keys):
+            part = slice(seg.start, seg.end)
+            self.backend.meta_update_(self.buffer.data[part], self.anchor[part], self.acc[part], meta_lr, n)
+        self.acc.zero_()
 
     def meta_gradient(self, n: float) -> None:
-        """Write θ − task sum / n into the gradient and clear the task sum."""
+        """Write θ − task sum / n into the gradient and clear the task sum.  A parameter
+        frozen since packing gets no gradient (``None``, so torch optimizers skip it)."""
         self.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
         self.buffer.grad.copy_(self.anchor.to(self.acc.dtype) - self.acc / n)
         self.acc.zero_()
+        keys = self._trainable_now()
+        if keys is not None:
+            for p, key in zip(self.buffer.params, keys):
+                if key is None:
+                    p.grad = None
 
     # ------------------------------------------------------------------ per-parameter entries
 

@@ -261,7 +261,10 @@ def reptile_adapt(
     """Adapt a copy of ``model`` to one task's support set; ``model`` itself is untouched.
 
     The copy is trained in ``train()`` mode and returned in ``eval()`` mode, as in the sketch.
+    ``inner_steps`` must be an int >= 0 (0: the copy, unadapted).
     """
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
     adapted = copy.deepcopy(model)
     adapted.train()
     opt = ReptileOptimizer(

@@ -97,21 +97,34 @@ def _number(h: Mapping[str, Any], name: str) -> float:
         if v.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         v = float(v.item())
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-        raise ValueError(f"invalid {name}: {h[name]!r}")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"invalid {name}: {h[name]!r} (it must be a finite number)")
     return v
+
+
+# Switches that torch.optim reads with ``if``: any truthy value (the string "no") would
+# switch them on, so only bools are taken.
+_FLAGS = ("maximize", "nesterov", "amsgrad")
 
 
 def check_hyperparameters(h: Mapping[str, Any], inner_optimizer: str | None = None) -> None:
     """The hyperparameters present in ``h`` (a param group, or ``BatchedReptile``'s), checked
-    as torch.optim checks them.  With ``inner_optimizer``, also what that optimizer's
-    kernels cannot reproduce exactly is refused."""
+    as torch.optim checks them, and more strictly: numbers must be finite (an infinite
+    ``meta_lr`` or ``lr`` turns the weights into nan at the first step) and switches
+    bools.  With ``inner_optimizer``, also what that optimizer's kernels cannot reproduce
+    exactly is refused.
+
+    The one check of hyperparameters: construction, ``add_param_group``,
+    ``load_state_dict`` (so a checkpoint's too) and ``BatchedReptile``'s setters call it."""
     for name in ("lr", "meta_lr", "momentum", "weight_decay", "eps"):
         if name in h and _number(h, name) < 0:
             label = "learning rate" if name == "lr" else name
-            raise ValueError(f"invalid {label}: {h[name]}")
+            raise ValueError(f"invalid {label}: {h[name]} (it must be >= 0)")
     if "dampening" in h:
         _number(h, "dampening")
+    for name in _FLAGS:
+        if name in h and not isinstance(h[name], bool):
+            raise TypeError(f"{name} must be True or False, got {h[name]!r}")
     if h.get("nesterov") and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("nesterov momentum requires a momentum and zero dampening")
     if "betas" in h:

@@ -25,7 +25,7 @@ from .flat_state import FlatState, _StateView
 from .meta_schedule import MetaLRScheduler, MetaStepView
 from .state_dict import _rebuild
 
-__all__ = ["ReptileOptimizer", "MetaStepView", "MetaLRScheduler", "STATE_RESETS"]
+__all__ = ["ReptileOptimizer", "MetaStepView", "MetaLRScheduler", "NonFiniteError", "STATE_RESETS"]
 
 STATE_RESETS = ("never", "task", "meta_step")
 
@@ -33,16 +33,31 @@ STATE_RESETS = ("never", "task", "meta_step")
 _rebuild.__module__ = __name__
 
 
+class NonFiniteError(FloatingPointError):
+    """``check_finite=True``: a task's adapted weights, or the meta step's result, hold nan
+    or inf.  Raised before anything of it is applied (see ``ReptileOptimizer``)."""
+
+
+def _check_reset(value) -> None:
+    if value not in STATE_RESETS:
+        raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {value!r}")
+
+
 class _MetaBatchState:
-    """The meta-batch bookkeeping of one ``ReptileOptimizer``, shared by reference with any wrapper."""
+    """The meta-batch bookkeeping of one ``ReptileOptimizer``, shared by reference with any wrapper.
 
-    __slots__ = ("owner_ref", "tasks_done", "in_task", "view")
+    The settings that may change between meta-batches (``algorithm``, ``reset_inner_state``)
+    live here too, so a wrapper that copied the optimizer's ``__dict__`` sees a change."""
 
-    def __init__(self, owner: ReptileOptimizer):
+    __slots__ = ("owner_ref", "tasks_done", "in_task", "view", "algorithm", "reset_inner_state")
+
+    def __init__(self, owner: ReptileOptimizer, algorithm: str, reset_inner_state: str):
         self.owner_ref = weakref.ref(owner)
         self.tasks_done = 0  # tasks finished since the last meta step
         self.in_task = False
         self.view: MetaStepView | None = None
+        self.algorithm = algorithm
+        self.reset_inner_state = reset_inner_state
 
     @property
     def owner(self) -> ReptileOptimizer:
@@ -112,7 +127,17 @@ class ReptileOptimizer(Optimizer):
     Gradients that autograd allocated outside the flat buffer (after
     ``model.zero_grad()`` or any ``p.grad = None``) are copied in at ``step()``.
     NaN and inf in gradients propagate into the weights exactly as with
-    ``torch.optim.SGD``/``Adam``; nothing is skipped silently.
+    ``torch.optim.SGD``/``Adam``; nothing is skipped silently, unless ``check_finite=True``:
+    then a task whose adapted weights hold nan or inf is rolled back like a task that
+    raised (θ, the inner state and the meta-batch as before it) and the ``with
+    opt.task()`` block raises :class:`NonFiniteError`; a meta step whose result would
+    not be finite leaves θ at the meta-weights, discards the meta-batch and raises it
+    too.  The check reads every buffer once per task and per meta step (one device
+    synchronisation each).
+
+    ``algorithm`` and ``reset_inner_state`` may be set between meta-batches (checked
+    like the constructor's arguments); ``inner_optimizer``, ``backend`` and
+    ``memory_format`` are fixed at construction.
     """
 
     def __init__(
@@ -140,18 +165,19 @@ class ReptileOptimizer(Optimizer):
         fused: bool | None = None,
         capturable: bool | None = None,
         differentiable: bool = False,
+        check_finite: bool = False,
     ):
         check_memory_format(memory_format)
         inner.check_inner_optimizer(inner_optimizer)
         inner.check_algorithm(algorithm)
         inner.check_implementation_flags(dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable))
-        if reset_inner_state not in STATE_RESETS:
-            raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
-        self.inner_optimizer = inner_optimizer
-        self.algorithm = algorithm
-        self.reset_inner_state = reset_inner_state
-        self.backend = backend
-        self.memory_format = memory_format
+        _check_reset(reset_inner_state)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
+        self._inner_optimizer = inner_optimizer
+        self._backend = backend
+        self._memory_format = memory_format
+        self.check_finite = check_finite
         self._flats: list[FlatState] = []
         self._frozen: list[Tensor] = []
         # Everything that changes between tasks lives in one object: a wrapper that copies
@@ -159,7 +185,7 @@ class ReptileOptimizer(Optimizer):
         # LightningOptimizer, Accelerate's AcceleratedOptimizer) calls task()/meta_step()
         # with itself as ``self``; mutating this shared object, never assigning attributes
         # on ``self``, keeps one meta-batch whoever calls.
-        self._meta = _MetaBatchState(self)
+        self._meta = _MetaBatchState(self, algorithm, reset_inner_state)
         self._sync: MetaBatchSync | None = None
         group = resolve_process_group(process_group)
         given = dict(
@@ -189,6 +215,69 @@ class ReptileOptimizer(Optimizer):
             (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides)
             for f in self._flats
         ]
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def inner_optimizer(self) -> str:
+        """``"sgd"`` or ``"adam"``, fixed at construction (the groups and state follow it)."""
+        return self._inner_optimizer
+
+    @inner_optimizer.setter
+    def inner_optimizer(self, value) -> None:
+        raise AttributeError(
+            f"inner_optimizer is fixed at construction ({self._inner_optimizer!r}): the param groups hold its "
+            "hyperparameters and the flat state its buffers. Build a new ReptileOptimizer for another one."
+        )
+
+    @property
+    def backend(self) -> str:
+        """The backend asked for at construction (see ``backends`` for the resolved ones)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        raise AttributeError("backend is fixed at construction (the flat buffers' kernels are resolved then); "
+                             "build a new ReptileOptimizer for another backend")
+
+    @property
+    def memory_format(self):
+        """The parameters' layout inside the flat buffers, fixed at construction."""
+        return self._memory_format
+
+    @memory_format.setter
+    def memory_format(self, value) -> None:
+        raise AttributeError("memory_format is fixed at construction (the parameters are laid out in the flat "
+                             "buffers then); build a new ReptileOptimizer for another layout")
+
+    @property
+    def algorithm(self) -> str:
+        """``"reptile"`` or ``"fomaml"``; may change between meta-batches, not inside one."""
+        return self._meta.algorithm
+
+    @algorithm.setter
+    def algorithm(self, value) -> None:
+        inner.check_algorithm(value)
+        if value != self._meta.algorithm and (self._meta.tasks_done or self._meta.in_task):
+            raise RuntimeError(
+                f"algorithm changed from {self._meta.algorithm!r} to {value!r} inside an open meta-batch "
+                f"({self._meta.tasks_done} task(s) finished): they would count in the wrong direction. "
+                "Call meta_step() first, then change it."
+            )
+        if value != self._meta.algorithm and self._sync is not None:
+            raise RuntimeError("algorithm cannot change on a distributed ReptileOptimizer (every rank must agree); "
+                               "build a new one")
+        self._meta.algorithm = value
+
+    @property
+    def reset_inner_state(self) -> str:
+        """When the inner optimizer's state is forgotten: ``"never"``, ``"task"`` or ``"meta_step"``."""
+        return self._meta.reset_inner_state
+
+    @reset_inner_state.setter
+    def reset_inner_state(self, value) -> None:
+        _check_reset(value)
+        self._meta.reset_inner_state = value
 
     # ------------------------------------------------------------------ setup
 
@@ -332,10 +421,38 @@ class ReptileOptimizer(Optimizer):
         with torch.no_grad():
             for f in self._flats:
                 f.buffer.check_layout()
+            bad = self._nonfinite_task() if self.check_finite else None
+            if bad is not None:  # rolled back like a task that raised
+                for f, state in zip(self._flats, saved):
+                    f.abort_task(state)
+                self._meta.in_task = False
+                raise NonFiniteError(
+                    f"check_finite: the task's adapted weights hold nan or inf ({bad}): the task diverged. It was "
+                    f"rolled back (the meta-batch keeps its {self._meta.tasks_done} finished task(s)); lower lr, or "
+                    "skip such tasks by catching NonFiniteError"
+                )
             for f in self._flats:
                 f.end_task(fomaml=self.algorithm == "fomaml")
         self._meta.in_task = False
         self._meta.tasks_done += 1
+
+    def _where(self, f: FlatState, values: Tensor) -> str | None:
+        """Which parameter of ``f`` holds a non-finite value of ``values`` (laid out like its buffer)."""
+        if bool(torch.isfinite(values).all()):
+            return None
+        for i, shape in enumerate(f.buffer.shapes):
+            if not bool(torch.isfinite(f.buffer.view(values, i)).all()):
+                return f"parameter {i} of param group {f.group_index}, shape {tuple(shape)}"
+        return f"param group {f.group_index}"
+
+    def _nonfinite_task(self) -> str | None:
+        for f in self._flats:
+            where = self._where(f, f.buffer.data)
+            if where is None and self.algorithm == "fomaml" and f.update is not None:
+                where = self._where(f, f.last_updates())
+            if where is not None:
+                return where
+        return None
 
     def _capture_anchor(self) -> None:
         for f in self._flats:
@@ -376,8 +493,21 @@ class ReptileOptimizer(Optimizer):
         (on every rank's tasks, when distributed); with ``algorithm="fomaml"``,
         θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁)."""
         n = self._close_meta_batch("meta_step()")
+        for group in self.param_groups:  # a scheduler (or a user) may have written it
+            if not isinstance(group["meta_lr"], Tensor):  # (a device tensor is not read here)
+                inner.check_hyperparameters({"meta_lr": group["meta_lr"]})
         for f in self._flats:
             f.meta_update(self.param_groups[f.group_index]["meta_lr"], n)
+        if self.check_finite:
+            bad = next((w for f in self._flats if (w := self._where(f, f.buffer.data)) is not None), None)
+            if bad is not None:
+                for f in self._flats:  # θ back to the meta-weights (the anchor holds them)
+                    f.buffer.data.copy_(f.anchor)
+                self._end_meta_batch()
+                raise NonFiniteError(
+                    f"check_finite: the meta step's result holds nan or inf ({bad}); the meta-weights are left as "
+                    "they were and the meta-batch is discarded. Lower meta_lr (or lr)"
+                )
         self._end_meta_batch()
 
     @torch.no_grad()
@@ -442,7 +572,7 @@ class ReptileOptimizer(Optimizer):
         config = dict(
             inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
             reset_inner_state=self.reset_inner_state, backend=self.backend,
-            memory_format=self.memory_format,
+            memory_format=self.memory_format, check_finite=self.check_finite,
         )  # fmt: skip
         groups = [dict(g) for g in self.param_groups]
         return (_rebuild, (type(self), groups, config, self.state_dict()))

@@ -149,6 +149,16 @@ def unpack(
                 "stepped (see docs/frameworks.md, torch.distributed.checkpoint)."
             )
 
+    # The hyperparameters it brings pass the checks construction applies (lr=-1 or
+    # meta_lr=nan would otherwise come in unchecked).
+    for n, (g_saved, g_own) in enumerate(zip(groups, param_groups)):
+        merged = {k: v for k, v in g_own.items() if k != "params"}
+        merged.update((k, v) for k, v in g_saved.items() if k not in _GROUP_EXTRAS)
+        try:
+            inner.check_hyperparameters(merged, inner_optimizer)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"state_dict param group {n}: {exc}") from None
+
     # All checks passed: apply.
     for g_saved, g_own in zip(groups, param_groups):
         for k, v in g_saved.items():

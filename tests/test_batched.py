@@ -586,3 +586,155 @@ def test_batched_on_cuda_matches_sequential(exact_cudnn):
 def test_capture_needs_a_device_reading_backend():
     with pytest.raises(ValueError, match="reads lr/meta_lr/step on the host"):
         BatchedReptile(mlp().cuda(), 2, backend="reference", capture=True)
+
+
+# ---------------------------------------------------------------------- issue 24
+
+
+class _Counting(nn.Module):
+    """An MLP whose forward counts its calls in a buffer (an integer counter)."""
+
+    def __init__(self, float_counter=False):
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float32 if float_counter else torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_a_buffer_forward_changes_is_updated_once_per_task_as_sequentially():
+    """It used to be updated once per step (3 instead of 12)."""
+    xs, ys = regression_data(1, 3, 4)
+    seq, bat = _Counting(), _Counting()
+    run_sequential(seq, xs, ys, F.mse_loss, lr=0.1)
+    br = BatchedReptile(bat, 4, lr=0.1, loss_fn=F.mse_loss)
+    for s in range(3):
+        br.inner_step(xs[0, s], ys[0, s])
+    br.meta_step()
+    assert int(seq.calls) == int(bat.calls) == 12
+    torch.testing.assert_close(bat.net[0].weight, seq.net[0].weight, **SGD_TOL)
+
+
+def test_a_float_buffer_forward_changes_is_refused_and_left_as_it_was():
+    xs, ys = regression_data(1, 1, 4)
+    model = _Counting(float_counter=True)
+    br = BatchedReptile(model, 4, lr=0.1, loss_fn=F.mse_loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NotBatchableError, match="changes its buffer 'calls' \\(torch.float32\\).*once per step"):
+        br.inner_step(xs[0, 0], ys[0, 0])
+    assert float(model.calls) == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("feature-size", "mat1 and mat2 shapes cannot be multiplied"),
+    ("x-dtype", "Double and Float"),
+    ("y-batch", "xs[0] is (6, 3) torch.float32, ys[0] is (7, 2)"),
+], ids=["feature-size", "x-dtype", "y-batch"])
+@pytest.mark.filterwarnings("ignore:Using a target size")
+def test_input_mistakes_are_reported_as_such_not_as_not_batchable(bad, words):
+    """An xs/ys shape or dtype mistake used to be a NotBatchableError ('use the sequential mode')."""
+    xs, ys = regression_data(1, 1, 4)
+    x, y = xs[0, 0], ys[0, 0]
+    if bad == "feature-size":
+        x = torch.randn(4, 6, 5)
+    elif bad == "x-dtype":
+        x = x.double()
+    else:
+        y = torch.randn(4, 7, 2)
+    model = mlp()
+    br = BatchedReptile(model, 4, lr=0.1, loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match="fails on task 0's batch alone, without vmap") as info:
+        br.inner_step(x, y)
+    assert not isinstance(info.value, NotBatchableError) and words in str(info.value)
+
+
+@pytest.mark.parametrize("inner, kwargs", [("sgd", dict(momentum=0.9)), ("adam", dict(betas=(0.9, 0.99)))])
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_state_dict_mid_iteration_continues_exactly(inner, kwargs, algorithm):
+    """The per-task inner state (and, between inner steps, the task rows) round-trips:
+    a BatchedReptile rebuilt from model.state_dict() and its state_dict() continues
+    bit-exactly."""
+    xs, ys = regression_data(3, 2, 4)
+    opts = dict(inner_optimizer=inner, lr=0.05, meta_lr=0.7, loss_fn=F.mse_loss, reset_inner_state="never",
+                algorithm=algorithm, **kwargs)
+    whole, split = mlp(), mlp()
+    a = BatchedReptile(whole, 4, **opts)
+    b = BatchedReptile(split, 4, **opts)
+    for t in range(3):
+        for s in range(2):
+            a.inner_step(xs[t, s], ys[t, s])
+            b.inner_step(xs[t, s], ys[t, s])
+            if (t, s) == (1, 0):  # between inner steps, state carried from iteration 0
+                saved_model, saved = copy.deepcopy(split.state_dict()), b.state_dict()
+                split = mlp(seed=5)
+                split.load_state_dict(saved_model)
+                b = BatchedReptile(split, 4, **opts)
+                b.load_state_dict(saved)
+        a.meta_step()
+        b.meta_step()
+    for p, q in zip(whole.parameters(), split.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_refuses_another_setup_whole():
+    a = BatchedReptile(mlp(), 4, lr=0.1, momentum=0.9, reset_inner_state="never", loss_fn=F.mse_loss)
+    xs, ys = regression_data(1, 1, 4)
+    a.inner_step(xs[0, 0], ys[0, 0])
+    saved = a.state_dict()
+    for other, match in [
+        (BatchedReptile(mlp(), 3, lr=0.1, momentum=0.9, reset_inner_state="never"), "n_tasks=4"),
+        (BatchedReptile(mlp(), 4, inner_optimizer="adam", reset_inner_state="never"), "inner_optimizer='sgd'"),
+        (BatchedReptile(nn.Sequential(nn.Linear(3, 2)), 4, lr=0.1, momentum=0.9, reset_inner_state="never"),
+         "does not list this model's parameters"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(saved)
+    bad = copy.deepcopy(saved)
+    bad["hyper"]["lr"] = -1.0
+    fresh = BatchedReptile(mlp(), 4, lr=0.1, momentum=0.9, reset_inner_state="never", loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        fresh.load_state_dict(bad)
+    assert fresh.lr == 0.1 and fresh.state_dict()["steps_pending"] == 0, "nothing changed"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_continue_like_the_original(how):
+    """BatchedReptile could not be deep-copied or pickled."""
+    import pickle
+
+    xs, ys = regression_data(2, 2, 4)
+    model = mlp()
+    br = BatchedReptile(model, 4, lr=0.05, momentum=0.9, reset_inner_state="never", loss_fn=F.mse_loss)
+    br.meta_iteration(xs[0], ys[0])
+    br.inner_step(xs[1, 0], ys[1, 0])
+    pair = (model, br)
+    model2, br2 = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    assert br2.model is model2 and model2 is not model
+    for b in (br, br2):
+        b.inner_step(xs[1, 1], ys[1, 1])
+        b.meta_step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_settings_are_checked_when_written():
+    br = BatchedReptile(mlp(), 4, lr=0.1, loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        br.algorithm = "maml"
+    with pytest.raises(ValueError, match="reset_inner_state must be one of"):
+        br.reset_inner_state = "meta_step"
+    for name in ("n_tasks", "inner_optimizer"):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(br, name, 2)
+    with pytest.raises(ValueError, match="invalid meta_lr: inf"):
+        br.meta_lr = float("inf")
+    xs, ys = regression_data(1, 1, 4)
+    br.inner_step(xs[0, 0], ys[0, 0])
+    with pytest.raises(RuntimeError, match="inner step\\(s\\) pending: call meta_step\\(\\) first"):
+        br.algorithm = "fomaml"
+    br.meta_step()
+    br.algorithm = "fomaml"
+    assert copy.deepcopy(br).algorithm == "fomaml"

@@ -189,6 +189,51 @@ def test_resume_refuses_changed_settings_and_existing_runs(folder_root, uninterr
     assert "pass --resume" in capsys.readouterr().err
 
 
+def test_resume_from_another_data_root_needs_the_same_images(folder_root, uninterrupted, tmp_path, capsys):
+    """--resume --data-root OTHER used to be accepted silently: now only when OTHER holds
+    the images the run trained on (a moved dataset), else refused like --dataset."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder_root, moved)
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "11",
+                 "--data-root", str(moved)]) == 0
+    assert f"reading the run's data from {moved}" in capsys.readouterr().err
+    other = make_folder(tmp_path / "other", classes=8, per_class=5, size=8)
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--meta-iters", "12",
+                 "--data-root", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reptile-fused train: error: --data-root") and "\n" not in err
+    assert "not the ones the run trained on" in err and "drop --data-root" in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_image_size_below_one_is_refused(size, folder_root, tmp_path, capsys):
+    """--image-size 0 used to become 84; -5 was a traceback."""
+    assert _train(folder_root, tmp_path / "run", "--image-size", size) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"reptile-fused train: error: --image-size must be >= 1 (pixels), got {size}"
+
+
+def test_eval_model_flag_is_honoured_or_refused_naming_it(folder_root, uninterrupted, capsys):
+    """--model used to be ignored by eval (and a mismatch blamed the data)."""
+    assert main(["eval", "--checkpoint", str(uninterrupted), "--eval-samples", "2", "--quiet",
+                 "--model", "miniimagenet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reptile-fused eval: error: --model miniimagenet: the checkpoint holds the omniglot network")
+    assert main(["eval", "--checkpoint", str(uninterrupted), "--eval-samples", "2", "--quiet",
+                 "--model", "omniglot"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(uninterrupted), "--eval-samples", "2", "--quiet",
+                 "--image-size", "12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the data gives images of image size 12, the checkpoint's model takes 8: pass --image-size 8" in err
+
+
 # ---------------------------------------------------------------------- errors
 
 

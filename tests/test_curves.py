@@ -1,6 +1,7 @@
 """Learning curves: curves.png in every run folder, `reptile-fused plot`, --tensorboard."""
 
 import csv
+import os
 import sys
 
 import pytest
@@ -92,3 +93,86 @@ def test_tensorboard_event_files_load_in_tensorboards_reader(tmp_path):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [int(r["iteration"]) for r in rows]
         assert [e.value for e in events] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
+
+
+# ---------------------------------------------------------------------- issue 24
+
+
+def _mode(path):
+    return path.stat().st_mode & 0o777
+
+
+def test_charts_get_the_same_permissions_as_the_other_files(two_runs, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run = two_runs[0]
+        assert _mode(run / "curves.png") == _mode(run / "metrics.csv") == 0o644
+        assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+        assert _mode(tmp_path / "c.png") == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_plot_out_folder_writes_into_it(two_runs, tmp_path, capsys):
+    folder = tmp_path / "charts"
+    folder.mkdir()
+    assert main(["plot", *map(str, two_runs), "--out", str(folder)]) == 0
+    assert f"Wrote {folder / 'plot.png'}" in capsys.readouterr().out
+    assert (folder / "plot.png").is_file() and not (tmp_path / "charts.png").exists()
+    assert main(["plot", str(two_runs[0]), "--out", str(tmp_path / "new") + "/"]) == 0
+    assert (tmp_path / "new" / "plot.png").is_file()
+
+
+@pytest.mark.parametrize("target", ["metrics.csv", "checkpoint.pt"])
+def test_plot_never_overwrites_a_runs_files(target, two_runs, capsys):
+    run = two_runs[0]
+    before = (run / target).read_bytes()
+    assert main(["plot", str(run), "--out", str(run / target)]) == 2
+    assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (run / target).read_bytes() == before
+
+
+def _bad_metrics(tmp_path, two_runs, edit):
+    run = tmp_path / "bad"
+    run.mkdir()
+    lines = (two_runs[0] / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(edit(lines)) + "\n")
+    return run
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda ls: ls[:2] + ["4,0.5,oops,0.3,0.1"] + ls[3:], "line 3: loss is 'oops', not a number"),
+    (lambda ls: ls[:2] + ["4,,,,"] + ls[3:], "line 3: no value for meta_step (a partly written row?)"),
+    (lambda ls: ls[:2] + ["4,0.5"] + ls[3:], "line 3: 2 cells, the header has 5"),
+    (lambda ls: ls + ["4,0.5,0.1,0.2,0.1"], "line 5: iteration 4 after 8"),
+    (lambda ls: [ls[0].replace("iteration", "iter")] + ls[1:], "no iteration column"),
+    (lambda ls: [], "empty, no header"),
+], ids=["unparsable", "empty-cells", "short-row", "out-of-order", "renamed-header", "empty"])
+def test_plot_refuses_a_bad_metrics_file_naming_it(edit, words, two_runs, tmp_path, capsys):
+    run = _bad_metrics(tmp_path, two_runs, edit)
+    out = tmp_path / "x.png"
+    assert main(["plot", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reptile-fused plot: error: ") and "\n" not in err, err
+    assert str(run / "metrics.csv") in err and words in err, err
+    assert not out.exists(), "no chart with empty panels"
+
+
+def test_tensorboard_that_fails_to_import_otherwise_is_one_line(tmp_path, capsys, monkeypatch):
+    """A protobuf mismatch makes importing tensorboard raise TypeError, not ImportError."""
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard" or name.startswith("tensorboard"):
+            raise TypeError("Descriptors cannot be created directly.\nIf this call came from a _pb2.py file ...")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert main(["train", "--out", str(tmp_path / "run"), *SINE, "--tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reptile-fused train: error: --tensorboard: importing tensorboard failed (TypeError: "
+                          "Descriptors cannot be created directly.)") and "\n" not in err
+    assert not (tmp_path / "run").exists()

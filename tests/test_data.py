@@ -301,3 +301,87 @@ def test_sine_tasks_ranges_and_seed():
     torch.testing.assert_close(y, drawn[0].amplitude * torch.sin(x + drawn[0].phase))
     g2 = torch.Generator().manual_seed(0)
     assert [SineTasks().sample(g2) for _ in range(200)] == drawn
+
+
+# ---------------------------------------------------------------------- every PNG mode (issue 24)
+
+INK, PAPER = 0, 255
+
+
+def _glyph_png(tmp_path, mode, **save):
+    """A 4x4 PNG of ``mode``: ink in the top-left pixel, the rest background, as each mode
+    draws a glyph (transparent background for the alpha modes)."""
+    from PIL import Image
+
+    ink_bg = {
+        "1": (0, 1), "L": (INK, PAPER), "RGB": ((INK,) * 3, (PAPER,) * 3),
+        "LA": ((INK, 255), (INK, 0)), "RGBA": ((INK, INK, INK, 255), (INK, INK, INK, 0)),
+        "I;16": (0, 65535), "P": (0, 1),
+    }[mode]
+    img = Image.new(mode, (4, 4), ink_bg[1])
+    if mode == "P":
+        img.putpalette([INK] * 3 + [PAPER] * 3)
+    img.putpixel((0, 0), ink_bg[0])
+    path = tmp_path / f"{mode.replace(';', '_')}.png"
+    img.save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode, save", [
+    ("1", {}), ("L", {}), ("RGB", {}), ("P", {}), ("LA", {}), ("RGBA", {}), ("I;16", {}),
+    ("L", {"transparency": PAPER}),  # a tRNS colour: the background is transparent
+    ("P", {"transparency": 1}),
+], ids=["1", "L", "RGB", "P", "LA-transparent", "RGBA-transparent", "I16", "L-tRNS", "P-tRNS"])
+def test_every_png_mode_loads_as_ink_on_white(mode, save, channels, tmp_path):
+    """Glyphs drawn as ink on a transparent background used to load blank (alpha dropped,
+    background black like the ink); 16-bit ones all white."""
+    from reptile_fused.data import load_image
+
+    img = load_image(_glyph_png(tmp_path, mode, **save), 4, channels)
+    assert img.dtype == torch.uint8 and img.shape == (channels, 4, 4)
+    assert img[:, 0, 0].tolist() == [INK] * channels
+    flat = img.flatten(1)[:, 1:]
+    assert (flat == PAPER).all(), img
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from reptile_fused.data import load_image
+
+    img = Image.new("I;16", (4, 1))
+    for x, v in enumerate([0, 257 * 64, 32768, 65535]):
+        img.putpixel((x, 0), v)
+    img.save(tmp_path / "g16.png")
+    assert load_image(tmp_path / "g16.png", 4, 1)[0, 0, :4].tolist() == [0, 64, 128, 255]
+    # (I;16 mid-grey used to load as 255.)  RGB of the same file is the grey three times.
+    assert load_image(tmp_path / "g16.png", 4, 3)[:, 0, 2].tolist() == [128] * 3
+
+
+def test_partly_transparent_pixels_blend_with_white(tmp_path):
+    from PIL import Image
+
+    from reptile_fused.data import load_image
+
+    img = Image.new("RGBA", (1, 1), (0, 0, 0, 128))  # half-transparent black ink
+    img.save(tmp_path / "half.png")
+    assert load_image(tmp_path / "half.png", 1, 1).item() == pytest.approx(127, abs=1)
+
+
+def test_a_transparent_glyph_dataset_trains_above_chance(tmp_path):
+    """The whole path, folder dataset -> images -> classes: RGBA glyphs on transparent
+    backgrounds are not all the same blank image."""
+    from PIL import Image
+
+    from reptile_fused.data import load_folder
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for k in range(2):
+            img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+            img.putpixel((c, c), (0, 0, 0, 255))
+            img.save(tmp_path / f"c{c}" / f"{k}.png")
+    splits = load_folder(tmp_path, image_size=4, channels=1, train_fraction=0.5)
+    images = torch.cat([splits["train"].images, splits["test"].images])
+    assert len({tuple(i.flatten().tolist()) for i in images}) == 2, "two distinct glyphs, not blanks"

@@ -54,3 +54,18 @@ def test_meta_learned_init_adapts_better_than_random_init(one_thread):
     meta_mse = post_adaptation_mse(meta, sine_tasks(2))
     random_mse = post_adaptation_mse(random_init, sine_tasks(2))
     assert meta_mse < 0.5 * random_mse, (meta_mse, random_mse)
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True], ids=["negative", "float", "bool"])
+def test_reptile_adapt_refuses_a_step_count_it_would_reinterpret(steps):
+    """inner_steps=-1 used to return the model unadapted."""
+    x, y, _, _ = next(sine_tasks(0))
+    with pytest.raises(ValueError, match="inner_steps must be an int >= 0"):
+        reptile_adapt(sine_mlp(0), x, y, inner_steps=steps, loss_fn=F.mse_loss)
+
+
+def test_reptile_adapt_zero_steps_is_the_unadapted_copy():
+    model = sine_mlp(0)
+    x, y, _, _ = next(sine_tasks(0))
+    copy = reptile_adapt(model, x, y, inner_steps=0, loss_fn=F.mse_loss)
+    assert copy is not model and all(torch.equal(a, b) for a, b in zip(copy.parameters(), model.parameters()))

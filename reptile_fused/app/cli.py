@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -27,12 +29,22 @@ from .. import backends
 from ..backends import BackendUnavailableError
 from ..data import DatasetError
 from .runlock import RunLock, RunLockedError
+from .train import RunStopped
 
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class Aborted(Exception):
+    """A second Ctrl-C ended the run: printed as one line, exit status 130."""
+
+
+class Failed(Exception):
+    """The command ran but its result is not usable (a non-finite score): one line, exit status 1."""
 
 
 def _reason(exc: OSError) -> str:
@@ -44,12 +56,43 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _check_output(path, flag: str) -> Path:
+def _nonempty(value, flag: str) -> str:
+    """An empty path would silently mean the current folder: refuse it."""
+    if value is not None and not str(value).strip():
+        raise CLIError(f"{flag} is empty: give a path")
+    return value
+
+
+# The files a run folder's run owns: no other output may land on them.
+_RUN_FILES = ("checkpoint.pt", "metrics.csv", ".lock")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare the paths
+        return a.resolve() == b.resolve()
+
+
+def _check_not_run_file(path: Path, flag: str, protected=()) -> None:
+    """Refuse an output that would replace a run's checkpoint, metrics or lock: the paths
+    in ``protected`` (whatever their names), and any existing file with a run file's name."""
+    for other in protected:
+        if _same_path(path, Path(other)):
+            raise CLIError(f"{flag} {path} is {other}, an input of this command: it would be overwritten; "
+                           f"choose another file name")
+    if path.name in _RUN_FILES and path.exists():
+        raise CLIError(f"{flag} {path} would overwrite a run's {path.name}: choose another file name")
+
+
+def _check_output(path, flag: str, protected=()) -> Path:
     """Fail now, before any work, if the file ``path`` cannot be written (its folder is
-    created; the file itself is left as it was)."""
+    created; the file itself is left as it was) or is one of a run's own files."""
+    _nonempty(str(path), flag)
     path = Path(path)
     if path.is_dir():
         raise CLIError(f"{flag} {path}: is a folder; give a file name")
+    _check_not_run_file(path, flag, protected)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
@@ -60,6 +103,19 @@ def _check_output(path, flag: str) -> Path:
     except OSError as exc:
         raise CLIError(f"{flag} {path}: cannot write there ({_reason(exc)})") from None
     return path
+
+
+def _figure_output(value: str, flag: str, default_name: str, protected=()) -> Path:
+    """Where a figure goes: ``value``, or ``value/default_name`` when ``value`` is a folder
+    (an existing one, or a path ending in a slash); ``.png`` added when there is no
+    extension.  Checked to be writable now, before any work."""
+    from .demo import figure_path
+
+    _nonempty(value, flag)
+    path = Path(value)
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        path = path / default_name
+    return _check_output(figure_path(path), flag, protected)
 
 
 # ---------------------------------------------------------------------- shared flags
@@ -133,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="meta-train on sine waves for a few minutes and draw Figure 1",
                        description="Meta-train the 1-64-64-1 MLP on sine waves, then compare adapting to new "
                                    "waves from the meta-learned and from a random initialisation.")
-    d.add_argument("--out", default="runs/demo/sine_demo.png", help="where to write the PNG (default %(default)s)")
+    d.add_argument("--out", default="runs/demo/sine_demo.png",
+                   help="where to write the PNG (default %(default)s); a folder: FOLDER/sine_demo.png")
     d.add_argument("--iters", "--meta-iters", dest="iters", type=int, default=None,
                    help="meta-training iterations (default 10000: about a minute on one CPU core)")
     d.add_argument("--test-tasks", type=int, default=200, help="new waves to average the MSE over (default %(default)s)")
@@ -186,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Loss and evaluation scores against meta-iterations of each RUN_DIR's "
                                     "metrics.csv on one chart (e.g. Reptile against FOMAML).")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.csv)")
-    pl.add_argument("--out", required=True, help="the image to write (.png, .pdf, .svg, ...)")
+    pl.add_argument("--out", required=True,
+                    help="the image to write (.png, .pdf, .svg, ...); a folder: FOLDER/plot.png")
 
     e = sub.add_parser("eval", help="the authors' evaluation protocol on a checkpoint",
                        description="Adapt to --eval-samples new tasks from the checkpoint's weights and report "
@@ -331,7 +389,7 @@ def _locked_run_dir(run_dir: Path):
 def _train(args, device) -> int:
     from .train import CHECKPOINT_NAME
 
-    run_dir = Path(args.out)
+    run_dir = Path(_nonempty(args.out, "--out"))
     if args.resume:
         if args.preset is not None:
             raise CLIError("--resume takes the run's settings from its checkpoint; drop --preset")
@@ -371,16 +429,21 @@ def _train_locked(args, device, run_dir: Path) -> int:
             what += ", first-order MAML" + (f" (last batch: a held-out tail of {c.foml_tail})" if c.foml_tail else "")
         print(f"Training {what} for {c.meta_iters:,} iterations on {trainer.device}, "
               f"backend {trainer.opt.backends[0]}; run dir {run_dir}")
-    with _StopOnSignal(trainer):
-        trainer.run()
+    try:
+        with _StopOnSignal(trainer):
+            trainer.run()
+    except KeyboardInterrupt:
+        raise Aborted(f"aborted by a second Ctrl-C at iteration {trainer.iteration:,}; {trainer.kept()}") from None
     if trainer.iteration < trainer.config.meta_iters:
         print(f"Stopped at iteration {trainer.iteration:,}; checkpoint written. Continue with:\n"
-              f"  reptile-fused train --out {run_dir} --resume", file=sys.stderr)
+              f"  {shlex.join(['reptile-fused', 'train', '--out', str(run_dir), '--resume'])}", file=sys.stderr)
         return EXIT_INTERRUPTED
     c = trainer.config
     print(f"Done: {c.meta_iters:,} iterations in {trainer.elapsed:.1f} s. Checkpoint: {trainer.checkpoint_path}")
-    print(f"Evaluate with: reptile-fused eval --checkpoint {trainer.checkpoint_path}"
-          + (f" --data-root {c.data_root}" if c.data_root else "") + (" --transductive" if c.transductive else ""))
+    command = ["reptile-fused", "eval", "--checkpoint", str(trainer.checkpoint_path)]
+    command += ["--data-root", c.data_root] if c.data_root else []
+    command += ["--transductive"] if c.transductive else []
+    print(f"Evaluate with: {shlex.join(command)}")
     return 0
 
 
@@ -412,6 +475,10 @@ def _check_tensorboard() -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise CLIError("--tensorboard needs the tensorboard package: pip install 'reptile-fused[tensorboard]'") from None
+    except Exception as exc:  # an installed but broken tensorboard (say, a protobuf it does not fit)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CLIError(f"--tensorboard: importing tensorboard failed ({type(exc).__name__}: {first}); repair its "
+                       "installation (pip install -U tensorboard protobuf) or train without --tensorboard") from None
 
 
 def _notice(line: str) -> None:
@@ -422,23 +489,24 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from ..models import build_model
     from .problems import build_problem
-    from .train import CHECKPOINT_NAME, make_optimizer
+    from .train import CHECKPOINT_NAME, METRICS_NAME, load_weights, make_optimizer
 
     device = _device(args.device)
     _check_backend(args.backend, device)
     _check_eval_cuda_graph(args, device)
-    if args.json:
-        _check_output(args.json, "--json")
-    path = Path(args.checkpoint)
+    path = Path(_nonempty(args.checkpoint, "--checkpoint"))
     if path.is_dir():
         path = path / CHECKPOINT_NAME
+    if args.json is not None:
+        # Never onto the checkpoint being evaluated, nor its run's metrics.
+        _check_output(_nonempty(args.json, "--json"), "--json", protected=(path, path.parent / METRICS_NAME))
     try:
         ckpt = ckpt_io.load(path)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
     settings = dict(ckpt["config"])
     for key in ("dataset", "data_root", "classes", "shots", "eval_batch", "eval_iters", "transductive", "split",
-                "split_seed", "image_size", "channels", "train_fraction"):
+                "split_seed", "image_size", "channels", "model", "train_fraction"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -453,16 +521,22 @@ def cmd_eval(args) -> int:
     if "num_classes" in spec and spec["num_classes"] != config.classes:
         raise CLIError(f"the checkpoint's model has {spec['num_classes']} outputs; it cannot do "
                        f"{config.classes}-way tasks (pass --classes {spec['num_classes']})")
+    if args.model is not None and spec.get("name") != args.model:
+        raise CLIError(f"--model {args.model}: the checkpoint holds the {spec.get('name')} network, and its weights "
+                       f"fit only that one; drop --model" + (f" (or pass --model {spec.get('name')})"
+                                                             if spec.get("name") != "sine" else ""))
     split = "test" if config.dataset == "sine" else args.eval_split
     problem, data_spec = build_problem(config, device, eval_only=split)
     if data_spec != spec:
-        raise CLIError(f"the data gives model {data_spec}, the checkpoint holds {spec}: "
-                       "check --image-size/--channels and the dataset")
-    model = build_model(spec).to(device)
-    model.load_state_dict(ckpt["model"])
+        raise CLIError(_spec_mismatch(data_spec, spec))
+    try:
+        model = build_model(spec).to(device)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CLIError(f"{path}: its model_spec {spec} does not describe a model ({exc}); "
+                       f"{ckpt_io.DAMAGED_ADVICE}") from None
     opt = make_optimizer(model, config, args.backend, _memory_format(args))
     # The inner optimizer's trained state (Adam moments) adapts at test time too, as in the authors' code.
-    opt.load_state_dict(ckpt["optimizer"])
+    load_weights(model, opt, ckpt, path)
     generator = torch.Generator().manual_seed(args.seed)
     batch_tasks = _eval_batch_tasks(args, device)
     result = evaluate(model, opt, problem, split, args.eval_samples, config.eval_batch, config.eval_iters,
@@ -471,9 +545,11 @@ def cmd_eval(args) -> int:
     metric = problem.metric
     value, ci = result[metric], result["ci95"]
     key = "accuracy" if metric == "acc" else "mse"
+    finite = math.isfinite(value) and (ci is None or math.isfinite(ci))
     out = {
-        key: value,
-        "ci95": ci,
+        # JSON has no nan: a non-finite score is null, with "finite": false (below).
+        key: value if math.isfinite(value) else None,
+        "ci95": ci if ci is not None and math.isfinite(ci) else None,
         "tasks": result["tasks"],
         "settings": {
             "checkpoint": str(path), "iteration": int(ckpt["iteration"]), "dataset": config.dataset,
@@ -484,6 +560,8 @@ def cmd_eval(args) -> int:
             "eval_batch_tasks": result["batch_tasks"], "eval_cuda_graph": result["cuda_graph"],
         },
     }
+    if not finite:
+        out.update(finite=False, nonfinite_tasks=result["nonfinite_tasks"])
     ci_text = "n/a" if ci is None else (f"{100 * ci:.2f}" if key == "accuracy" else f"{ci:.4f}")
     mode = "transductive" if config.transductive else "non-transductive"
     if key == "accuracy":
@@ -491,18 +569,32 @@ def cmd_eval(args) -> int:
               f"accuracy {100 * value:.2f}% ± {ci_text}% (95% CI, {result['tasks']:,} tasks)")
     else:
         print(f"sine {config.shots}-shot: MSE {value:.4f} ± {ci_text} (95% CI, {result['tasks']:,} tasks)")
-    if args.json:
+    if args.json is not None:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
         except OSError as exc:
             raise CLIError(f"--json {args.json}: cannot write there ({_reason(exc)}); the result is printed above") from None
         print(f"Wrote {args.json}")
+    if not finite:
+        raise Failed(f"the {key} is not finite: the adaptation diverged on {result['nonfinite_tasks']:,} of "
+                     f"{result['tasks']:,} tasks (learning rate {config.learning_rate:g}, {config.eval_iters} steps); "
+                     "the score means nothing")
     return 0
 
 
+def _spec_mismatch(data: dict, ckpt: dict) -> str:
+    """Which setting makes the data's model differ from the checkpoint's, in one line."""
+    names = {"in_channels": ("channels", "--channels"), "image_size": ("image size", "--image-size")}
+    for key, (what, flag) in names.items():
+        if data.get(key) != ckpt.get(key):
+            return (f"the data gives images of {what} {data.get(key)}, the checkpoint's model takes {ckpt.get(key)}: "
+                    f"pass {flag} {ckpt.get(key)} (or evaluate on the data it was trained on)")
+    return f"the data gives model {data}, the checkpoint holds {ckpt}: check the dataset and its flags"
+
+
 def cmd_demo(args) -> int:
-    from .demo import DEFAULT_ITERS, figure_path, run_demo
+    from .demo import DEFAULT_ITERS, run_demo
 
     iters = DEFAULT_ITERS if args.iters is None else args.iters
     if iters < 1 or args.test_tasks < 2:
@@ -513,7 +605,7 @@ def cmd_demo(args) -> int:
         raise CLIError("the demo draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
     device = _device(args.device)
     _check_backend(args.backend, device)
-    out = _check_output(figure_path(args.out), "--out")
+    out = _figure_output(args.out, "--out", "sine_demo.png")
     try:
         run_demo(out=out, iterations=iters, seed=args.seed, device=device, backend=args.backend,
                  test_tasks=args.test_tasks, progress=not args.quiet)
@@ -527,13 +619,19 @@ def cmd_plot(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise CLIError("plot draws with matplotlib: pip install 'reptile-fused[demo]'") from exc
-    from .curves import CurvesError, plot_runs
-    from .demo import figure_path
+    from .curves import plot_runs
+    from .metrics import MetricsError
+    from .train import CHECKPOINT_NAME, METRICS_NAME
 
-    out = _check_output(figure_path(args.out), "--out")
+    # Never onto an input: a run's metrics.csv (or the file given) or its checkpoint.
+    inputs = []
+    for run in args.runs:
+        run = Path(_nonempty(run, "RUN_DIR"))
+        inputs += [run / METRICS_NAME, run / CHECKPOINT_NAME] if run.is_dir() else [run]
+    out = _figure_output(args.out, "--out", "plot.png", protected=inputs)
     try:
         plot_runs(args.runs, out)
-    except CurvesError as exc:
+    except MetricsError as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write the chart ({_reason(exc)})") from None
@@ -568,6 +666,15 @@ def main(argv=None) -> int:
     except (CLIError, DatasetError, BackendUnavailableError) as exc:
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Aborted as exc:
+        print(f"reptile-fused {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\nreptile-fused {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RunStopped, Failed) as exc:
+        print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ValueError as exc:
         # Settings the config or the optimizer rejected: a user error, not a crash.
         print(f"reptile-fused {args.command}: error: {exc}", file=sys.stderr)

@@ -13,9 +13,51 @@ combinations" commands (Reptile against first-order MAML, ``--foml``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 DATASETS = ("sine", "omniglot", "miniimagenet", "folder")
+SPLITS = ("authors", "background")
+MODELS = ("omniglot", "miniimagenet")
+
+# The type of every setting (``None`` allowed where listed), checked by validate():
+# a checkpoint's settings are checked as the command line's are.
+_INTS = ("classes", "shots", "train_shots", "inner_batch", "inner_iters", "meta_batch", "meta_iters", "eval_batch",
+         "eval_iters", "eval_interval", "seed", "checkpoint_interval", "split_seed")
+_FLOATS = ("learning_rate", "meta_step", "adam_beta1", "adam_beta2", "train_fraction")
+_OPTIONAL_INTS = ("image_size", "channels", "foml_tail")
+_OPTIONAL_FLOATS = ("meta_step_final",)
+_STRS = ("dataset", "inner_optimizer", "split")
+_OPTIONAL_STRS = ("data_root", "model")
+_BOOLS = ("transductive", "foml")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_types(config) -> None:
+    def kind(name, ok, what, optional):
+        value = getattr(config, name)
+        if value is None and optional:
+            return
+        if not ok(value):
+            raise ValueError(f"{_flag(name)} must be {what}, got {value!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTS + _OPTIONAL_INTS:
+        kind(name, is_int, "an integer", name in _OPTIONAL_INTS)
+    for name in _FLOATS + _OPTIONAL_FLOATS:
+        kind(name, lambda v: is_int(v) or isinstance(v, float), "a number", name in _OPTIONAL_FLOATS)
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+    for name in _STRS + _OPTIONAL_STRS:
+        kind(name, lambda v: isinstance(v, str), "a string", name in _OPTIONAL_STRS)
+    for name in _BOOLS:
+        kind(name, lambda v: isinstance(v, bool), "true or false", False)
 
 
 @dataclass
@@ -80,23 +122,47 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        """Every setting checked, the command line's and a checkpoint's alike: types,
+        finite numbers, ranges; a ``ValueError`` of one line naming the flag."""
+        _check_types(self)
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.dataset != "sine" and not self.data_root:
             raise ValueError(f"--data-root is required for --dataset {self.dataset}")
+        if self.dataset == "sine" and self.data_root is not None:
+            raise ValueError(f"--data-root {self.data_root}: --dataset sine reads no data (its waves are generated); "
+                             "drop --data-root")
         if self.inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"--inner-optimizer must be adam or sgd, got {self.inner_optimizer!r}")
         positive = ("classes", "shots", "inner_batch", "meta_batch", "eval_batch", "eval_interval",
                     "checkpoint_interval", "meta_iters")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_shots", "inner_iters", "eval_iters"):
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_shots", "eval_iters"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate < 0 or self.meta_step < 0 or self.final_meta_step < 0:
-            raise ValueError("learning rates and meta step sizes must be >= 0")
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name, value in (("learning_rate", self.learning_rate), ("meta_step", self.meta_step),
+                            ("meta_step_final", self.final_meta_step)):
+            if value < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image-size must be >= 1 (pixels), got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.model not in (None, *MODELS):
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"--train-fraction must be in (0, 1), got {self.train_fraction}")
         self._validate_foml()
+        if self.inner_iters < 1:
+            raise ValueError(f"--inner-iters must be >= 1, got {self.inner_iters}: with no inner step a task "
+                             "adapts nothing, so nothing would be meta-learned")
 
     def _validate_foml(self) -> None:
         if self.foml and self.inner_iters < 1:

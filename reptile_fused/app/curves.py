@@ -8,37 +8,31 @@ raw points are drawn faint under a moving average over about 5 % of the rows.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
+from .metrics import FIXED_COLUMNS as _FIXED
+from .metrics import METRICS_NAME, MetricsError, read_columns
+
 CURVES_NAME = "curves.png"
-_FIXED = ("iteration", "meta_step", "loss", "wall_s")
 
 
-class CurvesError(ValueError):
+class CurvesError(MetricsError):
     """A run folder without usable metrics (printed as one line by the command line)."""
 
 
 def read_metrics(run_dir) -> dict[str, list[float]]:
-    """``RUN_DIR/metrics.csv`` as columns of floats (empty cells: NaN)."""
+    """``RUN_DIR/metrics.csv`` as columns of floats (``nan`` where the run logged one).
+    A row that is not whole is refused in one line naming the file and the line."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.csv" if run_dir.is_dir() else run_dir
+    path = run_dir / METRICS_NAME if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise CurvesError(f"{path}: no metrics.csv (is {run_dir} a run folder of reptile-fused train?)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "iteration" not in rows[0]:
-        raise CurvesError(f"{path}: no rows yet" if not rows else f"{path}: not a reptile-fused metrics.csv")
-    columns: dict[str, list[float]] = {name: [] for name in rows[0]}
-    for row in rows:
-        for name in columns:
-            try:
-                columns[name].append(float(row[name]))
-            except (TypeError, ValueError):
-                columns[name].append(math.nan)
+    columns = read_columns(path)
+    if not columns["iteration"]:
+        raise CurvesError(f"{path}: no rows yet")
     return columns
 
 
@@ -69,10 +63,10 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> None:
-    """Write atomically: a reader (or a crash) never sees half a PNG."""
+    """Write atomically: a reader (or a crash) never sees half a PNG.  The file gets the
+    usual permissions (0666 less the umask, like the run's other files)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
+    tmp = str(out.with_name(f".{out.stem}.{uuid.uuid4().hex[:12]}{out.suffix}"))
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format=out.suffix[1:] or "png")
         os.replace(tmp, out)

@@ -237,6 +237,7 @@ def evaluate(model, opt, problem, split: str, num_samples: int, eval_batch: int,
             bar.close()
     mean, ci = mean_ci95(scores)
     return {problem.metric: mean, "ci95": ci, "tasks": num_samples,
+            "nonfinite_tasks": sum(1 for v in scores if not math.isfinite(v)),
             "batch_tasks": batching.batch_tasks if batching.adapter else 1,
             "cuda_graph": batching.adapter is not None and batching.adapter.capture}
 

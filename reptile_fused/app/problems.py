@@ -9,6 +9,8 @@ generator passed in.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,6 +74,18 @@ class ClassificationProblem:
         """Fraction of correct query predictions."""
         return int((out.argmax(-1) == y).sum()) / y.numel()
 
+    def fingerprint(self) -> dict[str, str]:
+        """Per split, a digest of its classes' image counts and every image's pixel sum:
+        equal for the same images in the same classes, wherever the folder is."""
+        out = {}
+        for name, c in sorted(self.splits.items()):
+            h = hashlib.sha256()
+            h.update(repr((tuple(c.images.shape), c.rotations)).encode())
+            h.update(c.offsets.numpy().tobytes())
+            h.update(c.images.reshape(c.images.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy().tobytes())
+            out[name] = h.hexdigest()
+        return out
+
 
 class SineProblem:
     kind = "regression"
@@ -100,6 +114,9 @@ class SineProblem:
 
     def score(self, out: Tensor, y: Tensor) -> float:
         return float(F.mse_loss(out, y))
+
+    def fingerprint(self) -> None:
+        return None  # generated waves: no data to tell apart
 
 
 def load_splits(config: TrainConfig) -> tuple[dict[str, ImageClasses], str, list[str]]:

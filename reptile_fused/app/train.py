@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt_io
+from . import metrics as metrics_io
 from .config import TrainConfig
 from ..data import inner_batches
 from ..distributed import rank_and_world, shard
@@ -40,13 +42,19 @@ from ..optimizer import ReptileOptimizer
 from .problems import build_problem
 
 CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.csv"
+METRICS_NAME = metrics_io.METRICS_NAME
 CURVES_NAME = "curves.png"
 # metrics.csv columns -> TensorBoard tags (score columns go under eval/).
 TENSORBOARD_TAGS = {"meta_step": "train/meta_step", "loss": "train/loss"}
 # Evaluation tasks come from their own generator so that changing --eval-interval
 # does not change which training tasks a run sees.
 EVAL_SEED_OFFSET = 0x5EED
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its end for a reason that is not the user's input: it
+    diverged, or its files could not be written.  One line, naming the iteration and
+    the checkpoint that is kept."""
 
 
 def default_device() -> torch.device:
@@ -64,6 +72,28 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, backend: str = "
         memory_format=memory_format,
         algorithm="fomaml" if config.foml else "reptile",
     )
+
+
+def _first_problem(exc: BaseException) -> str:
+    """The first specific line of a multi-line error (``load_state_dict``'s list of mismatches)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    return detail.rstrip(".")
+
+
+def load_weights(model: torch.nn.Module, opt: ReptileOptimizer, ckpt: dict, path) -> None:
+    """A checkpoint's weights and inner-optimizer state into ``model`` and ``opt``, or a
+    one-line :class:`~reptile_fused.app.checkpoint.CheckpointError` when they do not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ckpt_io.CheckpointError(f"{path}: its weights do not fit the model its settings describe "
+                                      f"({_first_problem(exc)}); {ckpt_io.DAMAGED_ADVICE}") from None
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        raise ckpt_io.CheckpointError(f"{path}: its optimizer state cannot be restored ({_first_problem(exc)}); "
+                                      f"{ckpt_io.DAMAGED_ADVICE}") from None
 
 
 def tail_split(y: Tensor, tail: int, classification: bool) -> tuple[Tensor, Tensor]:
@@ -168,6 +198,10 @@ class Trainer:
         self._curves_drawn_at: float | None = None  # perf_counter of the last curves.png
         self._curves_cost = 0.0  # seconds spent drawing it
         self._writer = None
+        # Each iteration's summed loss (device tensors) since the last finiteness check.
+        self._losses: list[tuple[int, Tensor]] = []
+        self.saved_iteration: int | None = None  # the iteration of the checkpoint on disk, if any
+        self._fingerprint = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -194,16 +228,60 @@ class Trainer:
             "elapsed_s": self.elapsed,
             "device": str(self.device),
             "backend": self.opt.backends[0] if self.opt.backends else self.backend,
+            "data": self.data_fingerprint(),
         }
 
-    def save(self) -> None:
-        if self.checkpoint_path is not None and self.is_main:
-            ckpt_io.save_atomic(self.state(), self.checkpoint_path)
+    def data_fingerprint(self) -> dict | None:
+        """What the run trains on, to recognise the same data in another folder (see resume())."""
+        if self._fingerprint is None:
+            self._fingerprint = self.problem.fingerprint() if hasattr(self.problem, "fingerprint") else None
+        return self._fingerprint
 
-    def load_state(self, ckpt: dict) -> None:
-        """Continue from a checkpoint of this same config."""
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+    def kept(self) -> str:
+        """What is on disk for the run to continue from, in words."""
+        if self.checkpoint_path is None:
+            return "no checkpoint is written without a run folder"
+        if self.saved_iteration is None:
+            return f"no checkpoint was written yet (none at {self.checkpoint_path})"
+        return f"{self.checkpoint_path} of iteration {self.saved_iteration:,} is kept as it was"
+
+    def check_finite(self, iteration: int) -> None:
+        """``RunStopped`` when a training loss since the last check, or the meta-weights
+        after ``iteration``'s meta step, are not finite (nothing is written then)."""
+        window, self._losses = self._losses, []
+        if window:
+            values = torch.stack([loss.float() for _, loss in window])
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                raise RunStopped(
+                    f"iteration {window[k][0]:,}: the training loss is {float(values[k])}: the run diverged; "
+                    f"stopped without writing a checkpoint, {self.kept()}. Start a new run with a smaller "
+                    "--learning-rate (or --meta-step)"
+                )
+        for b in self.opt.flat_buffers:
+            if not bool(torch.isfinite(b.data).all()):
+                raise RunStopped(
+                    f"iteration {iteration:,}: the meta-weights hold nan or inf after its meta step: the run diverged; "
+                    f"stopped without writing a checkpoint, {self.kept()}. Start a new run with a smaller "
+                    "--meta-step (or --learning-rate)"
+                )
+
+    def save(self) -> None:
+        """Write the checkpoint (after checking the run is finite; see check_finite)."""
+        self.check_finite(self.iteration - 1)
+        if self.checkpoint_path is not None and self.is_main:
+            try:
+                ckpt_io.save_atomic(self.state(), self.checkpoint_path)
+            except ckpt_io.CheckpointWriteError as exc:
+                raise RunStopped(f"iteration {self.iteration - 1:,}: {exc}; {self.kept()}. Make room, then continue "
+                                 f"with: reptile-fused train --out {shlex.quote(str(self.run_dir))} --resume") from None
+            self.saved_iteration = self.iteration
+
+    def load_state(self, ckpt: dict, path=None) -> None:
+        """Continue from a checkpoint of this same config (``path``: its file, for messages)."""
+        load_weights(self.model, self.opt, ckpt, path or self.checkpoint_path)
+        self.saved_iteration = int(ckpt["iteration"])
         self.train_gen.set_state(ckpt["rng"]["train"])
         self.eval_gen.set_state(ckpt["rng"]["eval"])
         self.iteration = int(ckpt["iteration"])
@@ -218,27 +296,40 @@ class Trainer:
         return ["iteration", "meta_step", "loss"] + [f"{s}_{p.metric}" for s in p.eval_splits] + ["wall_s"]
 
     def _prepare_csv(self) -> None:
-        """Create the CSV, or on resume drop the rows written after the checkpoint."""
+        """Create the CSV, or on resume drop the rows written after the checkpoint (and
+        any row that is not whole, with a notice).  A new run never discards the rows of
+        an earlier one: a metrics.csv it finds (an earlier run stopped before its first
+        checkpoint) is renamed to ``metrics.earlier-N.csv`` first, with a notice."""
         path = self.metrics_path
         if path is None or not self.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = self.metric_columns()
-        kept = []
+        kept: list[list[str]] = []
         if self.iteration > 0 and path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                kept = [row for row in reader if int(row["iteration"]) < self.iteration]
+            kept, note = metrics_io.rows_to_keep(path, columns, self.iteration)
+            if note and self.notice is not None:
+                self.notice(note)
+        elif self.iteration == 0 and metrics_io.has_rows(path):
+            moved = metrics_io.set_aside(path)
+            if self.notice is not None:
+                self.notice(f"note: {path} held the rows of an earlier run (which left no checkpoint to resume); "
+                            f"moved them to {moved}")
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
+            writer = csv.writer(f)
+            writer.writerow(columns)
             writer.writerows(kept)
 
     def _append_row(self, row: dict) -> None:
         if self.metrics_path is None or not self.is_main:
             return
-        with open(self.metrics_path, "a", newline="") as f:
-            csv.DictWriter(f, self.metric_columns()).writerow(row)
+        try:
+            with open(self.metrics_path, "a", newline="") as f:
+                csv.DictWriter(f, self.metric_columns()).writerow(row)
+        except OSError as exc:
+            raise RunStopped(f"iteration {row['iteration']:,}: cannot append to {self.metrics_path} "
+                             f"({exc.strerror or exc}); {self.kept()}. Make room, then continue with: "
+                             f"reptile-fused train --out {shlex.quote(str(self.run_dir))} --resume") from None
         if self._writer is not None:
             step = int(row["iteration"])
             for key in self.metric_columns()[1:]:
@@ -263,11 +354,16 @@ class Trainer:
             if self.notice is not None:
                 self.notice(f"note: no {CURVES_NAME} (it is drawn with matplotlib: pip install 'reptile-fused[demo]')")
             return
-        from .curves import CurvesError, plot_run
+        from .curves import plot_run
 
         try:
             plot_run(self.run_dir)
-        except CurvesError:  # no evaluation row yet
+        except metrics_io.MetricsError:  # no evaluation row yet (the chart is a convenience)
+            return
+        except OSError as exc:  # a full disk, say: the run goes on without its chart
+            self.curves = False
+            if self.notice is not None:
+                self.notice(f"note: no more {CURVES_NAME}: cannot write it ({exc.strerror or exc})")
             return
         self._curves_drawn_at = time.perf_counter()
         self._curves_cost += self._curves_drawn_at - now
@@ -356,7 +452,9 @@ class Trainer:
                 if loss is not None:
                     pending = loss if pending is None else pending + loss
                     self.loss_count += steps
+                    self._losses.append((i, loss))
                 if i % c.eval_interval == 0 and self.is_main:
+                    self.check_finite(i)  # before the row: a diverged run logs no nan rows
                     if pending is not None:
                         self.loss_sum += float(pending)
                         pending = None
@@ -400,9 +498,11 @@ class Trainer:
 def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None = None, **kwargs) -> Trainer:
     """A trainer continuing ``RUN_DIR/checkpoint.pt``.
 
-    The run's settings come from the checkpoint; ``overrides`` may only move the data
-    (``data_root``), change how often checkpoints are written, or extend the run
-    (a larger ``meta_iters``), since anything else would change the run's result.
+    The run's settings come from the checkpoint; ``overrides`` may only change how
+    often checkpoints are written, extend the run (a larger ``meta_iters``), or read the
+    same data from another folder (``data_root``: refused unless the images there are
+    the run's, by the checkpoint's fingerprint of its data), since anything else would
+    change the run's result.
     An extended run anneals the meta step linearly over the new ``meta_iters``, from
     the iteration it resumes at: the step of iteration ``i`` is the one a run started
     with the new ``meta_iters`` would take there.  ``trainer.extended_from`` is the
@@ -412,6 +512,7 @@ def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None =
     ckpt = ckpt_io.load(run_dir / CHECKPOINT_NAME)
     settings = dict(ckpt["config"])
     extended_from = None
+    moved_from = None
     for key, value in (overrides or {}).items():
         if value is None or settings.get(key) == value:
             continue
@@ -422,7 +523,9 @@ def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None =
                     "a resumed run can be extended, not shortened"
                 )
             extended_from = settings["meta_iters"]
-        elif key not in ("data_root", "checkpoint_interval"):
+        elif key == "data_root" and settings["dataset"] != "sine":
+            moved_from = settings["data_root"]
+        elif key != "checkpoint_interval":
             raise ValueError(
                 f"--{key.replace('_', '-')} {value} differs from the checkpoint's {settings.get(key)}; "
                 "a resumed run keeps its settings (start a new run to change them)"
@@ -430,9 +533,18 @@ def resume(run_dir, device=None, backend: str = "auto", overrides: dict | None =
         settings[key] = value
     config = TrainConfig.from_dict(settings)
     trainer = Trainer(config, device=device, backend=backend, run_dir=run_dir, **kwargs)
+    if moved_from is not None:
+        saved = ckpt.get("data")
+        if saved is None or trainer.data_fingerprint() != saved:
+            why = ("the checkpoint holds no fingerprint of its data to compare with" if saved is None else
+                   "the images there are not the ones the run trained on")
+            raise ValueError(f"--data-root {config.data_root} differs from the checkpoint's {moved_from} and {why}; "
+                             "a resumed run keeps its data: drop --data-root, or start a new run on the other data")
+        if trainer.notice is not None:
+            trainer.notice(f"note: reading the run's data from {config.data_root} (the same images as in {moved_from})")
     if dict(trainer.spec) != dict(ckpt["model_spec"]):
         raise ValueError(f"the data gives model {trainer.spec}, the checkpoint holds {ckpt['model_spec']}")
-    trainer.load_state(ckpt)
+    trainer.load_state(ckpt, run_dir / CHECKPOINT_NAME)
     trainer.extended_from = extended_from
     return trainer
 

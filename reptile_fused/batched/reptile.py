@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ __all__ = ["BatchedReptile"]
 # carries its own state from one meta-iteration to the next.
 BATCHED_STATE_RESETS = ("task", "never")
 CAPTURE_MODES = (False, True, "auto")
+_STATE_DICT_FORMAT = 1
 
 
 class _Group:
@@ -199,10 +201,16 @@ class BatchedReptile:
             get_backend(backend, device)
 
         self.model = model
-        self.n_tasks = n_tasks
-        self.inner_optimizer = inner_optimizer
-        self.algorithm = algorithm
-        self.reset_inner_state = reset_inner_state
+        self._n_tasks = n_tasks
+        # As given, for copies (see __reduce_ex__).
+        self._config = dict(
+            n_tasks=n_tasks, inner_optimizer=inner_optimizer, algorithm=algorithm, loss_fn=loss_fn,
+            reset_inner_state=reset_inner_state, randomness=randomness, backend=backend, capture=capture,
+            memory_format=memory_format,
+        )  # fmt: skip
+        self._inner_optimizer = inner_optimizer
+        self._algorithm = algorithm
+        self._state_reset = reset_inner_state
         self.loss_fn = loss_fn
         self.hyper = hyper
         self._groups = [_Group(params, n_tasks, backend, memory_format) for params in by_key.values()]
@@ -250,6 +258,59 @@ class BatchedReptile:
             raise ValueError(f"capture=True is impossible here: {reason}. Use capture=False (eager batched mode).")
         warnings.warn(f"BatchedReptile(capture='auto') runs eagerly: {reason}.", stacklevel=3)
         return False
+
+    @property
+    def n_tasks(self) -> int:
+        """The meta-batch size n, fixed at construction (the rows of the task buffers)."""
+        return self._n_tasks
+
+    @n_tasks.setter
+    def n_tasks(self, value) -> None:
+        raise AttributeError("n_tasks is fixed at construction (the task buffers have n rows); "
+                             "build a new BatchedReptile for another meta-batch size")
+
+    @property
+    def inner_optimizer(self) -> str:
+        """``"sgd"`` or ``"adam"``, fixed at construction (the state buffers follow it)."""
+        return self._inner_optimizer
+
+    @inner_optimizer.setter
+    def inner_optimizer(self, value) -> None:
+        raise AttributeError("inner_optimizer is fixed at construction (its hyperparameters and state buffers are "
+                             "set up then); build a new BatchedReptile for another one")
+
+    @property
+    def algorithm(self) -> str:
+        """``"reptile"`` or ``"fomaml"``; may change between meta-iterations, not between
+        ``inner_step()`` and ``meta_step()``, nor once a CUDA graph is recorded."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, value) -> None:
+        inner.check_algorithm(value)
+        if value == self._algorithm:
+            return
+        if self._steps_pending:
+            raise RuntimeError(f"algorithm changed from {self._algorithm!r} to {value!r} with {self._steps_pending} "
+                               "inner step(s) pending: call meta_step() first, then change it")
+        if self._graph is not None:
+            raise RuntimeError("algorithm cannot change once meta_iteration() is recorded as a CUDA graph; "
+                               "build a new BatchedReptile")
+        if value == "fomaml":
+            for g in self._groups:
+                g.update_buffer()
+        self._algorithm = value
+
+    @property
+    def reset_inner_state(self) -> str:
+        """``"task"`` or ``"never"`` (see the class); may change between meta-iterations."""
+        return self._state_reset
+
+    @reset_inner_state.setter
+    def reset_inner_state(self, value) -> None:
+        if value not in BATCHED_STATE_RESETS:
+            raise ValueError(f"reset_inner_state must be one of {BATCHED_STATE_RESETS}, got {value!r}")
+        self._state_reset = value
 
     @property
     def lr(self) -> float:
@@ -318,6 +379,7 @@ class BatchedReptile:
                 g.rows_from_theta()
 
     def _gradients(self, xs: Tensor, ys: Tensor) -> Tensor:
+        buffers = self._buffers_before()
         with torch.enable_grad():
             try:
                 if CAN_FOLD:
@@ -326,6 +388,8 @@ class BatchedReptile:
                 else:
                     losses = self._task_losses(self._params, xs, ys)
             except Exception as exc:
+                self._restore_buffers(buffers)
+                self._blame_inputs(exc, xs, ys)
                 layer = failing_layer(exc, self.model)
                 where = f"in layer {layer}" if layer else "in the model or loss_fn"
                 raise NotBatchableError(
@@ -333,6 +397,7 @@ class BatchedReptile:
                     f"{type(exc).__name__}: {exc}. Use the sequential mode (ReptileOptimizer / "
                     "reptile_train(batched=False)) for this model, or make the layer vmap-compatible."
                 ) from exc
+            self._buffers_once_per_task(buffers)
             if losses.shape != (self.n_tasks,):
                 raise ValueError(f"loss_fn must return one scalar per task, got per-task shape {tuple(losses.shape[1:])}")
             leaves = [leaf for g in self._groups for leaf in g.leaves]
@@ -347,6 +412,59 @@ class BatchedReptile:
             if gr is None:
                 v.zero_()  # a parameter the loss does not reach: zero gradient, as torch's zeroed grads
         return losses.detach()
+
+    # ------------------------------------------------------------------ buffers and input mistakes
+
+    def _buffers_before(self) -> list[tuple[str, Tensor, int, Tensor]]:
+        """Each buffer of the model with its version and a copy, before a forward."""
+        return [(name, b, b._version, b.detach().clone()) for name, b in self.model.named_buffers()]
+
+    @torch.no_grad()
+    def _restore_buffers(self, before) -> None:
+        for _, b, version, old in before:
+            if b._version != version:
+                b.copy_(old)
+
+    @torch.no_grad()
+    def _buffers_once_per_task(self, before) -> None:
+        """A buffer the forward changed (a counter: ``self.calls += 1``) changed once for all
+        n tasks; sequentially every task's forward changes it.  An integer buffer's change is
+        repeated to once per task (what a counter needs, exactly).  Others cannot be, so they
+        are restored and refused: only updates that do not depend on the data run under vmap
+        at all, and n applications of a general one are not n times its change."""
+        changed = [(name, b, old) for name, b, version, old in before if b._version != version]
+        if not changed:
+            return
+        for name, b, _ in changed:
+            if b.is_floating_point() or b.is_complex():
+                self._restore_buffers(before)
+                raise NotBatchableError(
+                    f"the model's forward changes its buffer {name!r} ({b.dtype}): batched mode runs the forward "
+                    f"once for all {self.n_tasks} tasks, so it would change once per step instead of once per "
+                    "task as in the sequential mode. Integer counters are advanced once per task; for this buffer "
+                    "use the sequential mode (ReptileOptimizer / reptile_train(batched=False))."
+                )
+        for _, b, old in changed:
+            b.copy_(old + (b - old) * self.n_tasks)
+
+    def _blame_inputs(self, exc: Exception, xs: Tensor, ys: Tensor) -> None:
+        """When the failure under vmap is the inputs', say so: task 0's batch alone, outside
+        vmap, fails too.  (A model that runs alone but not under vmap is not batchable.)"""
+        params = {name: leaf[0].detach() for name, leaf in self._params.items()}
+        before = self._buffers_before()
+        try:
+            with torch.no_grad():
+                self.loss_fn(functional_call(self.model, params, (xs[0],)), ys[0])
+        except Exception as alone:
+            text = (str(alone).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"the model or loss_fn fails on task 0's batch alone, without vmap, so xs/ys do not fit them: "
+                f"{type(alone).__name__}: {text} (xs[0] is {tuple(xs[0].shape)} {xs[0].dtype}, ys[0] is "
+                f"{tuple(ys[0].shape)} {ys[0].dtype}; xs[i], ys[i] must be what the model and loss_fn take for "
+                "one task)"
+            ) from exc
+        finally:
+            self._restore_buffers(before)
 
     @torch.no_grad()
     def inner_step(self, xs: Tensor, ys: Tensor) -> Tensor:
@@ -500,9 +618,125 @@ class BatchedReptile:
                 self.inner_step(xs, ys)
         self.meta_step()
 
+    # ------------------------------------------------------------------ checkpoints and copies
+
+    def _per_parameter(self, buffers: list[Tensor | None]) -> dict[str, Tensor]:
+        """Per parameter name, its ``[n, *shape]`` slice of each group's ``[n, P]`` buffer (cloned)."""
+        out = {}
+        for g, buf in zip(self._groups, buffers):
+            if buf is None:
+                continue
+            for i, name in enumerate(g.names):
+                out[name] = g.theta.row_view(buf, i).clone()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The per-task inner state (each row's momentum or Adam moments), the Adam step,
+        the hyperparameters and, between ``inner_step()`` and ``meta_step()``, the task rows
+        themselves: with ``model.state_dict()`` (θ), everything to continue exactly."""
+        keys = sorted({k for g in self._groups for k in g.state})
+        state = {k: self._per_parameter([g.state.get(k) for g in self._groups]) for k in keys}
+        out = {
+            "format": _STATE_DICT_FORMAT,
+            "n_tasks": self.n_tasks,
+            "inner_optimizer": self.inner_optimizer,
+            "algorithm": self.algorithm,
+            "reset_inner_state": self.reset_inner_state,
+            "hyper": dict(self.hyper),
+            "adam_step": self._adam_step,
+            "fresh": self._fresh,
+            "steps_pending": self._steps_pending,
+            "state": state,
+        }
+        if self._steps_pending:
+            out["tasks"] = self._per_parameter([g.tasks for g in self._groups])
+            if self.algorithm == "fomaml":
+                out["updates"] = self._per_parameter([g.updates for g in self._groups])
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` of a ``BatchedReptile`` of the same model and settings;
+        every check passes before anything changes."""
+        sd = state_dict
+        if not isinstance(sd, dict) or sd.get("format") != _STATE_DICT_FORMAT:
+            raise ValueError("not a BatchedReptile state_dict (no 'format' 1)")
+        for key in ("n_tasks", "inner_optimizer", "reset_inner_state"):
+            if sd.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict is for {key}={sd.get(key)!r}, this BatchedReptile has {getattr(self, key)!r}")
+        pending = sd.get("steps_pending", 0)
+        if not isinstance(pending, int) or isinstance(pending, bool) or pending < 0:
+            raise ValueError(f"state_dict has steps_pending={pending!r}")
+        if pending and sd.get("algorithm") != self.algorithm:
+            raise ValueError(f"state_dict was saved between inner steps with algorithm={sd.get('algorithm')!r}, this "
+                             f"BatchedReptile uses {self.algorithm!r}; save after meta_step()")
+        hyper = dict(sd.get("hyper", {}))
+        if set(hyper) != set(self.hyper):
+            raise ValueError(f"state_dict hyperparameters {sorted(hyper)} are not {sorted(self.hyper)}")
+        hyper["betas"] = tuple(hyper["betas"])
+        inner.check_hyperparameters(hyper)
+        shapes = {name: g.theta.shapes[i] for g in self._groups for i, name in enumerate(g.names)}
+        sections = {"state": sd.get("state", {})}
+        if pending:
+            sections["tasks"] = {"rows": sd.get("tasks")}
+            if self.algorithm == "fomaml":
+                sections["updates"] = {"rows": sd.get("updates")}
+        allowed = set(inner.STATE_KEYS[self.inner_optimizer])
+        for section, per_key in sections.items():
+            for key, per_name in per_key.items():
+                if section == "state" and key not in allowed:
+                    raise ValueError(f"state_dict has inner state {key!r}, not one of {self.inner_optimizer}'s")
+                if not isinstance(per_name, dict) or set(per_name) != set(shapes):
+                    raise ValueError(f"state_dict {section} {key!r} does not list this model's parameters")
+                for name, t in per_name.items():
+                    want = (self.n_tasks, *shapes[name])
+                    if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                        raise ValueError(f"state_dict {section} {key!r} of {name!r} has shape "
+                                         f"{tuple(getattr(t, 'shape', ()))}, expected {want}")
+        # All checks passed: apply.
+        self.hyper.update({k: v for k, v in hyper.items() if k not in ("lr", "meta_lr")})
+        self._set_scalar("lr", hyper["lr"])
+        self._set_scalar("meta_lr", hyper["meta_lr"])
+        for g in self._groups:
+            g.state.clear()
+        for key, per_name in sections["state"].items():
+            for g in self._groups:
+                buf = g.state_buffer(key)
+                for i, name in enumerate(g.names):
+                    g.theta.row_view(buf, i).copy_(per_name[name])
+        if pending:
+            for g in self._groups:
+                for i, name in enumerate(g.names):
+                    g.theta.row_view(g.tasks, i).copy_(sd["tasks"][name])
+                    if self.algorithm == "fomaml":
+                        g.theta.row_view(g.update_buffer(), i).copy_(sd["updates"][name])
+                g.theta_version = g.version()
+        self._adam_step = int(sd.get("adam_step", 0))
+        self._fresh = bool(sd.get("fresh", True))
+        self._steps_pending = pending
+        for g in self._groups:
+            if g.step_t is not None:
+                g.step_t.fill_(float(self._adam_step))
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy and pickle rebuild it over (a copy of) its model and restore its
+        # state_dict; copied together with the model, the copy packs the copied model.  A
+        # recorded CUDA graph is not copied: a capturing copy records its own.
+        config = dict(self._config, algorithm=self.algorithm, reset_inner_state=self.reset_inner_state)
+        return (_rebuild, (type(self), self.model, config, dict(self.hyper), self.state_dict()))
+
     def __repr__(self) -> str:
         return (
             f"BatchedReptile(n_tasks={self.n_tasks}, inner_optimizer={self.inner_optimizer!r}, "
             f"algorithm={self.algorithm!r}, "
             f"lr={self.lr}, meta_lr={self.meta_lr}, backends={self.backends}, capture={self.capture})"
         )
+
+
+def _rebuild(cls, model, config, hyper, state_dict):
+    """Unpickling and deep copies of a :class:`BatchedReptile` (see ``__reduce_ex__``)."""
+    config = dict(config)
+    n_tasks = config.pop("n_tasks")
+    out = cls(model, n_tasks, **config, **hyper)
+    out.load_state_dict(state_dict)
+    return out

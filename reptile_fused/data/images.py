@@ -51,16 +51,50 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+# Modes that hold integers wider than 8 bits (16-bit PNG grayscale opens as "I;16",
+# or "I" with older Pillow): their full range 0..65535 maps onto 0..255.
+_WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Modes resized as they are, before conversion (what the authors' loaders do).
+_PLAIN_MODES = ("1", "L", "P", "RGB")
+
+
+def to_plain(img):
+    """``img`` in a mode that :func:`load_image` resizes and converts as it is: ``1``,
+    ``L``, ``P`` or ``RGB``, 8 bits per channel and opaque.
+
+    Transparency (an alpha channel, or a PNG ``tRNS`` colour in ``L``/``RGB``/``P``
+    images) is composited onto white, so ink drawn on a transparent background stays ink
+    on paper (``convert("L")`` alone drops alpha and leaves the ink on black).  16-bit
+    grayscale is scaled from 0..65535 to 0..255, rounding (``convert("L")`` alone clips
+    every value above 255 to white).  Other modes (CMYK, YCbCr, ...) become RGB.
+    """
+    Image = _pil()
+    if img.mode in _WIDE_INT_MODES:
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        gray = img.mode in ("L", "LA", "La")
+        img = Image.alpha_composite(white, rgba).convert("L" if gray else "RGB")
+    if img.mode not in _PLAIN_MODES:
+        img = img.convert("RGB")
+    return img
+
+
 def load_image(path: Path, size: int, channels: int) -> Tensor:
     """One image as uint8 ``[channels, size, size]``.
 
-    Resized in the file's own mode before any conversion, as the authors' loaders do:
-    Omniglot's 1-bit PNGs are therefore resized nearest-neighbour and stay binary.
+    Any mode is first made 8-bit and opaque (:func:`to_plain`: alpha composited onto
+    white, 16-bit scaled).  Then it is resized in that mode before the conversion to
+    ``L`` or ``RGB``, as the authors' loaders do: Omniglot's 1-bit PNGs are therefore
+    resized nearest-neighbour and stay binary.
     """
     Image = _pil()
     try:
         with Image.open(path) as img:
             img.load()
+            img = to_plain(img)
             if img.size != (size, size):
                 img = img.resize((size, size))
             img = img.convert("L" if channels == 1 else "RGB")

@@ -442,3 +442,175 @@ def test_bad_hyperparameters():
     ]:
         with pytest.raises((ValueError, RuntimeError), match=match):
             ReptileOptimizer(params(), **kwargs)
+
+
+# ---------------------------------------------------------------------- one validation path (issue 24)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(meta_lr=float("inf")), ValueError, "invalid meta_lr: inf"),
+    (dict(meta_lr=float("nan")), ValueError, "invalid meta_lr: nan"),
+    (dict(lr=float("inf")), ValueError, "invalid lr: inf"),
+    (dict(maximize="no"), TypeError, "maximize must be True or False, got 'no'"),
+    (dict(nesterov=1, momentum=0.9), TypeError, "nesterov must be True or False"),
+    (dict(inner_optimizer="adam", amsgrad="yes"), TypeError, "amsgrad must be True or False"),
+    (dict(check_finite="yes"), TypeError, "check_finite must be True or False"),
+], ids=["meta_lr-inf", "meta_lr-nan", "lr-inf", "maximize-str", "nesterov-int", "amsgrad-str", "check_finite-str"])
+def test_construction_refuses_non_finite_numbers_and_non_bool_switches(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ReptileOptimizer(make_model().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("lr", -1.0, "param group 0: invalid learning rate: -1"),
+    ("meta_lr", float("nan"), "param group 0: invalid meta_lr: nan"),
+    ("maximize", "no", "param group 0: maximize must be True or False"),
+    ("momentum", float("inf"), "param group 0: invalid momentum: inf"),
+], ids=["lr-negative", "meta_lr-nan", "maximize-str", "momentum-inf"])
+def test_load_state_dict_checks_hyperparameters_like_construction(key, value, match):
+    """load_state_dict used to take lr=-1 and meta_lr=nan (so a checkpoint brought them in)."""
+    opt = ReptileOptimizer(make_model().parameters(), lr=0.1, momentum=0.5)
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["meta_lr"] == 1.0, "nothing changed"
+
+
+def test_meta_step_refuses_a_meta_lr_written_non_finite():
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with opt.task():
+        pass
+    opt.param_groups[0]["meta_lr"] = float("inf")
+    with pytest.raises(ValueError, match="invalid meta_lr: inf"):
+        opt.meta_step()
+    assert_unchanged(model, before)
+
+
+def test_algorithm_is_checked_and_fixed_inside_a_meta_batch():
+    """opt.algorithm could be set to 'maml' (and saved in the state dict), or switched
+    inside an open meta-batch, a mix load_state_dict refuses."""
+    opt = ReptileOptimizer(make_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        opt.algorithm = "maml"
+    assert opt.algorithm == "reptile" and opt.state_dict()["reptile"]["algorithm"] == "reptile"
+    with opt.task():
+        with pytest.raises(RuntimeError, match="inside an open meta-batch"):
+            opt.algorithm = "fomaml"
+    with pytest.raises(RuntimeError, match="inside an open meta-batch.*Call meta_step\\(\\) first"):
+        opt.algorithm = "fomaml"
+    opt.meta_step()
+    opt.algorithm = "fomaml"  # between meta-batches: fine
+    assert opt.algorithm == "fomaml" and opt.state_dict()["reptile"]["algorithm"] == "fomaml"
+
+
+def test_settings_fixed_at_construction_refuse_writes():
+    opt = ReptileOptimizer(make_model().parameters(), lr=0.1)
+    for name, value in (("inner_optimizer", "adam"), ("backend", "reference"), ("memory_format", None)):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(opt, name, value)
+    with pytest.raises(ValueError, match="reset_inner_state must be one of"):
+        opt.reset_inner_state = "sometimes"
+    opt.reset_inner_state = "task"
+    assert opt.reset_inner_state == "task" and opt.state_dict()["reptile"]["reset_inner_state"] == "task"
+
+
+def test_settings_written_on_the_optimizer_reach_a_wrapper_that_copied_its_dict():
+    """Lightning's LightningOptimizer copies the optimizer's __dict__: the settings that may
+    change live in the shared meta-batch state, so the wrapper sees the change."""
+    opt = ReptileOptimizer(make_model().parameters(), lr=0.1)
+    wrapper = object.__new__(type("Wrapped", (type(opt),), {}))
+    wrapper.__dict__ = dict(opt.__dict__)
+    opt.algorithm = "fomaml"
+    opt.reset_inner_state = "meta_step"
+    assert (wrapper.algorithm, wrapper.reset_inner_state) == ("fomaml", "meta_step")
+
+
+# ---------------------------------------------------------------------- check_finite (issue 24)
+
+
+def test_check_finite_rolls_back_a_diverged_task_and_keeps_the_others():
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1, momentum=0.9, check_finite=True)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with opt.task():
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(FloatingPointError, match="check_finite: the task's adapted weights hold nan or inf "
+                                                 r"\(parameter 0 of param group 0, shape \(8, 3\)\).*rolled back"):
+        with opt.task():
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            model[0].weight.grad[0, 0] = float("inf")
+            opt.step()
+    assert_unchanged(model, before)
+    assert opt.tasks_in_meta_batch == 1
+    after = opt.state_dict()
+    for i, entry in state["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(v, after["state"][i][k]), (i, k)
+    opt.meta_step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_check_finite_refuses_a_meta_step_that_overflows():
+    model = make_model(dtype=torch.float16)
+    opt = ReptileOptimizer(model.parameters(), lr=1.0, meta_lr=1e4, check_finite=True, backend="reference")
+    x, y = torch.randn(4, 3, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
+    before = snapshot(model)
+    with opt.task():
+        opt.zero_grad()
+        (F.mse_loss(model(x), y) * 1e3).backward()
+        opt.step()
+    with pytest.raises(FloatingPointError, match="meta step's result holds nan or inf.*left as they were"):
+        opt.meta_step()
+    assert_unchanged(model, before)
+    assert opt.tasks_in_meta_batch == 0, "the meta-batch is discarded"
+
+
+def test_without_check_finite_nan_propagates_as_in_torch():
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1)
+    with opt.task():
+        opt.zero_grad()
+        model[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+    opt.meta_step()
+    assert torch.isnan(model[0].weight[0, 0])
+
+
+# ---------------------------------------------------------------------- parameters that left the buffer (issue 24)
+
+
+def test_parameters_replaced_by_load_state_dict_assign_are_detected():
+    """The README promises to detect parameters that left the flat buffer: after
+    model.load_state_dict(sd, assign=True) the model computes with new tensors and would
+    silently never train."""
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1)
+    sd = {k: v.clone() for k, v in make_model(seed=1).state_dict().items()}
+    model.load_state_dict(sd, assign=True)
+    with pytest.raises(RuntimeError, match=r"parameter 0 of shape \(8, 3\) was replaced in its module.*assign=True"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="was replaced in its module"):
+        with opt.task():
+            pass
+    # The usual load (copying into the buffer) is fine, and so is a new optimizer.
+    other = make_model(seed=2)
+    opt2 = ReptileOptimizer(other.parameters(), lr=0.1)
+    other.load_state_dict(sd)
+    opt2.step()
+    opt3 = ReptileOptimizer(model.parameters(), lr=0.1)
+    opt3.step()
+
+
+def test_assigning_a_new_parameter_over_a_packed_one_is_detected():
+    model = make_model()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1)
+    model[2].bias = nn.Parameter(torch.zeros_like(model[2].bias))
+    with pytest.raises(RuntimeError, match="parameter 3 of shape \\(8,\\) was replaced"):
+        opt.step()

@@ -198,3 +198,57 @@ def test_a_second_optimizer_over_the_same_parameters_is_named_as_the_cause():
 def test_repr_names_the_inner_optimizer_and_the_backend():
     text = repr(ReptileOptimizer(mlp().parameters(), inner_optimizer="adam", backend="reference", meta_lr=0.3))
     assert "inner_optimizer='adam'" in text and "backends=['reference']" in text and "meta_lr: 0.3" in text
+
+
+# ---------------------------------------------------------------------- frozen after construction (issue 24)
+
+
+@pytest.mark.parametrize("inner, kwargs", [
+    ("sgd", dict(momentum=0.9, weight_decay=0.1)),
+    ("adam", dict(betas=(0.9, 0.999), weight_decay=0.1)),
+], ids=["sgd-momentum-wd", "adam-wd"])
+def test_a_layer_frozen_after_construction_stays_put_like_torch(inner, kwargs):
+    """requires_grad_(False) after the optimizer exists (fine-tuning's usual pattern): its
+    flat-buffer gradient view stays attached, but autograd no longer fills it, so it used
+    to keep moving through momentum and weight decay; torch.optim leaves it alone."""
+    fused, plain = mlp(), mlp()
+    opt = ReptileOptimizer(fused.parameters(), inner_optimizer=inner, lr=0.1, **kwargs)
+    ref = (torch.optim.SGD if inner == "sgd" else torch.optim.Adam)(plain.parameters(), lr=0.1, foreach=False,
+                                                                     **kwargs)
+    for k, (x, y) in enumerate(DATA):
+        if k == 2:
+            fused[0].requires_grad_(False)
+            plain[0].requires_grad_(False)
+            frozen = fused[0].weight.detach().clone()
+        step(fused, opt, x, y)
+        step(plain, ref, x, y)
+    assert torch.equal(fused[0].weight, frozen)
+    torch.testing.assert_close(flat(fused), flat(plain), rtol=1e-6, atol=1e-7)
+    # Unfrozen again, it trains on.
+    fused[0].requires_grad_(True)
+    step(fused, opt, *DATA[0])
+    assert not torch.equal(fused[0].weight, frozen)
+
+
+def test_a_layer_frozen_after_construction_does_not_move_with_the_meta_step():
+    model = mlp()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    step(model, opt, *DATA[0])  # momentum built up
+    model[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    for x, y in DATA[1:4]:
+        with opt.task():
+            step(model, opt, x, y)
+    opt.meta_step()
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
+
+
+def test_a_layer_frozen_after_construction_gets_no_meta_gradient():
+    model = mlp()
+    opt = ReptileOptimizer(model.parameters(), lr=0.1)
+    model[0].requires_grad_(False)
+    for x, y in DATA[:2]:
+        with opt.task():
+            step(model, opt, x, y)
+    opt.meta_gradient()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None

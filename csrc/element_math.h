@@ -161,10 +161,14 @@ RF_HD inline void task_end_element(V& acc, V p) {
 }
 
 // anchor + meta_lr * (total / n - anchor): the meta step for meta_update_ (total
-// is the task accumulator) and batched_meta_update_ (total is the row sum).
+// is the task accumulator) and batched_meta_update_ (total is the row sum).  The
+// last multiply-add is one fused multiply-add, written out so that no compiler's
+// contraction choice decides it; the reference computes the same with
+// torch.add(anchor, total / n - anchor, alpha=meta_lr), which torch's CPU and CUDA
+// kernels compute as that fused multiply-add.
 template <typename V>
 RF_HD inline V meta_element(V anchor, V total, V meta_lr, V n) {
-  return anchor + meta_lr * (total / n - anchor);
+  return Math<V>::fma(meta_lr, total / n - anchor, anchor);
 }
 
 }  // namespace reptile_fused

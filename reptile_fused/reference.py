@@ -6,6 +6,9 @@ Numerics contract, shared by every backend:
 
 * float32 and float64 buffers are updated with exactly the arithmetic of
   ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``).
+* The meta step is ``anchor + meta_lr * (acc / n - anchor)`` with the last
+  multiply-add fused (``torch.add(anchor, d, alpha=meta_lr)``, one rounding), as
+  every kernel computes it.
 * float16 and bfloat16 buffers are read once and converted to float32 ("opmath"),
   every intermediate stays float32, and each output is rounded to its storage dtype
   once, on store.  In particular the parameter update uses the float32 momentum /
@@ -191,10 +194,12 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
     if n <= 0:  # as for step above
         raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n}")
     a = _opmath(anchor)
-    # a + meta_lr * (acc / n - a), rounded step by step in that order, in one buffer.
+    # a + meta_lr * (acc / n - a): the division and the difference rounded in turn, then
+    # one fused multiply-add (torch.add with alpha), in one buffer.
     out = param if param.dtype == acc.dtype else torch.empty_like(acc)
     torch.div(acc, n, out=out)
-    out.sub_(a).mul_(meta_lr).add_(a)
+    out.sub_(a)
+    torch.add(a, out, alpha=meta_lr, out=out)
     _store(param, out)
     acc.zero_()
 
@@ -225,7 +230,7 @@ def batched_meta_update_(
     total = rows[0].clone()
     for row in range(1, n):
         total.add_(rows[row])
-    new = t + meta_lr * (total / n - t)
+    new = torch.add(t, total / n - t, alpha=meta_lr)  # the last multiply-add fused, as in meta_update_
     theta.copy_(new)
     if write_back:
         tasks.copy_(theta.unsqueeze(0).expand_as(tasks))

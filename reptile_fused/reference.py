@@ -5,7 +5,8 @@ All ops work in place on contiguous 1-D flat buffers (``[n, P]`` for the batched
 Numerics contract, shared by every backend:
 
 * float32 and float64 buffers are updated with exactly the arithmetic of
-  ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``).
+  ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``); ``adam_step_(fused=True)``
+  with that of ``torch.optim.Adam(fused=True)`` (see :func:`adam_step_`).
 * The meta step is ``anchor + meta_lr * (acc / n - anchor)`` with the last
   multiply-add fused (``torch.add(anchor, d, alpha=meta_lr)``, one rounding), as
   every kernel computes it.
@@ -23,6 +24,8 @@ read them on the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -130,19 +133,51 @@ def adam_step_(
     amsgrad: bool = False,
     maximize: bool = False,
     update: Tensor | None = None,
+    fused: bool = False,
+    spans: Sequence[int] | None = None,
 ) -> None:
     """One ``torch.optim.Adam`` step over a flat buffer.
 
     ``step`` is the step count *after* this step is counted (1 on the first step), as
     torch computes its bias corrections; the caller increments it.
     ``update`` (opmath dtype, optional) receives the step's own update, see :func:`_record_update`.
+
+    ``fused=False``: the arithmetic of ``torch.optim.Adam(foreach=False)`` (on the CPU
+    also that of ``foreach=True``), torch's own square root included.
+    ``fused=True``: that of ``torch.optim.Adam(fused=True)``, here by calling torch's
+    fused kernel itself on each tensor that ``spans`` names (``(offset, numel)`` pairs,
+    flattened, in buffer order; ``None``: the whole buffer is one tensor).  On the CPU
+    that kernel takes a correctly rounded square root and computes each tensor's last
+    ``numel % W`` elements (``W`` elements per vector of torch's CPU kernels) in a scalar
+    loop that contracts the second moment into a different fused multiply-add
+    (``csrc/element_math.h: adam_moments_fused_tail``), so where the tensors are
+    matters, not only the elements.  16-bit buffers: float32 arithmetic, the parameter
+    update from the float32 moments, one rounding on store, as everywhere.
     """
-    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad, update)
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad, update, spans)
     step = scalar_value(step)
     if step < 1:  # a device tensor is not range-checked by the shared check; here it is read anyway
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
     lr = scalar_value(lr)
     old = _snapshot(param, update)
+    if fused:
+        pieces = [(0, param.numel())] if spans is None else list(zip(spans[0::2], spans[1::2]))
+        pieces = [(o, n) for o, n in pieces if n]
+
+        def views(t: Tensor) -> list[Tensor]:
+            return [t[o : o + n] for o, n in pieces]
+
+        if pieces:
+            torch._fused_adam_(
+                views(param), views(grad), views(exp_avg), views(exp_avg_sq),
+                views(max_exp_avg_sq) if amsgrad else [],
+                # torch keeps the count as a float32 tensor, incremented before the kernel reads it.
+                [torch.tensor(step, dtype=torch.float32, device=param.device) for _ in pieces],
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+                maximize=maximize, grad_scale=None, found_inf=None,
+            )  # fmt: skip
+        _record_update(update, param, old)
+        return
     p = _opmath(param)
     g = _opmath(grad)
     if maximize:

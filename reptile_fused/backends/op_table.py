@@ -42,7 +42,7 @@ class Arg:
     """One argument of a schema."""
 
     name: str
-    type: str  # "Tensor", "Tensor?", "float", "bool"
+    type: str  # "Tensor", "Tensor?", "float", "bool", "int[]?"
     mutated: bool = False
 
 
@@ -93,7 +93,8 @@ OPS: tuple[OpDef, ...] = (
         "adam_step_",
         "Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, "
         "float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
-        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor(e!)? update",
+        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor(e!)? update, "
+        "bool fused, int[]? spans",
         _validate.check_adam_step,
         only_if={"max_exp_avg_sq": lambda a: bool(a["amsgrad"])},
     ),

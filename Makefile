@@ -46,6 +46,7 @@ $(PROJECT_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 install: $(PROJECT_STAMP)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 demo: install

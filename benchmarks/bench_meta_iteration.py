@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -265,7 +266,7 @@ def time_modes(net, cfg, device, modes):
     runs = {}
     for mode in modes:
         model, xs, ys, _ = build(net, cfg, device)
-        runs[mode] = (lambda run=make_mode(mode, model, cfg), xs=xs, ys=ys: run(xs, ys))
+        runs[mode] = functools.partial(make_mode(mode, model, cfg), xs, ys)
     timer = h.Timer(device.type, cfg.rounds, sync=lambda: sync(device))
     return timer.samples(runs, calls=cfg.iters, warmup=cfg.warmup)
 

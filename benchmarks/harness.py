@@ -242,7 +242,7 @@ def footprint_bytes(op: str, numel: int, dtype: torch.dtype = torch.float32, *, 
 # --------------------------------------------------------------------- rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def machine_description(device: str = "cpu") -> str:
     """The machine in words, e.g. ``Intel(R) Xeon(R) Processor, 2 cores, L3 105 MiB``."""
     cpu = platform.processor() or platform.machine()

@@ -221,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_tasks = args.eval_tasks or eval_tasks
     args.seeds = args.seeds or seeds
     if args.eval_batch_tasks is None:
-        from reptile_fused.app.batched_eval import default_eval_batch_tasks
+        from reptile_fused.app.evaluate import default_eval_batch_tasks
 
         args.eval_batch_tasks = (args.eval_tasks if args.dataset == "sine"
                                  else default_eval_batch_tasks(torch.device(args.device)))

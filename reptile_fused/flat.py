@@ -91,7 +91,7 @@ _OWNERS: dict[int, tuple[weakref.ref, int]] = {}
 _SERIALS = itertools.count()
 
 
-def _remember_owner(p: Tensor, buffer: "FlatBuffer") -> None:
+def _remember_owner(p: Tensor, buffer: FlatBuffer) -> None:
     key = id(p)
     _OWNERS[key] = (weakref.ref(p, lambda _ref, key=key: _OWNERS.pop(key, None)), buffer.serial)
 

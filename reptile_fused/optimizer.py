@@ -1,95 +1,36 @@
-"""``ReptileOptimizer``: Reptile's inner and meta updates as a ``torch.optim`` optimizer."""
+"""``ReptileOptimizer``: Reptile's inner and meta updates as a ``torch.optim`` optimizer.
+
+Calls go down once: this torch.optim face -> :mod:`~reptile_fused.flat_state` (each
+group's flat state) -> the flat buffer and the backend.  The state_dict format is in
+:mod:`~reptile_fused.state_dict`, the scheduler view in :mod:`~reptile_fused.meta_schedule`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
-from collections.abc import Iterator, MutableMapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import inner
-from ._validate import opmath_dtype
+from . import state_dict as _format
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
 from .flat import FlatBuffer, check_memory_format, check_trainable
+from .flat_state import FlatState, _StateView
+from .meta_schedule import MetaLRScheduler, MetaStepView
+from .state_dict import _rebuild
+
+__all__ = ["ReptileOptimizer", "MetaStepView", "MetaLRScheduler", "STATE_RESETS"]
 
 STATE_RESETS = ("never", "task", "meta_step")
-_FORMAT_VERSION = 1
 
-
-class _Flat:
-    """A flat buffer plus everything the optimizer keeps in its layout."""
-
-    def __init__(self, buffer: FlatBuffer, group_index: int, backend: str):
-        self.buffer = buffer
-        self.group_index = group_index
-        self.backend = get_backend(backend, buffer.device)
-        self.state: dict[str, Tensor] = {}
-        # Per parameter: SGD -> whether its momentum buffer holds anything yet;
-        # Adam -> its step count.  Plain ints keep state_dict exact and cheap.
-        self.steps = [0] * len(buffer.params)
-        self.anchor: Tensor | None = None
-        self.acc: Tensor | None = None
-        # Distributed runs keep the task count in one extra trailing element, so a
-        # single all-reduce per buffer carries both the sum of θ̃ and the count.
-        self.acc_ext: Tensor | None = None
-        # First-order MAML: each in-task step writes its own update here (opmath dtype,
-        # like acc), so at the task's end it holds the last step's θ̃ − θ_{k-1}.  Per
-        # parameter, whether its slice holds this task's last step (a parameter that
-        # did not step at the last step contributes zero).
-        self.update: Tensor | None = None
-        self.update_fresh = [False] * len(buffer.params)
-
-    def ensure_meta_buffers(self, count_slot: bool) -> None:
-        if self.anchor is None:
-            self.anchor = self.buffer.new_buffer()
-            n = self.buffer.numel
-            self.acc_ext = torch.zeros(n + int(count_slot), device=self.buffer.device, dtype=opmath_dtype(self.buffer.dtype))
-            self.acc = self.acc_ext[:n]
-
-    def update_buffer(self) -> Tensor:
-        if self.update is None:
-            self.update = self.buffer.new_buffer(opmath_dtype(self.buffer.dtype))
-        return self.update
-
-    def last_updates(self) -> Tensor:
-        """The update buffer with every parameter that did not take this task's last step zeroed."""
-        update = self.update_buffer()
-        stale = [None if fresh else True for fresh in self.update_fresh]
-        for _, seg in self.buffer.segments(stale):
-            update[seg.start : seg.end].zero_()
-        return update
-
-    def state_buffer(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
-        if key not in self.state:
-            self.state[key] = self.buffer.new_buffer(dtype)
-        return self.state[key]
-
-    def reset_inner_state(self) -> None:
-        self.state.clear()
-        self.steps = [0] * len(self.buffer.params)
-
-    def inner_entry(self, i: int, inner_optimizer: str) -> dict[str, Any]:
-        """Parameter ``i``'s inner state as torch keeps it (views into the flat state; ``step`` an int)."""
-        if not self.steps[i]:
-            return {}
-        entry: dict[str, Any] = {"step": self.steps[i]} if inner_optimizer == "adam" else {}
-        for key in inner.STATE_KEYS[inner_optimizer]:
-            if key in self.state:
-                entry[key] = self.buffer.view(self.state[key], i)
-        return entry
-
-    def save_inner_state(self) -> tuple[dict[str, Tensor], list[int]]:
-        """A copy of the inner state (one pass over its buffers), for rolling back a failed task."""
-        return {k: v.clone() for k, v in self.state.items()}, list(self.steps)
-
-    def restore_inner_state(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
-        self.state, self.steps = saved
+# Pickles keep naming reptile_fused.optimizer._rebuild, as before state_dict.py existed.
+_rebuild.__module__ = __name__
 
 
 class _MetaBatchState:
@@ -97,14 +38,14 @@ class _MetaBatchState:
 
     __slots__ = ("owner_ref", "tasks_done", "in_task", "view")
 
-    def __init__(self, owner: "ReptileOptimizer"):
+    def __init__(self, owner: ReptileOptimizer):
         self.owner_ref = weakref.ref(owner)
         self.tasks_done = 0  # tasks finished since the last meta step
         self.in_task = False
         self.view: MetaStepView | None = None
 
     @property
-    def owner(self) -> "ReptileOptimizer":
+    def owner(self) -> ReptileOptimizer:
         return self.owner_ref()
 
 
@@ -211,7 +152,7 @@ class ReptileOptimizer(Optimizer):
         self.reset_inner_state = reset_inner_state
         self.backend = backend
         self.memory_format = memory_format
-        self._flats: list[_Flat] = []
+        self._flats: list[FlatState] = []
         self._frozen: list[Tensor] = []
         # Everything that changes between tasks lives in one object: a wrapper that copies
         # this optimizer's __dict__ or forwards attribute reads to it (Lightning's
@@ -234,7 +175,7 @@ class ReptileOptimizer(Optimizer):
             self._sync = MetaBatchSync(group, bucket_elements)
             self._sync_new_flats(self._flats)
 
-    def _sync_new_flats(self, flats: list[_Flat]) -> None:
+    def _sync_new_flats(self, flats: list[FlatState]) -> None:
         """Distributed: verify every rank has the same layout, then start all ranks from rank 0's θ."""
         self._sync.check_same_layout(self._layout_description())
         with torch.no_grad():
@@ -294,7 +235,10 @@ class ReptileOptimizer(Optimizer):
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
-        new = [_Flat(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend) for dtype_params in by_dtype.values()]
+        new = [
+            FlatState(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend, self.inner_optimizer)
+            for dtype_params in by_dtype.values()
+        ]
         self._flats.extend(new)
         # Frozen now: not packed.  A gradient on one later is refused at step() (see _check_frozen).
         self._frozen.extend(p for p in tensors if not p.requires_grad)
@@ -345,59 +289,11 @@ class ReptileOptimizer(Optimizer):
             )
         if self._frozen:
             self._check_frozen()
-        plans = []
-        for f in self._flats:
-            f.buffer.check_layout()
-            plans.append((f, *f.buffer.pending_grads()))
+        plans = [f.plan_step() for f in self._flats]  # every check before any update
         record = self.algorithm == "fomaml" and self._meta.in_task
-        for f, active, foreign in plans:
-            f.buffer.adopt_grads(foreign)
-            self._inner_step(f, self.param_groups[f.group_index], active, record)
+        for f, plan in zip(self._flats, plans):
+            f.step(self.param_groups[f.group_index], plan, record)
         return loss
-
-    @staticmethod
-    def _step_keys(f: _Flat, active: list[bool] | None) -> list:
-        """Each parameter's step count, or ``None`` for those without a gradient this step."""
-        if active is None:
-            return f.steps
-        return [s if a else None for s, a in zip(f.steps, active)]
-
-    @staticmethod
-    def _count_steps(f: _Flat, active: list[bool] | None, cap: int | None = None) -> None:
-        """Advance the step counts of the parameters that stepped (SGD only needs 0 or ``cap=1``)."""
-
-        def bump(s: int) -> int:
-            return s + 1 if cap is None else cap
-
-        if active is None:
-            steps = f.steps
-            # The common case, every count equal, costs one C-level pass.
-            f.steps = [bump(steps[0])] * len(steps) if steps.count(steps[0]) == len(steps) else list(map(bump, steps))
-        else:
-            f.steps = [bump(s) if a else s for s, a in zip(f.steps, active)]
-
-    def _inner_step(self, f: _Flat, group: dict, active: list[bool] | None, record: bool = False) -> None:
-        """One step of the parameters that have gradients; with ``record`` each also
-        writes its update into ``f.update`` (first-order MAML's last-step direction)."""
-        b = f.buffer
-        state = {key: f.state_buffer(key) for key in inner.state_keys(self.inner_optimizer, group)}
-        update = f.update_buffer() if record else None
-        # Parameters are grouped by step count: SGD's first-step rule applies to those
-        # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
-        for steps, seg in b.segments(self._step_keys(f, active)):
-            part = slice(seg.start, seg.end)
-            inner.step_(
-                f.backend, self.inner_optimizer, group, b.data[part], b.grad[part],
-                {key: buf[part] for key, buf in state.items()},
-                lr=group["lr"], step=steps + 1, first_step=steps == 0,
-                update=None if update is None else update[part],
-            )  # fmt: skip
-        if record:
-            f.update_fresh = [True] * len(b.params) if active is None else list(active)
-        if self.inner_optimizer == "adam":
-            self._count_steps(f, active)
-        elif group["momentum"] != 0:
-            self._count_steps(f, active, cap=1)
 
     # ------------------------------------------------------------------ outer loop
 
@@ -422,37 +318,28 @@ class ReptileOptimizer(Optimizer):
         with torch.no_grad():
             if self._meta.tasks_done == 0:
                 self._capture_anchor()
-            if self.reset_inner_state == "task":
-                for f in self._flats:
-                    f.reset_inner_state()
-            for f in self._flats:
-                f.update_fresh = [False] * len(f.buffer.params)
             # What a failed task must not leave behind: the inner state it started from.
-            saved = [f.save_inner_state() for f in self._flats]
+            saved = [f.begin_task(reset=self.reset_inner_state == "task") for f in self._flats]
         self._meta.in_task = True
         try:
             yield
         except BaseException:
             with torch.no_grad():
                 for f, state in zip(self._flats, saved):
-                    f.buffer.data.copy_(f.anchor)
-                    f.restore_inner_state(state)
+                    f.abort_task(state)
             self._meta.in_task = False
             raise
         with torch.no_grad():
             for f in self._flats:
                 f.buffer.check_layout()
             for f in self._flats:
-                # First-order MAML: the task counts as if it had ended at anchor + last update.
-                update = f.last_updates() if self.algorithm == "fomaml" else None
-                f.backend.task_end_(f.buffer.data, f.anchor, f.acc, update)
+                f.end_task(fomaml=self.algorithm == "fomaml")
         self._meta.in_task = False
         self._meta.tasks_done += 1
 
     def _capture_anchor(self) -> None:
         for f in self._flats:
-            f.ensure_meta_buffers(count_slot=self._sync is not None)
-            f.anchor.copy_(f.buffer.data)
+            f.capture_anchor(count_slot=self._sync is not None)
 
     @property
     def tasks_in_meta_batch(self) -> int:
@@ -490,8 +377,7 @@ class ReptileOptimizer(Optimizer):
         θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁)."""
         n = self._close_meta_batch("meta_step()")
         for f in self._flats:
-            meta_lr = self.param_groups[f.group_index]["meta_lr"]
-            f.backend.meta_update_(f.buffer.data, f.anchor, f.acc, meta_lr, n)
+            f.meta_update(self.param_groups[f.group_index]["meta_lr"], n)
         self._end_meta_batch()
 
     @torch.no_grad()
@@ -505,9 +391,7 @@ class ReptileOptimizer(Optimizer):
         """
         n = self._close_meta_batch("meta_gradient()")
         for f in self._flats:
-            f.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
-            f.buffer.grad.copy_(f.anchor.to(f.acc.dtype) - f.acc / n)
-            f.acc.zero_()
+            f.meta_gradient(n)
         self._end_meta_batch()
 
     def _end_meta_batch(self) -> None:
@@ -519,7 +403,7 @@ class ReptileOptimizer(Optimizer):
             self._meta.view._opt_called = True
 
     @property
-    def meta_optimizer(self) -> "MetaStepView":
+    def meta_optimizer(self) -> MetaStepView:
         """An ``Optimizer`` view whose ``lr`` is each group's ``meta_lr`` and whose
         ``step()`` is ``meta_step()``: hand it to any ``torch.optim.lr_scheduler`` to
         anneal the meta step size, e.g. linearly to 0 as in the paper::
@@ -533,13 +417,13 @@ class ReptileOptimizer(Optimizer):
         return self._meta.view
 
     @property
-    def state(self) -> "_StateView":
+    def state(self) -> _StateView:
         """Each parameter's inner state, as ``torch.optim`` exposes it: ``opt.state[p]`` is
         ``{"momentum_buffer": ...}`` (SGD with momentum) or ``{"step": ..., "exp_avg": ...,
         "exp_avg_sq": ...[, "max_exp_avg_sq": ...]}`` (Adam), empty before the parameter's
         first step.  The tensors are views into the flat state buffers (writing to them
         changes the optimizer's state); assigning ``opt.state[p] = {...}`` copies values in."""
-        return _StateView(self)
+        return _StateView(self._flats, self.inner_optimizer)
 
     @state.setter
     def state(self, value) -> None:
@@ -565,8 +449,8 @@ class ReptileOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, algorithm={self.algorithm!r}, "
-                 f"backends={self.backends}, "
-                 f"reset_inner_state={self.reset_inner_state!r}, tasks_in_meta_batch={self._meta.tasks_done})"]
+                 f"backends={self.backends}, reset_inner_state={self.reset_inner_state!r}, "
+                 f"tasks_in_meta_batch={self._meta.tasks_done})"]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             lines.extend(f"    {k}: {v}" for k, v in sorted(group.items()) if k not in ("params", "param_names"))
@@ -590,45 +474,10 @@ class ReptileOptimizer(Optimizer):
                 "state_dict() in the middle of a distributed meta-batch: the task sums are split over "
                 "the ranks until meta_step(); save after meta_step()"
             )
-        index = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-        state: dict[int, dict[str, Any]] = {}
-        for f in self._flats:
-            b = f.buffer
-            for i, p in enumerate(b.params):
-                entry = {k: v if k == "step" else v.clone() for k, v in f.inner_entry(i, self.inner_optimizer).items()}
-                if self._meta.tasks_done:
-                    entry["anchor"] = b.view(f.anchor, i).clone()
-                    entry["task_sum"] = b.view(f.acc, i).clone()
-                if entry:
-                    state[index[id(p)]] = entry
-        groups = []
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = [index[id(p)] for p in group["params"]]
-            # Also in the groups (not only in "reptile"): tools that keep only "state" and
-            # "param_groups" (torch.distributed.checkpoint) then still resume exactly, and
-            # a template without the meta-batch's anchors is refused instead of misread.
-            packed["tasks_in_meta_batch"] = self._meta.tasks_done
-            # How many of the group's parameters carry inner state, so a loader that got
-            # "state" only partly (dcp.load fills only its template's keys) is refused.
-            packed["inner_state_entries"] = sum(
-                1 for p in group["params"] if any(k in _INNER_KEYS for k in state.get(index[id(p)], ()))
-            )
-            groups.append(packed)
-        state_dict = {
-            "state": state,
-            "param_groups": groups,
-            "reptile": {
-                "format": _FORMAT_VERSION,
-                "inner_optimizer": self.inner_optimizer,
-                "algorithm": self.algorithm,
-                "tasks_in_meta_batch": self._meta.tasks_done,
-                "reset_inner_state": self.reset_inner_state,
-            },
-        }
+        state_dict = _format.pack(
+            self.param_groups, self._flats, inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
+            reset_inner_state=self.reset_inner_state, tasks=self._meta.tasks_done,
+        )  # fmt: skip
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -643,312 +492,9 @@ class ReptileOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state_dict (it needs 'state' and 'param_groups')")
-        groups = state_dict["param_groups"]
-        meta = state_dict.get("reptile")
-        if meta is not None:
-            if not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION:
-                raise ValueError("not a ReptileOptimizer state_dict (unknown 'reptile' section)")
-            saved_inner = meta["inner_optimizer"]
-        else:
-            # Tools that keep only "state" and "param_groups" (torch.distributed.checkpoint):
-            # the groups name the inner optimizer by its hyperparameters.
-            saved_inner = _inner_optimizer_of(groups)
-        if saved_inner != self.inner_optimizer:
-            raise ValueError(
-                f"state_dict is for inner_optimizer={saved_inner!r}, this optimizer uses {self.inner_optimizer!r}"
-            )
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
-        params_by_index: dict[int, Tensor] = {}
-        for g_saved, g_own in zip(groups, self.param_groups):
-            if len(g_saved["params"]) != len(g_own["params"]):
-                raise ValueError(
-                    f"a param group has {len(g_saved['params'])} parameters in the state_dict and "
-                    f"{len(g_own['params'])} here: it comes from a different model"
-                )
-            for idx, p in zip(g_saved["params"], g_own["params"]):
-                params_by_index[idx] = p
-        saved_state = state_dict["state"]
-        counts = {int(g["tasks_in_meta_batch"]) for g in groups if "tasks_in_meta_batch" in g}
-        if meta is not None:
-            counts.add(int(meta["tasks_in_meta_batch"]))
-        if len(counts) > 1:
-            raise ValueError(f"state_dict disagrees with itself on the tasks in the meta-batch: {sorted(counts)}")
-        tasks = counts.pop() if counts else 0
-        saved_algorithm = meta.get("algorithm", "reptile") if meta is not None else None
-        if tasks and saved_algorithm is not None and saved_algorithm != self.algorithm:
-            raise ValueError(
-                f"state_dict was saved mid-meta-batch with algorithm={saved_algorithm!r}; this optimizer uses "
-                f"{self.algorithm!r}, so its finished tasks would count the wrong direction. Save after "
-                "meta_step(), or load it into an optimizer with the same algorithm."
-            )
-        if not tasks and any("anchor" in e or "task_sum" in e for e in saved_state.values()):
-            raise ValueError("state_dict has a meta-batch's anchor but no count of its tasks ('tasks_in_meta_batch')")
-        where: dict[int, tuple[_Flat, int]] = {}
-        for f in self._flats:
-            for i, p in enumerate(f.buffer.params):
-                where[id(p)] = (f, i)
-        for idx, entry in saved_state.items():
-            if idx not in params_by_index:
-                raise ValueError(f"state_dict has state for parameter {idx}, which no param group lists")
-            p = params_by_index[idx]
-            if id(p) not in where:
-                raise ValueError(f"state_dict has state for parameter {idx}, which is frozen here (requires_grad=False)")
-            f, i = where[id(p)]
-            for key, value in entry.items():
-                if key == "step":
-                    continue
-                if not isinstance(value, Tensor) or value.shape != f.buffer.shapes[i]:
-                    shape = getattr(value, "shape", None)
-                    raise ValueError(
-                        f"state_dict entry {key!r} of parameter {idx} has shape {tuple(shape) if shape is not None else shape}, "
-                        f"expected {tuple(f.buffer.shapes[i])}: it comes from a different model"
-                    )
-            if tasks and ("anchor" not in entry or "task_sum" not in entry):
-                raise ValueError(f"state_dict is mid-meta-batch but has no anchor for parameter {idx}")
-        if tasks:
-            missing = [idx for idx, p in params_by_index.items() if id(p) in where and idx not in saved_state]
-            if missing:
-                raise ValueError(f"state_dict is mid-meta-batch but has no anchor for parameters {missing}")
-
-        for n, g_saved in enumerate(groups):
-            expected = int(g_saved.get("inner_state_entries", 0))
-            present = sum(1 for idx in g_saved["params"] if any(k in _INNER_KEYS for k in saved_state.get(idx, ())))
-            if present < expected:
-                raise ValueError(
-                    f"state_dict param group {n} says {expected} parameter(s) had inner-optimizer state (momentum, "
-                    f"Adam moments) but only {present} came with it. torch.distributed.checkpoint's dcp.load fills "
-                    "only the keys of the template it is given: build the template from an optimizer that has "
-                    "stepped (see the README's section on training frameworks)."
-                )
-
-        # All checks passed: apply.
-        for g_saved, g_own in zip(groups, self.param_groups):
-            for k, v in g_saved.items():
-                if k not in ("params", "tasks_in_meta_batch", "inner_state_entries"):
-                    g_own[k] = v
-        with torch.no_grad():
-            for f in self._flats:
-                f.reset_inner_state()
-                if tasks:
-                    f.ensure_meta_buffers(count_slot=self._sync is not None)
-                if f.acc is not None:
-                    f.acc.zero_()
-            for idx, entry in saved_state.items():
-                f, i = where[id(params_by_index[idx])]
-                b = f.buffer
-                for key, value in entry.items():
-                    if key == "step":
-                        f.steps[i] = int(value)
-                    elif key == "anchor":
-                        b.view(f.anchor, i).copy_(value)
-                    elif key == "task_sum":
-                        b.view(f.acc, i).copy_(value)
-                    else:
-                        b.view(f.state_buffer(key), i).copy_(value)
-                        if key == "momentum_buffer":
-                            f.steps[i] = 1
-        self._meta.tasks_done = tasks
+        self._meta.tasks_done = _format.unpack(
+            state_dict, self.param_groups, self._flats, inner_optimizer=self.inner_optimizer,
+            algorithm=self.algorithm, count_slot=self._sync is not None,
+        )  # fmt: skip
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-_INNER_KEYS = frozenset(("step", *inner.STATE_KEYS["sgd"], *inner.STATE_KEYS["adam"]))
-
-
-def _inner_optimizer_of(groups: list[dict]) -> str | None:
-    """The inner optimizer a state_dict's param groups were saved with: Adam's groups hold
-    ``betas``, SGD's ``momentum`` (each holds only its own optimizer's hyperparameters)."""
-    kinds = {"adam" if "betas" in g else "sgd" if "momentum" in g else None for g in groups}
-    if len(kinds) != 1 or None in kinds:
-        raise ValueError(
-            "not a ReptileOptimizer state_dict: no 'reptile' section, and its param groups do not name "
-            "one inner optimizer (Adam's hold 'betas', SGD's 'momentum')"
-        )
-    return kinds.pop()
-
-
-class _MetaLRGroup(MutableMapping):
-    """A param group seen from the meta step: ``lr`` is ``meta_lr``, and nothing of the inner
-    optimizer shows (so a scheduler cannot mistake the inner Adam's betas or SGD's momentum
-    for the meta step's).  Keys a scheduler adds are kept in the group under ``meta_``
-    (``initial_lr`` as ``initial_meta_lr``)."""
-
-    _RENAMES = {"lr": "meta_lr", "initial_lr": "initial_meta_lr"}
-
-    def __init__(self, group: dict):
-        self._group = group
-
-    def _key(self, key):
-        if key == "params":
-            return key
-        return self._RENAMES.get(key, f"meta_{key}")
-
-    def __getitem__(self, key):
-        return self._group[self._key(key)]
-
-    def __setitem__(self, key, value):
-        self._group[self._key(key)] = value
-
-    def __delitem__(self, key):
-        del self._group[self._key(key)]
-
-    def __iter__(self):
-        inverse = {v: k for k, v in self._RENAMES.items()}
-        for k in self._group:
-            if k == "params" or k in inverse:
-                yield inverse.get(k, k)
-            elif k.startswith("meta_"):
-                yield k[len("meta_") :]
-
-    def __len__(self):
-        return sum(1 for _ in self)
-
-
-class MetaStepView(Optimizer):
-    """The meta step of a ``ReptileOptimizer`` seen as an optimizer: ``lr`` is ``meta_lr``
-    and ``step()`` is ``meta_step()``.  Exists so standard LR schedulers can anneal ε."""
-
-    def __init__(self, owner: ReptileOptimizer):
-        # Deliberately not calling Optimizer.__init__: this view owns no parameters.
-        self._owner = owner
-        self.defaults = {"lr": owner.defaults["meta_lr"]}
-        self.state = {}
-        self._opt_called = False
-
-    @property
-    def param_groups(self) -> list[_MetaLRGroup]:
-        return [_MetaLRGroup(g) for g in self._owner.param_groups]
-
-    def step(self, closure=None):
-        self._owner.meta_step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._owner.zero_grad(set_to_none)
-
-    def state_dict(self):
-        return self._owner.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self._owner.load_state_dict(state_dict)
-
-    def __repr__(self) -> str:
-        return f"MetaStepView({self._owner.__class__.__name__})"
-
-
-class MetaLRScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """A scheduler on ``opt.meta_optimizer`` presented as a scheduler of ``opt`` itself.
-
-    For frameworks that accept only schedulers of the optimizers they were given
-    (PyTorch Lightning's ``configure_optimizers``)::
-
-        sched = MetaLRScheduler(LinearLR(opt.meta_optimizer, 1.0, 0.0, total_iters=n))
-        return {"optimizer": opt, "lr_scheduler": sched}
-
-    ``optimizer`` is the ``ReptileOptimizer``; ``step()``, ``get_last_lr()``,
-    ``state_dict()`` and ``load_state_dict()`` are the wrapped scheduler's, so it anneals
-    each group's ``meta_lr`` and never the inner ``lr``.
-    """
-
-    def __init__(self, scheduler):
-        # Deliberately not calling LRScheduler.__init__: it would take a step of its own
-        # and write ``initial_lr`` into the inner optimizer's groups.
-        view = getattr(scheduler, "optimizer", None)
-        if not isinstance(view, MetaStepView):
-            raise TypeError(
-                "MetaLRScheduler wraps a scheduler built on a ReptileOptimizer's meta_optimizer, e.g. "
-                "MetaLRScheduler(LinearLR(opt.meta_optimizer, ...)); got one on "
-                f"{type(view).__name__}"
-            )
-        self.scheduler = scheduler
-        self.optimizer = view._owner
-
-    def step(self, *args, **kwargs) -> None:
-        self.scheduler.step(*args, **kwargs)
-
-    def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
-
-    def get_lr(self):
-        return self.scheduler.get_lr()
-
-    @property
-    def last_epoch(self) -> int:
-        return self.scheduler.last_epoch
-
-    @property
-    def base_lrs(self) -> list[float]:
-        return self.scheduler.base_lrs
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
-
-    def __repr__(self) -> str:
-        return f"MetaLRScheduler({type(self.scheduler).__name__} on meta_lr)"
-
-
-def _rebuild(cls, groups, config, state_dict):
-    opt = cls(groups, process_group=False, **config)
-    opt.load_state_dict(state_dict)
-    return opt
-
-
-class _StateView(MutableMapping):
-    """``ReptileOptimizer.state``: per-parameter views of the flat inner state."""
-
-    def __init__(self, opt: ReptileOptimizer):
-        self._opt = opt
-
-    def _locate(self, p) -> tuple[_Flat, int]:
-        for f in self._opt._flats:
-            for i, q in enumerate(f.buffer.params):
-                if q is p:
-                    return f, i
-        raise KeyError(p)
-
-    def _entry(self, f: _Flat, i: int) -> dict[str, Any]:
-        entry = f.inner_entry(i, self._opt.inner_optimizer)
-        if "step" in entry:  # torch keeps Adam's step as a float32 tensor
-            entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
-        return entry
-
-    def __getitem__(self, p) -> dict[str, Any]:
-        if not isinstance(p, Tensor):
-            raise KeyError(p)
-        return self._entry(*self._locate(p))
-
-    def __setitem__(self, p, value: dict[str, Any]) -> None:
-        f, i = self._locate(p)
-        with torch.no_grad():
-            for key, v in value.items():
-                if key == "step":
-                    f.steps[i] = int(v.item() if isinstance(v, Tensor) else v)
-                elif key in inner.STATE_KEYS[self._opt.inner_optimizer]:
-                    view = f.buffer.view(f.state_buffer(key), i)
-                    if v is not view:
-                        view.copy_(v)
-                    if key == "momentum_buffer":
-                        f.steps[i] = 1
-                else:
-                    raise KeyError(f"{key!r} is not a state entry of inner_optimizer={self._opt.inner_optimizer!r}")
-
-    def __delitem__(self, p) -> None:
-        f, i = self._locate(p)
-        f.steps[i] = 0
-
-    def __iter__(self):
-        for f in self._opt._flats:
-            for i, p in enumerate(f.buffer.params):
-                if f.steps[i]:
-                    yield p
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __repr__(self) -> str:
-        return repr({tuple(p.shape): self._entry(*self._locate(p)) for p in self})

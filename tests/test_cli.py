@@ -111,13 +111,16 @@ def _assert_same_run(a, b):
             v, w = sa[i][k], sb[i][k]
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (i, k)
     assert torch.equal(ca["rng"]["train"], cb["rng"]["train"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
     assert strip(_rows(a / "metrics.csv")) == strip(_rows(b / "metrics.csv"))
     assert [int(r["iteration"]) for r in _rows(b / "metrics.csv")] == [0, 3, 6, 9], "no duplicated rows"
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(one_thread, folder_root, tmp_path_factory):
+def uninterrupted(folder_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert _train(folder_root, run) == 0
     return run

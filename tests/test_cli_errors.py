@@ -38,13 +38,6 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """One CPU thread for these tiny runs, and the caller's count restored after (the
-    demo sets one thread for the process)."""
-    yield
-
-
 @pytest.fixture(scope="module")
 def sine_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sine") / "run"

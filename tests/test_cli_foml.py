@@ -26,11 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 SINE = ["--dataset", "sine", "--backend", "reference", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -220,7 +215,10 @@ def test_foml_run_resumes_bit_exact_and_keeps_its_settings(tmp_path, monkeypatch
     assert a["iteration"] == b["iteration"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
     assert strip(_rows(whole / "metrics.csv")) == strip(_rows(crashed / "metrics.csv"))
     # The FOMAML run really differs from Reptile with the same draws otherwise.
     reptile = tmp_path / "reptile"

@@ -216,7 +216,10 @@ def test_sampler_shapes_and_labels():
     assert task.support_x.dtype == torch.float32
     assert 0.0 <= task.support_x.min() and task.support_x.max() <= 1.0
     assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2] and task.query_y.tolist() == [0, 1, 2]
-    pixels = lambda x: (x[:, 0, 0, :2] * 255).round().long()
+
+    def pixels(x):
+        return (x[:, 0, 0, :2] * 255).round().long()
+
     s, q = pixels(task.support_x), pixels(task.query_x)
     for label in range(3):
         cls = s[task.support_y == label, 0]

@@ -1,18 +1,14 @@
 """Batched evaluation (many tasks adapted at once under vmap) against the sequential protocol."""
 
-import io
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from fewshot_fixtures import one_thread  # noqa: F401
 
-from reptile_fused.app.batched_eval import BatchedAdapter, NotBatchableError
+from reptile_fused.batched import BatchedAdapter, NotBatchableError
 from reptile_fused.app.config import TrainConfig
-from reptile_fused.app.evaluate import (Restorer, adapt, draw_task, evaluate, evaluate_task, predict,
-                                        score_tasks_batched)
+from reptile_fused.app.evaluate import Restorer, adapt, draw_task, evaluate, predict
 from reptile_fused.app.problems import ClassificationProblem, SineProblem
 from reptile_fused.app.train import make_optimizer
 from reptile_fused.data import ImageClasses, Task

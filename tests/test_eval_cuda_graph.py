@@ -14,8 +14,8 @@ from torch import nn
 from fewshot_fixtures import one_thread  # noqa: F401
 from test_eval_batched import _batched, _draw, _problem, _sequential
 
-from reptile_fused.app import batched_eval
-from reptile_fused.app.batched_eval import BatchedAdapter
+from reptile_fused.batched import BatchedAdapter
+from reptile_fused.batched import adapter as batched_adapter
 from reptile_fused.app.config import TrainConfig
 from reptile_fused.app.evaluate import EvalBatching, evaluate
 from reptile_fused.app.train import make_optimizer
@@ -81,8 +81,8 @@ class _EmulatedGraph:
 @pytest.fixture
 def emulated_graph(monkeypatch):
     _EmulatedGraph.made = []
-    monkeypatch.setattr(batched_eval, "CapturedIteration", _EmulatedGraph)
-    monkeypatch.setattr(batched_eval, "capture_unavailable_reason", lambda opt: None)
+    monkeypatch.setattr(batched_adapter, "CapturedIteration", _EmulatedGraph)
+    monkeypatch.setattr(batched_adapter, "capture_unavailable_reason", lambda opt: None)
     return _EmulatedGraph
 
 
@@ -182,7 +182,7 @@ def test_recorded_anew_when_the_first_step_rule_changes(emulated_graph):
 
 
 def test_beyond_the_graph_limit_other_shapes_run_eagerly(emulated_graph, monkeypatch):
-    monkeypatch.setattr(batched_eval, "MAX_GRAPHS", 1)
+    monkeypatch.setattr(batched_adapter, "MAX_GRAPHS", 1)
     net, opt = _net_and_opt("adam")
     problem = _problem()
     adapter = BatchedAdapter(net, opt, problem.loss, capture=True)

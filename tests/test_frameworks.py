@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reptile_fused
 from reptile_fused import MetaLRScheduler, ReptileOptimizer, available_backends
 
 

@@ -385,7 +385,7 @@ def _train_locked(args, device, run_dir: Path) -> int:
 
 
 def _eval_batch_tasks(args, device) -> int:
-    from .batched_eval import default_eval_batch_tasks
+    from .evaluate import default_eval_batch_tasks
 
     n = args.eval_batch_tasks
     if n is None:

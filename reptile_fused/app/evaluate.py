@@ -19,7 +19,7 @@ class), as in the authors' code.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ def uses_one_batch(problem, transductive: bool) -> bool:
 
 def score_tasks_batched(adapter, problem, drawn: list, transductive: bool) -> list[float]:
     """Scores of the ``(task, order)`` pairs in ``drawn``, adapted all at once by ``adapter``
-    (a :class:`~reptile_fused.app.batched_eval.BatchedAdapter`)."""
+    (a :class:`~reptile_fused.batched.BatchedAdapter`)."""
     tasks = [t for t, _ in drawn]
     sx = torch.stack([t.support_x for t in tasks])
     sy = torch.stack([t.support_y for t in tasks])
@@ -133,9 +133,19 @@ def score_tasks_batched(adapter, problem, drawn: list, transductive: bool) -> li
     return [problem.score(out[i], t.query_y) for i, t in enumerate(tasks)]
 
 
+def default_eval_batch_tasks(device: torch.device) -> int:
+    """Tasks adapted at once when ``--eval-batch-tasks`` is not given.
+
+    CUDA: 32 (enough rows to fill the GPU with the paper's small nets).  CPU: 1, the
+    sequential evaluation: batching measured no faster on the CPU (the README's
+    evaluation benchmark), as for training (docs/batched.md).
+    """
+    return 32 if torch.device(device).type == "cuda" else 1
+
+
 def check_eval_cuda_graph(opt, batch_tasks: int) -> None:
     """A ``ValueError`` (one line, for the command line) when ``--eval-cuda-graph`` cannot apply."""
-    from .batched_eval import capture_unavailable_reason
+    from ..batched.adapter import capture_unavailable_reason
 
     if batch_tasks < 2:
         raise ValueError(f"--eval-cuda-graph records the batched adaptation: it needs --eval-batch-tasks of 2 or more, "
@@ -161,7 +171,7 @@ class EvalBatching:
         self.adapter = None
         self.notice = None
         if batch_tasks > 1:
-            from .batched_eval import BatchedAdapter, NotBatchableError
+            from ..batched import BatchedAdapter, NotBatchableError
 
             try:
                 self.adapter = BatchedAdapter(model, opt, problem.loss, capture=cuda_graph)
@@ -176,7 +186,7 @@ class EvalBatching:
               restorer: Restorer) -> list[float]:
         """Scores of the drawn ``(task, order)`` pairs, batched where possible."""
         if self.adapter is not None and len(drawn) > 1:
-            from .batched_eval import NotBatchableError
+            from ..batched import NotBatchableError
 
             try:
                 return score_tasks_batched(self.adapter, problem, drawn, transductive)

@@ -72,7 +72,7 @@ class RunLock:
             os.close(self.fd)  # drops the flock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

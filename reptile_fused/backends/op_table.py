@@ -28,7 +28,7 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,7 +8,7 @@ kernels read, so a replay sees their current values without re-capture.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ interpolation, and the new θ written back into every row, in one pass).  With
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

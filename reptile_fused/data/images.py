@@ -115,7 +115,7 @@ class ImageClasses:
 
     @classmethod
     def from_class_lists(cls, per_class: list[list[Path]], names: list[str], size: int, channels: int,
-                         rotations=(0,)) -> "ImageClasses":
+                         rotations=(0,)) -> ImageClasses:
         paths = [p for files in per_class for p in files]
         offsets = [0]
         for files in per_class:
@@ -145,7 +145,7 @@ class ImageClasses:
     def counts(self) -> Tensor:
         return self._counts
 
-    def to(self, device) -> "ImageClasses":
+    def to(self, device) -> ImageClasses:
         return ImageClasses(self.images.to(device), self.offsets, self.names, self.rotations)
 
     def class_name(self, class_id: int) -> str:
@@ -153,7 +153,7 @@ class ImageClasses:
         rot = self.rotations[r]
         return self.names[base] + (f" (rotated {90 * rot} deg)" if rot else "")
 
-    def subset(self, bases: list[int], rotations=None) -> "ImageClasses":
+    def subset(self, bases: list[int], rotations=None) -> ImageClasses:
         """The given base classes (in that order), optionally with other rotations."""
         rows = [torch.arange(int(self.offsets[b]), int(self.offsets[b + 1])) for b in bases]
         index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)

@@ -29,7 +29,7 @@ class Task:
     query_x: Tensor
     query_y: Tensor
 
-    def to(self, device) -> "Task":
+    def to(self, device) -> Task:
         return Task(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 

@@ -57,6 +57,11 @@ def usage():
         import reptile_fused._C as ext
     except ImportError as exc:
         pytest.skip(f"the extension is not built: {exc}")
+    from reptile_fused.backends import cpp
+
+    # cuobjdump exits 255 on a library without device code, so a CPU-only build skips here.
+    if not (cpp.build_info() or {}).get("WITH_CUDA"):
+        pytest.skip("the extension was built without CUDA kernels")
     tool = cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled copy)")

@@ -112,7 +112,10 @@ def test_state_dict_round_trips_between_backends(device, backend):
     x = torch.linspace(-3, 3, 10, device=device).unsqueeze(1)
     for opt in (opt_fused, opt_ref):
         params = opt.param_groups[0]["params"]
-        net = lambda v, ps=params: torch.tanh(torch.tanh(v @ ps[0].T + ps[1]) @ ps[2].T + ps[3]) @ ps[4].T + ps[5]
+
+        def net(v, ps=params):
+            return torch.tanh(torch.tanh(v @ ps[0].T + ps[1]) @ ps[2].T + ps[3]) @ ps[4].T + ps[5]
+
         with opt.task():
             opt.zero_grad()
             nn.functional.mse_loss(net(x), torch.sin(x)).backward()

@@ -1,0 +1,265 @@
+"""The per-group flat state of a ``ReptileOptimizer`` (anchor, task sum, inner state, update buffer) and the operations on it."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import inner
+from ._validate import opmath_dtype
+from .backends import get_backend
+from .flat import FlatBuffer
+
+
+class FlatState:
+    """A flat buffer plus everything the optimizer keeps in its layout.
+
+    The optimizer calls these operations; they call the :class:`FlatBuffer` and the
+    backend, and never the optimizer.
+    """
+
+    def __init__(self, buffer: FlatBuffer, group_index: int, backend: str, inner_optimizer: str):
+        self.buffer = buffer
+        self.group_index = group_index
+        self.backend = get_backend(backend, buffer.device)
+        self.inner_optimizer = inner_optimizer
+        self.state: dict[str, Tensor] = {}
+        # Per parameter: SGD -> whether its momentum buffer holds anything yet;
+        # Adam -> its step count.  Plain ints keep state_dict exact and cheap.
+        self.steps = [0] * len(buffer.params)
+        self.anchor: Tensor | None = None
+        self.acc: Tensor | None = None
+        # Distributed runs keep the task count in one extra trailing element, so a
+        # single all-reduce per buffer carries both the sum of θ̃ and the count.
+        self.acc_ext: Tensor | None = None
+        # First-order MAML: each in-task step writes its own update here (opmath dtype,
+        # like acc), so at the task's end it holds the last step's θ̃ − θ_{k-1}.  Per
+        # parameter, whether its slice holds this task's last step (a parameter that
+        # did not step at the last step contributes zero).
+        self.update: Tensor | None = None
+        self.update_fresh = [False] * len(buffer.params)
+
+    # ------------------------------------------------------------------ buffers
+
+    def ensure_meta_buffers(self, count_slot: bool) -> None:
+        if self.anchor is None:
+            self.anchor = self.buffer.new_buffer()
+            n = self.buffer.numel
+            self.acc_ext = torch.zeros(n + int(count_slot), device=self.buffer.device, dtype=opmath_dtype(self.buffer.dtype))
+            self.acc = self.acc_ext[:n]
+
+    def update_buffer(self) -> Tensor:
+        if self.update is None:
+            self.update = self.buffer.new_buffer(opmath_dtype(self.buffer.dtype))
+        return self.update
+
+    def last_updates(self) -> Tensor:
+        """The update buffer with every parameter that did not take this task's last step zeroed."""
+        update = self.update_buffer()
+        stale = [None if fresh else True for fresh in self.update_fresh]
+        for _, seg in self.buffer.segments(stale):
+            update[seg.start : seg.end].zero_()
+        return update
+
+    def state_buffer(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        if key not in self.state:
+            self.state[key] = self.buffer.new_buffer(dtype)
+        return self.state[key]
+
+    def reset_inner_state(self) -> None:
+        self.state.clear()
+        self.steps = [0] * len(self.buffer.params)
+
+    def save_inner_state(self) -> tuple[dict[str, Tensor], list[int]]:
+        """A copy of the inner state (one pass over its buffers), for rolling back a failed task."""
+        return {k: v.clone() for k, v in self.state.items()}, list(self.steps)
+
+    def restore_inner_state(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
+        self.state, self.steps = saved
+
+    # ------------------------------------------------------------------ inner loop
+
+    def plan_step(self) -> tuple[list[bool] | None, list[tuple[int, Tensor]]]:
+        """Checks before a step (layout, gradients), nothing modified: which parameters have
+        a gradient (``None``: all, in the buffer) and those autograd put outside the buffer."""
+        self.buffer.check_layout()
+        return self.buffer.pending_grads()
+
+    def step(self, group: dict, plan: tuple[list[bool] | None, list[tuple[int, Tensor]]], record: bool = False) -> None:
+        """One inner step of the parameters that have gradients; with ``record`` each also
+        writes its update into ``update`` (first-order MAML's last-step direction)."""
+        active, foreign = plan
+        b = self.buffer
+        b.adopt_grads(foreign)
+        state = {key: self.state_buffer(key) for key in inner.state_keys(self.inner_optimizer, group)}
+        update = self.update_buffer() if record else None
+        # Parameters are grouped by step count: SGD's first-step rule applies to those
+        # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
+        keys = self.steps if active is None else [s if a else None for s, a in zip(self.steps, active)]
+        for steps, seg in b.segments(keys):
+            part = slice(seg.start, seg.end)
+            inner.step_(
+                self.backend, self.inner_optimizer, group, b.data[part], b.grad[part],
+                {key: buf[part] for key, buf in state.items()},
+                lr=group["lr"], step=steps + 1, first_step=steps == 0,
+                update=None if update is None else update[part],
+            )  # fmt: skip
+        if record:
+            self.update_fresh = [True] * len(b.params) if active is None else list(active)
+        if self.inner_optimizer == "adam":
+            self._count_steps(active)
+        elif group["momentum"] != 0:
+            self._count_steps(active, cap=1)
+
+    def _count_steps(self, active: list[bool] | None, cap: int | None = None) -> None:
+        """Advance the step counts of the parameters that stepped (SGD only needs 0 or ``cap=1``)."""
+
+        def bump(s: int) -> int:
+            return s + 1 if cap is None else cap
+
+        if active is None:
+            steps = self.steps
+            # The common case, every count equal, costs one C-level pass.
+            self.steps = [bump(steps[0])] * len(steps) if steps.count(steps[0]) == len(steps) else list(map(bump, steps))
+        else:
+            self.steps = [bump(s) if a else s for s, a in zip(self.steps, active)]
+
+    # ------------------------------------------------------------------ outer loop
+
+    def capture_anchor(self, count_slot: bool) -> None:
+        """θ at the start of a meta-batch."""
+        self.ensure_meta_buffers(count_slot)
+        self.anchor.copy_(self.buffer.data)
+
+    def begin_task(self, reset: bool) -> tuple[dict[str, Tensor], list[int]]:
+        """Start a task (with ``reset``, from empty inner state); returns what :meth:`abort_task` restores."""
+        if reset:
+            self.reset_inner_state()
+        self.update_fresh = [False] * len(self.buffer.params)
+        return self.save_inner_state()
+
+    def abort_task(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
+        """A failed task leaves nothing behind: θ back to the anchor, the inner state as it was."""
+        self.buffer.data.copy_(self.anchor)
+        self.restore_inner_state(saved)
+
+    def end_task(self, fomaml: bool) -> None:
+        """Add the task's contribution to the task sum and restore θ."""
+        # First-order MAML: the task counts as if it had ended at anchor + last update.
+        update = self.last_updates() if fomaml else None
+        self.backend.task_end_(self.buffer.data, self.anchor, self.acc, update)
+
+    def meta_update(self, meta_lr: float, n: float) -> None:
+        """θ ← θ + meta_lr · (task sum / n − θ), and the task sum cleared."""
+        self.backend.meta_update_(self.buffer.data, self.anchor, self.acc, meta_lr, n)
+
+    def meta_gradient(self, n: float) -> None:
+        """Write θ − task sum / n into the gradient and clear the task sum."""
+        self.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
+        self.buffer.grad.copy_(self.anchor.to(self.acc.dtype) - self.acc / n)
+        self.acc.zero_()
+
+    # ------------------------------------------------------------------ per-parameter entries
+
+    def inner_entry(self, i: int) -> dict[str, Any]:
+        """Parameter ``i``'s inner state as torch keeps it (views into the flat state; ``step`` an int)."""
+        if not self.steps[i]:
+            return {}
+        entry: dict[str, Any] = {"step": self.steps[i]} if self.inner_optimizer == "adam" else {}
+        for key in inner.STATE_KEYS[self.inner_optimizer]:
+            if key in self.state:
+                entry[key] = self.buffer.view(self.state[key], i)
+        return entry
+
+    def saved_entry(self, i: int, meta_batch_open: bool) -> dict[str, Any]:
+        """Parameter ``i``'s state_dict entry: copies of its inner state and, while a
+        meta-batch is open, of its anchor and task sum."""
+        entry = {k: v if k == "step" else v.clone() for k, v in self.inner_entry(i).items()}
+        if meta_batch_open:
+            entry["anchor"] = self.buffer.view(self.anchor, i).clone()
+            entry["task_sum"] = self.buffer.view(self.acc, i).clone()
+        return entry
+
+    def clear_for_load(self, meta_batch_open: bool, count_slot: bool) -> None:
+        """Empty inner state and task sum, before :meth:`load_entry` fills them."""
+        self.reset_inner_state()
+        if meta_batch_open:
+            self.ensure_meta_buffers(count_slot)
+        if self.acc is not None:
+            self.acc.zero_()
+
+    def load_entry(self, i: int, entry: dict[str, Any]) -> None:
+        """Copy a checked state_dict entry into parameter ``i``'s slices."""
+        b = self.buffer
+        for key, value in entry.items():
+            if key == "step":
+                self.steps[i] = int(value)
+            elif key == "anchor":
+                b.view(self.anchor, i).copy_(value)
+            elif key == "task_sum":
+                b.view(self.acc, i).copy_(value)
+            else:
+                b.view(self.state_buffer(key), i).copy_(value)
+                if key == "momentum_buffer":
+                    self.steps[i] = 1
+
+
+class _StateView(MutableMapping):
+    """``ReptileOptimizer.state``: per-parameter views of the flat inner state."""
+
+    def __init__(self, flats: list[FlatState], inner_optimizer: str):
+        self._flats = flats
+        self._inner_optimizer = inner_optimizer
+
+    def _locate(self, p) -> tuple[FlatState, int]:
+        for f in self._flats:
+            for i, q in enumerate(f.buffer.params):
+                if q is p:
+                    return f, i
+        raise KeyError(p)
+
+    @staticmethod
+    def _entry(f: FlatState, i: int) -> dict[str, Any]:
+        entry = f.inner_entry(i)
+        if "step" in entry:  # torch keeps Adam's step as a float32 tensor
+            entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+        return entry
+
+    def __getitem__(self, p) -> dict[str, Any]:
+        if not isinstance(p, Tensor):
+            raise KeyError(p)
+        return self._entry(*self._locate(p))
+
+    def __setitem__(self, p, value: dict[str, Any]) -> None:
+        f, i = self._locate(p)
+        with torch.no_grad():
+            for key, v in value.items():
+                if key == "step":
+                    f.steps[i] = int(v.item() if isinstance(v, Tensor) else v)
+                elif key in inner.STATE_KEYS[self._inner_optimizer]:
+                    view = f.buffer.view(f.state_buffer(key), i)
+                    if v is not view:
+                        view.copy_(v)
+                    if key == "momentum_buffer":
+                        f.steps[i] = 1
+                else:
+                    raise KeyError(f"{key!r} is not a state entry of inner_optimizer={self._inner_optimizer!r}")
+
+    def __delitem__(self, p) -> None:
+        f, i = self._locate(p)
+        f.steps[i] = 0
+
+    def __iter__(self):
+        for f in self._flats:
+            for i, p in enumerate(f.buffer.params):
+                if f.steps[i]:
+                    yield p
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr({tuple(p.shape): self._entry(*self._locate(p)) for p in self})

@@ -78,9 +78,13 @@ def hyperparameters(inner_optimizer: str, given: Mapping[str, Any]) -> dict[str,
 
 
 def check_implementation_flags(flags: Mapping[str, Any]) -> None:
-    """torch.optim's implementation switches: one implementation runs here whatever they say
-    (the backend's fused kernel, with torch's for-loop arithmetic), so ``foreach``, ``fused``
-    and ``capturable`` are accepted and do nothing; ``differentiable=True`` is refused."""
+    """torch.optim's implementation switches.  One kernel per flat buffer runs whatever they
+    say; ``fused`` chooses which of torch's Adam arithmetics it reproduces (``True``:
+    ``torch.optim.Adam(fused=True)``'s, else the for-loop one, torch's default on the CPU),
+    ``foreach`` and ``capturable`` are accepted and do nothing, ``differentiable=True`` is
+    refused, and ``fused=True`` with ``foreach=True`` is refused as torch refuses it."""
+    if flags.get("fused") and flags.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if flags.get("differentiable"):
         raise ValueError(
             "differentiable=True is not supported: the inner steps run in fused kernels outside autograd, "
@@ -155,6 +159,8 @@ def step_(
     step: ScalarLike,
     first_step: bool,
     update: Tensor | None = None,
+    fused: bool = False,
+    spans: tuple[int, ...] | None = None,
 ) -> None:
     """One inner optimizer step over a flat buffer, in one backend call.
 
@@ -164,6 +170,9 @@ def step_(
     Adam uses ``step`` (the count after this step, for the bias corrections).
     ``update`` (opmath dtype) receives the step's own update, new minus old parameter,
     written in the same pass (first-order MAML's direction is the last one).
+    ``fused`` (Adam): ``torch.optim.Adam(fused=True)``'s arithmetic instead of the for-loop
+    one, with ``spans`` the ``(offset, numel)`` pairs of the tensors ``param`` packs
+    (see :func:`reptile_fused.reference.adam_step_`).  SGD has one arithmetic.
     """
     if inner_optimizer == "sgd":
         backend.sgd_step_(
@@ -177,4 +186,5 @@ def step_(
             param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), step, lr,
             beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
             amsgrad=h["amsgrad"], maximize=h["maximize"], update=update,
+            **({"fused": True, "spans": spans} if fused else {}),
         )  # fmt: skip

@@ -145,6 +145,8 @@ class ReptileOptimizer(Optimizer):
         inner.check_inner_optimizer(inner_optimizer)
         inner.check_algorithm(algorithm)
         inner.check_implementation_flags(dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable))
+        # Which torch.optim.Adam arithmetic the inner Adam matches (see the docstring).
+        self.fused = bool(fused)
         if reset_inner_state not in STATE_RESETS:
             raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {reset_inner_state!r}")
         self.inner_optimizer = inner_optimizer
@@ -236,7 +238,8 @@ class ReptileOptimizer(Optimizer):
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
         new = [
-            FlatState(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend, self.inner_optimizer)
+            FlatState(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend, self.inner_optimizer,
+                      self.fused)
             for dtype_params in by_dtype.values()
         ]
         self._flats.extend(new)
@@ -442,7 +445,7 @@ class ReptileOptimizer(Optimizer):
         config = dict(
             inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
             reset_inner_state=self.reset_inner_state, backend=self.backend,
-            memory_format=self.memory_format,
+            memory_format=self.memory_format, fused=self.fused,
         )  # fmt: skip
         groups = [dict(g) for g in self.param_groups]
         return (_rebuild, (type(self), groups, config, self.state_dict()))
@@ -450,6 +453,7 @@ class ReptileOptimizer(Optimizer):
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, algorithm={self.algorithm!r}, "
                  f"backends={self.backends}, reset_inner_state={self.reset_inner_state!r}, "
+                 + (f"fused={self.fused}, " if self.inner_optimizer == "adam" else "") +
                  f"tasks_in_meta_batch={self._meta.tasks_done})"]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")

@@ -422,7 +422,7 @@ def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), si
                 started = time.perf_counter()
                 new = run_case(timer, device, op, case, kw, P, count, DTYPES[dname], backends, providers, baseline)
                 rows += new
-                best = max((r for r in new if r["provider"] in backends and r["roofline_fraction"] != ""),
+                best = max((r for r in new if r["provider"] in (*backends, FUSED) and r["roofline_fraction"] != ""),
                            key=lambda r: float(r["roofline_fraction"]), default=None)  # fmt: skip
                 log(f"{op:21s} {case:24s} {dname:8s} P={P:<9d} {count:>3d}t  "
                     + (f"best {best['provider']} {float(best['roofline_fraction']):.0%} of triad  " if best else "")

@@ -127,7 +127,10 @@ def check_update(param: Tensor, update: Tensor | None, name: str = "update") -> 
     if update is None:
         return
     check_flat(update, like=param, dtype=opmath_dtype(param.dtype), name=name)
-    if update.data_ptr() == param.data_ptr() and update.numel():
+    # Data pointers cannot be traced (torch.compile(fullgraph=True)); as torch's own
+    # optimizers do, the check is left out while compiling (the compiled graph is traced
+    # from an eager-checked call's buffers; the kernels check it too).
+    if not torch.compiler.is_compiling() and update.data_ptr() == param.data_ptr() and update.numel():
         raise ValueError(f"{name} must be a buffer of its own, not the parameter buffer")
 
 

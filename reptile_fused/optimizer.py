@@ -188,6 +188,8 @@ class ReptileOptimizer(Optimizer):
         # CyclicLR) look for "momentum" or "betas" in the groups to decide what to cycle.
         defaults = {**inner.hyperparameters(inner_optimizer, given), "meta_lr": meta_lr}
         inner.check_hyperparameters(defaults, inner_optimizer)
+        if inner_optimizer == "adam":
+            inner.check_tensor_hyperparameters(defaults, foreach, capturable)
         super().__init__(params, defaults)
         if group is not None:
             self._sync = MetaBatchSync(group, bucket_elements)

@@ -168,6 +168,10 @@ def adam_step_(
             return [t[o : o + n] for o, n in pieces]
 
         if pieces:
+            if torch.compiler.is_compiling():
+                # A traced number in _fused_adam_'s float lr is specialised (one graph per
+                # value); its Tensor-lr overload reads the same double.
+                lr = torch.ones((), dtype=torch.float64, device=param.device) * lr
             torch._fused_adam_(
                 views(param), views(grad), views(exp_avg), views(exp_avg_sq),
                 views(max_exp_avg_sq) if amsgrad else [],
@@ -188,7 +192,12 @@ def adam_step_(
     m = m.lerp_(g, 1 - beta1) if m is exp_avg else m.lerp(g, 1 - beta1)
     v = _opmath(exp_avg_sq)
     v = v.mul_(beta2) if v is exp_avg_sq else v.mul(beta2)
-    v.addcmul_(g, g, value=1 - beta2)
+    # addcmul_ and addcdiv_ are called as the aten ops themselves: under torch.compile,
+    # dynamo rewrites Tensor.addcmul_(a, b, value=c) as fma(a * b, c, self) and
+    # Tensor.addcdiv_(a, b, value=c) as fma(a / b, c, self)
+    # (torch._dynamo.config.enable_dynamo_decompositions), which round differently from
+    # the kernels eager torch runs (fma(c * a, b, self), self + c * a / b).
+    torch.ops.aten.addcmul_.default(v, g, g, value=1 - beta2)
 
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -200,7 +209,7 @@ def adam_step_(
         denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
     else:
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    torch.ops.aten.addcdiv_.default(p, m, denom, value=-step_size)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, p)

@@ -210,13 +210,42 @@ def test_named_parameters_as_in_torch(backend):
     [
         (dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
         (dict(betas=(torch.tensor(0.9), 0.99)), "betas must be either both floats or both Tensors"),
-        (dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), "betas as Tensors are not supported"),
-        (dict(lr=torch.tensor(0.01)), "lr as a Tensor is not supported with inner_optimizer='adam'"),
+        (dict(lr=torch.tensor(0.01), foreach=True), "lr as a Tensor is not supported for capturable=False and foreach=True"),
     ],
 )
-def test_adam_scalars_torch_computes_in_tensor_precision_are_refused(kwargs, message):
+def test_adam_tensor_scalars_refused_where_torch_refuses_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        torch.optim.Adam([torch.zeros(2, requires_grad=True)], **kwargs)
     with pytest.raises(ValueError, match=message):
         ReptileOptimizer([torch.zeros(2, requires_grad=True)], inner_optimizer="adam", **kwargs)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adam_tensor_lr_and_betas(backend, dtype, tensor_dtype):
+    """Adam accepts a Tensor lr and Tensor betas, as torch does.  Their values are read (lr
+    by the kernel where it lives) and every coefficient is computed in float64 as for
+    Python floats.  That is torch's fused Adam's arithmetic (bit for bit with fused=True);
+    torch's for-loop Adam computes lr / (1 - beta1**t) and 1 - beta in the tensors' dtype
+    instead, so with fused=False the trajectory is torch's for-loop Adam given the same
+    values as floats (documented in the README)."""
+    lr, betas = torch.tensor(0.01, dtype=tensor_dtype), (torch.tensor(0.9, dtype=tensor_dtype), torch.tensor(0.99, dtype=tensor_dtype))
+
+    def tensors():
+        return dict(lr=lr.clone(), betas=tuple(b.clone() for b in betas))
+
+    floats = dict(lr=float(lr), betas=tuple(float(b) for b in betas))
+    for flags, torch_kwargs in ((dict(fused=True), tensors), (dict(fused=False), lambda: floats)):
+        ours_model, torch_model = model("mlp", dtype), model("mlp", dtype)
+        ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer="adam", backend=backend, **flags, **tensors())
+        theirs = torch.optim.Adam(torch_model.parameters(), **(flags if flags["fused"] else dict(foreach=False)),
+                                  **torch_kwargs())  # fmt: skip
+        data = inputs("mlp", dtype)
+        train(ours_model, ours, "mlp", data, set_to_none=False)
+        train(torch_model, theirs, "mlp", data, set_to_none=False)
+        for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+            assert torch.equal(a, b), flags
 
 
 def test_hyperparameters_of_the_other_inner_optimizer_are_refused():

@@ -7,12 +7,19 @@ STREAM triad, timed in the same rounds, as the roofline.
     python benchmarks/bench_ops.py --quick              # fewer repeats and sizes
     python benchmarks/bench_ops.py --ops task_end_ meta_update_ --dtypes bfloat16
     python benchmarks/bench_ops.py --fomaml             # first-order MAML's update buffer: its price
+    python benchmarks/bench_ops.py --optimizer          # whole Adam steps: ReptileOptimizer vs torch.optim.Adam
 
 Providers: ``reference``, ``cpp``, ``triton`` (the backends, on one flat buffer);
+``cpp-fused`` (``adam_step_(fused=True)``: torch's fused Adam arithmetic, one pass);
 ``torch-fused`` / ``torch-foreach`` / ``torch-forloop`` (``torch.optim`` over the
 parameter tensors); ``torch`` (``theta.lerp_(tasks.mean(0), eps)``); ``seed loop``
 (the sketch's per-parameter Python loop).  A provider that cannot run here gets one
 row with ``note = "not measured: <why>"``.
+
+``--optimizer`` times whole optimizer steps instead (rows ``benchmark=optimizer``):
+``ReptileOptimizer(inner_optimizer="adam", fused=...).step()`` on each backend against
+``torch.optim.Adam(fused=True / foreach=False).step()`` on the same parameter tensors,
+everything a user's step pays (gradient checks, grouping by step count) included.
 
 Writes rows of the harness schema into ``<out>/benchmarks.csv`` (rows of other runs
 stay), and ``<out>/ops_<tag>.png`` / ``.md`` for this run.  Timing, roofline and byte
@@ -48,18 +55,26 @@ def _rand(n, device, dtype=torch.float32):
     return torch.randn(n, device=device).to(dtype)
 
 
+def _sizes(total: int, count: int) -> list[int]:
+    return [total // count + (1 if i < total % count else 0) for i in range(count)]
+
+
 def _model(total: int, count: int, device: str, dtype):
     """``count`` parameters of about equal size summing to ``total`` elements, as views
     into one flat buffer (the layout ReptileOptimizer builds), with gradients."""
-    sizes = [total // count + (1 if i < total % count else 0) for i in range(count)]
     flat, flat_grad = _rand(total, device, dtype), _rand(total, device, dtype)
     params, start = [], 0
-    for s in sizes:
+    for s in _sizes(total, count):
         p = flat[start : start + s]
         p.grad = flat_grad[start : start + s]
         params.append(p)
         start += s
     return flat, flat_grad, params
+
+
+def _spans(flat, params) -> tuple[int, ...]:
+    """The (offset, numel) pairs of ``params`` in ``flat``: adam_step_(fused=True)'s ``spans``."""
+    return tuple(x for p in params for x in (p.storage_offset() - flat.storage_offset(), p.numel()))
 
 
 def _views(buf, flat, params):
@@ -99,6 +114,7 @@ def _optimizers(cls, params, **kw):
 
 
 NO_UPDATE = report.FOMAML_SUFFIX
+FUSED = report.FUSED_PROVIDER  # cpp's adam_step_(fused=True)
 
 
 def _with_and_without_update(backends, call, P, device, dtype):
@@ -138,6 +154,10 @@ def case_adam(backends, device, P, count, dtype, amsgrad, update=False):
         return v, baseline, dict(amsgrad=amsgrad, **kw)
     v = {name: (lambda be=be: be.adam_step_(flat, grad, m, s, vmax, 10, 1e-3, amsgrad=amsgrad))
          for name, be in backends.items()}  # fmt: skip
+    if "cpp" in backends:
+        spans = _spans(flat, params)
+        v[FUSED] = lambda: backends["cpp"].adam_step_(flat, grad, m, s, vmax, 10, 1e-3, amsgrad=amsgrad, fused=True,
+                                                     spans=spans)  # fmt: skip
     v.update(_optimizers(torch.optim.Adam, params, lr=1e-3, amsgrad=amsgrad))
     return v, "torch-fused", dict(amsgrad=amsgrad)
 
@@ -300,6 +320,70 @@ def kernel_launches(device: str) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------- whole optimizer steps
+
+
+def optimizer_variants(device, P, count, dtype, amsgrad, backends):
+    """Whole Adam steps on ``count`` parameter tensors of P elements in all (each variant
+    its own copy of the model): ReptileOptimizer per backend and arithmetic, and
+    torch.optim.Adam fused and for-loop.  Steps 10 onwards (the bias corrections of a
+    running optimizer; the first steps allocate state)."""
+    from reptile_fused import ReptileOptimizer
+
+    def params():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ps = []
+        for s in _sizes(P, count):
+            p = torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            p.grad = torch.randn(s, generator=gen).to(device=device, dtype=dtype)
+            ps.append(p)
+        return ps
+
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), amsgrad=amsgrad)
+    v = {}
+    for name in backends:
+        if name == "triton" and device == "cpu":
+            continue
+        for fused in (True, False):
+            opt = ReptileOptimizer(params(), inner_optimizer="adam", backend=name, fused=fused, **kw)
+            v[f"ReptileOptimizer {name}" + (" fused=True" if fused else "")] = opt.step
+    for name, flag in (("torch-fused", dict(fused=True)), ("torch-forloop", dict(foreach=False))):
+        v[name] = torch.optim.Adam(params(), **flag, **kw).step
+    for step in v.values():
+        for _ in range(9):
+            step()
+    return v
+
+
+def run_optimizer(device="cpu", rounds=None, sizes=None, count=200, dtype=torch.float32, log=print, providers=None):
+    """Rows of ``--optimizer``: each variant's step and the STREAM kernels in the same rounds,
+    ratios against torch-fused."""
+    rounds = rounds or (9 if device == "cpu" else 15)
+    timer = h.Timer(device, rounds, 0.02 if device == "cpu" else 0.005)
+    backends, _ = available(device, [n for n in BACKENDS if n != "reference"])
+    rows = []
+    for P in sizes or [10**6, 16 * 10**6]:
+        for amsgrad in (False, True):
+            started = time.perf_counter()
+            variants = optimizer_variants(device, P, count, dtype, amsgrad, backends)
+            if providers:
+                variants = {k: f for k, f in variants.items() if k in providers}
+            case = f"amsgrad={amsgrad}"
+            foot = h.footprint_bytes("adam_step_", P, dtype, amsgrad=amsgrad)
+            stats, bw = h.timed_with_roofline(timer, variants, foot, device)
+            new = [h.make_row(benchmark="optimizer", op="Adam step()", case=case, provider=name, device=device,
+                              dtype=dtype, numel=P, tensors=count, **s,
+                              bytes=h.bytes_moved("adam_step_", P, dtype, amsgrad=amsgrad),
+                              roofline_gbps=bw[h.TRIAD]) for name, s in stats.items()]  # fmt: skip
+            h.add_ratios(new, "torch-fused")
+            rows += new
+            best = next((r for r in new if r["provider"] == "ReptileOptimizer cpp fused=True"), None)
+            log(f"Adam step() {case:14s} P={P:<9d} {count}t  "
+                + (f"cpp fused=True {float(best['ratio_vs_baseline']):.2f}x torch-fused  " if best else "")
+                + f"({time.perf_counter() - started:.1f} s)")
+    return rows
+
+
 def available(device: str, names=BACKENDS) -> tuple[dict, dict]:
     """(backend modules that can run on ``device``, {name: why not} for the others)."""
     ok, missing = {}, {}
@@ -338,7 +422,7 @@ def run(device="cpu", quick=False, rounds=None, ops=OPS, dtypes=("float32",), si
                 started = time.perf_counter()
                 new = run_case(timer, device, op, case, kw, P, count, DTYPES[dname], backends, providers, baseline)
                 rows += new
-                best = max((r for r in new if r["provider"] in backends and r["roofline_fraction"] != ""),
+                best = max((r for r in new if r["provider"] in (*backends, FUSED) and r["roofline_fraction"] != ""),
                            key=lambda r: float(r["roofline_fraction"]), default=None)  # fmt: skip
                 log(f"{op:21s} {case:24s} {dname:8s} P={P:<9d} {count:>3d}t  "
                     + (f"best {best['provider']} {float(best['roofline_fraction']):.0%} of triad  " if best else "")
@@ -369,9 +453,15 @@ def main(argv=None) -> int:
                          "(sgd_step_, adam_step_, task_end_ with and without it, in the same rounds)")
     ap.add_argument("--baseline", default=None, help="provider every ratio compares against (default: per case, "
                     "the strongest PyTorch equivalent)")
+    ap.add_argument("--optimizer", action="store_true",
+                    help="instead of the sweep: whole Adam steps, ReptileOptimizer (each backend, fused=True and "
+                         "False) against torch.optim.Adam (fused and for-loop), 200 tensors (--counts), P = 1e6 "
+                         "and 1.6e7 (--sizes)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimizer:
+        return main_optimizer(args)
     reason = unavailable_reason("cpp", args.device)
     if reason is not None and (not args.providers or "cpp" in args.providers):
         print(f"the fused backend cannot run on {args.device}: {reason}", file=sys.stderr)
@@ -392,6 +482,27 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(text)
     plot.plot_ops(rows, stem.with_suffix(".png"), f"reptile_fused ops on {env['machine']}, "
                   f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip
+    print(text)
+    print(f"wrote {csv_path} and {stem}.{{md,png}}")
+    return 0
+
+
+def main_optimizer(args) -> int:
+    started = time.perf_counter()
+    env = h.environment(args.device)
+    print(f"bench_ops --optimizer on {env['machine']} ({args.device}), {torch.get_num_threads()} thread(s)", flush=True)
+    rows = run_optimizer(args.device, args.rounds, args.sizes, (args.counts or [200])[0], DTYPES[args.dtypes[0]],
+                         log=lambda s: print(s, flush=True), providers=args.providers)  # fmt: skip
+    env["wall_seconds"] = round(time.perf_counter() - started, 1)
+    env["load_average_at_end"] = h.environment()["load_average"]
+    tag = args.tag or (h.machine_tag(args.device) if args.device == "cuda"
+                       else f"{h.machine_tag()}-{torch.get_num_threads()}thread")  # fmt: skip
+    csv_path = h.write_csv(args.out / "benchmarks.csv", rows)
+    stem = args.out / f"optimizer_{tag}"
+    text = report.optimizer_markdown(rows, env)
+    stem.with_suffix(".md").write_text(text)
+    plot.plot_optimizer(rows, stem.with_suffix(".png"), f"Adam step(), 200 tensors, on {env['machine']}, "
+                        f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip
     print(text)
     print(f"wrote {csv_path} and {stem}.{{md,png}}")
     return 0

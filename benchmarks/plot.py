@@ -21,7 +21,8 @@ def _num(v) -> float | None:
 
 # One colour per provider in every chart.
 COLOURS = {"reference": "C0", "cpp": "C1", "triton": "C6", "torch": "C2", "torch-fused": "C2", "torch-foreach": "C3",
-           "torch-forloop": "C4", "seed loop": "C5"}  # fmt: skip
+           "torch-forloop": "C4", "seed loop": "C5", "cpp-fused": "C9", "ReptileOptimizer cpp fused=True": "C9",
+           "ReptileOptimizer cpp": "C1"}  # fmt: skip
 
 
 def _label(key: tuple, names: tuple) -> str:
@@ -101,6 +102,14 @@ def plot_ops(rows, path, title) -> Path:
     ops = [r for r in rows if r["benchmark"] == "ops" and r.get("median_s") not in ("", None)]
     return panels(ops, path, ("op", "case", "tensors", "dtype"), "gbps", "GB/s (bytes moved / median)", title,
                   roofline=True)  # fmt: skip
+
+
+def plot_optimizer(rows, path, title) -> Path:
+    """``bench_ops --optimizer``: achieved GB/s of whole Adam steps per variant against P,
+    with the STREAM-triad roofline of the same rounds; one panel per case."""
+    sub = [r for r in rows if r["benchmark"] == "optimizer" and r.get("median_s") not in ("", None)]
+    return panels(sub, path, ("case", "tensors", "dtype"), "gbps", "GB/s (bytes moved / median)", title,
+                  roofline=True, ncols=2)  # fmt: skip
 
 
 def _ratio_note(r) -> str:

@@ -78,8 +78,12 @@ def _find(rows, **kv):
 # --------------------------------------------------------------------- ops
 
 
+FUSED_PROVIDER = "cpp-fused"  # bench_ops: cpp's adam_step_(fused=True), torch's fused Adam arithmetic
+
+
 def ops_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
-    """One line per (op, case, dtype): the largest P, the largest tensor count."""
+    """One line per (op, case, dtype): the largest P, the largest tensor count; Adam also
+    with ``fused=True`` (provider cpp-fused) when measured."""
     ops = [r for r in rows if r["benchmark"] == "ops" and r["device"] == device and r["median_s"] != ""
            and (threads is None or str(r["threads"]) == str(threads))]  # fmt: skip
     keys = list(dict.fromkeys((r["op"], r["case"], r["dtype"]) for r in ops))
@@ -89,28 +93,34 @@ def ops_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
         P = max(int(r["numel"]) for r in sub)
         t = max(int(r["tensors"]) for r in sub if int(r["numel"]) == P)
         at = dict(op=op, case=case, dtype=dtype, numel=P, tensors=t)
-        mine = _find(sub, provider=provider, **at)
-        if mine is None:
-            continue
-        base = _find(sub, provider=mine["baseline_provider"], **at) if mine["baseline_provider"] else None
-        ref = _find(sub, provider="reference", **at)
-        seed = _find(sub, provider=SEED.get(op, ""), **at) if SEED.get(op) != "reference" else None
-        axpy = _find(rows, benchmark="roofline", op=h.AXPY, device=device, threads=mine["threads"],
-                     case=", ".join(x for x in (op, case, dtype) if x), numel=P, tensors=t)  # fmt: skip
-        lines.append([
-            f"`{op}`" + (f" {case}" if case else ""), dtype, _p(P), t,
-            _ms(mine["median_s"]),
-            f"{_ms(base['median_s'])} ({mine['baseline_provider']})" if base else "—",
-            _x(mine["ratio_vs_baseline"]),
-            _ms(ref["median_s"]) if ref else "—",
-            f"{_ms(seed['median_s'])} ({seed['provider']})" if seed else "—",
-            f"{int(mine['bytes']) / P:g}·P", f"{float(mine['gbps']):.1f}", f"{float(mine['roofline_gbps']):.1f}",
-            _pct(mine["roofline_fraction"]),
-            _pct(float(mine["gbps"]) / float(axpy["gbps"])) if axpy else "—",
-        ])  # fmt: skip
+        for name in (provider, FUSED_PROVIDER) if provider == "cpp" else (provider,):
+            mine = _find(sub, provider=name, **at)
+            if mine is not None:
+                lines.append(_ops_line(rows, sub, mine, op, case, dtype, P, t, device))
     return _table(["op, case", "dtype", "P", "tensors", f"{provider} ms", "baseline ms", f"{provider} vs baseline",
                    "reference ms", "per-parameter loop ms", "bytes moved", f"{provider} GB/s",
                    "triad GB/s", "roofline fraction", "vs in-place axpy"], lines)  # fmt: skip
+
+
+def _ops_line(rows, sub, mine, op, case, dtype, P, t, device) -> list:
+    at = dict(op=op, case=case, dtype=dtype, numel=P, tensors=t)
+    base = _find(sub, provider=mine["baseline_provider"], **at) if mine["baseline_provider"] else None
+    ref = _find(sub, provider="reference", **at)
+    seed = _find(sub, provider=SEED.get(op, ""), **at) if SEED.get(op) != "reference" else None
+    axpy = _find(rows, benchmark="roofline", op=h.AXPY, device=device, threads=mine["threads"],
+                 case=", ".join(x for x in (op, case, dtype) if x), numel=P, tensors=t)  # fmt: skip
+    fused = " fused=True" if mine["provider"] == FUSED_PROVIDER else ""
+    return [
+        f"`{op}`" + (f" {case}" if case else "") + fused, dtype, _p(P), t,
+        _ms(mine["median_s"]),
+        f"{_ms(base['median_s'])} ({mine['baseline_provider']})" if base else "—",
+        _x(mine["ratio_vs_baseline"]),
+        _ms(ref["median_s"]) if ref else "—",
+        f"{_ms(seed['median_s'])} ({seed['provider']})" if seed else "—",
+        f"{int(mine['bytes']) / P:g}·P", f"{float(mine['gbps']):.1f}", f"{float(mine['roofline_gbps']):.1f}",
+        _pct(mine["roofline_fraction"]),
+        _pct(float(mine["gbps"]) / float(axpy["gbps"])) if axpy else "—",
+    ]  # fmt: skip
 
 
 def fraction_table(rows, device="cpu", threads=None, provider="cpp") -> list[str]:
@@ -169,6 +179,7 @@ def targets(rows, device="cpu", threads=None) -> list[str]:
         lines.append([f"same: ≥ 80% of the triad roofline for {int(r['bytes']) // int(r['numel'])}·P bytes",
                       f"{_pct(r['roofline_fraction'])} ({float(r['gbps']):.1f} vs {float(r['roofline_gbps']):.1f} GB/s)",
                       "yes" if float(r["roofline_fraction"]) >= 0.8 else "NO"])  # fmt: skip
+    lines += adam_targets(ops, "ops", FUSED_PROVIDER)
     for r in sorted((r for r in ops if r["op"] == "sgd_step_" and r["provider"] == "cpp" and int(r["tensors"]) >= 200),
                     key=lambda r: int(r["numel"])):  # fmt: skip
         base = _find(ops, op=r["op"], case=r["case"], numel=r["numel"], tensors=r["tensors"], provider="torch-fused")
@@ -176,6 +187,60 @@ def targets(rows, device="cpu", threads=None) -> list[str]:
                       f"{_x(r['ratio_vs_baseline'])} ({_ms(r['median_s'])} vs {_ms(base['median_s']) if base else '—'} ms)",
                       "yes" if (_f(r["ratio_vs_baseline"]) or 0) >= 1.5 else "NO"])  # fmt: skip
     return _table(["target", "measured", "met"], lines)
+
+
+# Issue 22: Adam with torch's fused arithmetic, 200 tensors, one thread: at least these
+# multiples of torch.optim.Adam(fused=True), and 90% of the triad roofline.
+ADAM_TARGETS = {16 * 10**6: 1.0, 10**6: 1.2}
+ADAM_ROOFLINE_TARGET = 0.9
+
+
+def adam_targets(rows, benchmark, provider) -> list[list[str]]:
+    """Target lines for ``provider`` (cpp-fused in the op sweep, ``ReptileOptimizer cpp
+    fused=True`` in --optimizer) against torch-fused on 200 tensors, amsgrad off and on."""
+    lines = []
+    for r in sorted((r for r in rows if r["benchmark"] == benchmark and r["provider"] == provider
+                     and int(r["tensors"]) >= 200 and int(r["numel"]) in ADAM_TARGETS and r["median_s"] != ""),
+                    key=lambda r: (r["case"], int(r["numel"]))):  # fmt: skip
+        base = _find(rows, benchmark=benchmark, op=r["op"], case=r["case"], numel=r["numel"], tensors=r["tensors"],
+                     provider="torch-fused")  # fmt: skip
+        want = ADAM_TARGETS[int(r["numel"])]
+        what = f"`{r['op']}`" if benchmark == "ops" else f"`{provider}` {r['op']}"
+        lines.append([f"{what} fused=True {r['case']}, {r['tensors']} tensors, P = {_p(r['numel'])}: "
+                      f"≥ {want:g}× torch-fused",
+                      f"{_x(r['ratio_vs_baseline'])} ({_ms(r['median_s'])} vs {_ms(base['median_s']) if base else '—'} ms)",
+                      "yes" if (_f(r["ratio_vs_baseline"]) or 0) >= want else "NO"])  # fmt: skip
+        lines.append([f"same: ≥ {ADAM_ROOFLINE_TARGET:.0%} of the triad roofline for "
+                      f"{int(r['bytes']) // int(r['numel'])}·P bytes",
+                      f"{_pct(r['roofline_fraction'])} ({float(r['gbps']):.1f} vs {float(r['roofline_gbps']):.1f} GB/s)",
+                      "yes" if float(r["roofline_fraction"]) >= ADAM_ROOFLINE_TARGET else "NO"])  # fmt: skip
+    return lines
+
+
+OPTIMIZER_FUSED = "ReptileOptimizer cpp fused=True"
+
+
+def optimizer_table(rows, device="cpu") -> list[str]:
+    """``bench_ops --optimizer``: every variant's whole Adam step, per case and P."""
+    sub = [r for r in rows if r["benchmark"] == "optimizer" and r["device"] == device and r["median_s"] != ""]
+    lines = []
+    for r in sorted(sub, key=lambda r: (r["case"], int(r["numel"]), float(r["median_s"]))):
+        lines.append([r["case"], _p(r["numel"]), r["tensors"], r["threads"], r["provider"], _ms(r["median_s"]),
+                      _x(r["ratio_vs_baseline"]), f"{float(r['gbps']):.1f}", f"{float(r['roofline_gbps']):.1f}",
+                      _pct(r["roofline_fraction"])])  # fmt: skip
+    return _table(["case", "P", "tensors", "threads", "step", "ms", "vs torch-fused", "GB/s", "triad GB/s",
+                   "roofline fraction"], lines)  # fmt: skip
+
+
+def optimizer_markdown(rows, env) -> str:
+    """The .md written beside one ``bench_ops.py --optimizer`` run."""
+    dev = next((r["device"] for r in rows if r["benchmark"] == "optimizer"), "cpu")
+    lines = [f"# Whole Adam steps: {env['machine']} ({env['date']})", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", SHARED, "", "## Targets (issue 22)", ""]
+    lines += _table(["target", "measured", "met"], adam_targets(rows, "optimizer", OPTIMIZER_FUSED))
+    lines += ["", "## Every variant, same rounds", ""] + optimizer_table(rows, dev)
+    return "\n".join(lines) + "\n"
 
 
 def ops_markdown(rows, env) -> str:
@@ -270,14 +335,51 @@ def _meta(rows, benchmark):
     return sub[0]["machine"], max(r["date"] for r in sub), sub[0]["torch"]
 
 
+def _dtype_key(r) -> str:
+    # A STREAM row's dtype is float32 whatever the op's; its case names the op's dtype last.
+    return r["case"].rsplit(", ", 1)[-1] if r["benchmark"] == "roofline" else r["dtype"]
+
+
+def latest(rows) -> list[dict]:
+    """Per (benchmark, device, threads, dtype), only the rows of the machine measured last.
+    The CSV keeps every machine's runs; a table compares measurements of one machine."""
+    newest: dict[tuple, tuple[str, str]] = {}
+
+    def key(r):
+        return r["benchmark"], r["device"], r["threads"], _dtype_key(r)
+
+    for r in rows:
+        k = key(r)
+        if k not in newest or r["date"] > newest[k][0]:
+            newest[k] = (r["date"], r["machine"])
+    return [r for r in rows if r["machine"] == newest[key(r)][1]]
+
+
+def machines(rows, benchmark, device, threads=None) -> str:
+    """Which machine (and date, torch) each dtype's rows of a table come from, in words."""
+    seen: dict[tuple, set] = {}
+    for r in rows:
+        if r["benchmark"] == benchmark and r["device"] == device and r["dtype"] and (
+            threads is None or r["threads"] == threads
+        ):
+            seen.setdefault((r["machine"], r["torch"]), set()).add((r["dtype"], r["date"]))
+    parts = []
+    for (machine, torch_version), items in seen.items():
+        dtypes = ", ".join(sorted({d for d, _ in items}))
+        dates = "/".join(sorted({d for _, d in items}))
+        parts.append(f"{dtypes} on {machine}, torch {torch_version}, {dates}")
+    return "; ".join(parts)
+
+
 def page_section(rows) -> str:
+    rows = latest(rows)
     out = [BEGIN, ""]
     info = _meta(rows, "ops")
     if info:
-        machine, date, torch_version = info
         threads = sorted({r["threads"] for r in rows if r["benchmark"] == "ops" and r["device"] == "cpu"})
-        out += [f"**Fused ops on the CPU** (`benchmarks/bench_ops.py`; {machine}, torch {torch_version}, "
-                f"{date}; threads: {', '.join(threads)}). {SHARED} Bytes are what each op must read plus write "
+        out += [f"**Fused ops on the CPU** (`benchmarks/bench_ops.py`; threads: {', '.join(threads)}; each table "
+                f"names its machine: the CSV keeps every machine's runs, a table shows the newest machine's). "
+                f"{SHARED} Bytes are what each op must read plus write "
                 "(`benchmarks/harness.py: bytes_moved`; `batched_meta_update_` with write-back moves (2n+2)·4·P), "
                 "and the roofline is a STREAM triad `a = b + s·c` into a preallocated output over the same "
                 "footprint, timed in the same rounds; the roofline fraction is (bytes / median) / triad GB/s. "
@@ -290,7 +392,8 @@ def page_section(rows) -> str:
         for t in threads:
             n_rounds = sorted({int(r["rounds"]) for r in rows if r["benchmark"] == "ops" and r["device"] == "cpu"
                                and r["threads"] == t and r["rounds"]})  # fmt: skip
-            out += [f"*{t} thread(s)*, medians of {'/'.join(map(str, n_rounds))} interleaved rounds"
+            out += [f"*{t} thread(s)* ({machines(rows, 'ops', 'cpu', t)}), medians of "
+                    f"{'/'.join(map(str, n_rounds))} interleaved rounds"
                     + ("" if t == "1" else ": a parallel region waits for its slowest thread, and on this loaded "
                        "machine that thread is often descheduled, so these numbers are dominated by scheduling "
                        "noise; the 1-thread tables are the stable measurement") + ".", ""]  # fmt: skip
@@ -303,6 +406,16 @@ def page_section(rows) -> str:
         nm = not_measured(rows, "ops", "cpu")
         if nm:
             out += ["Not measured on the CPU: " + "; ".join(nm) + ".", ""]
+    opt_rows = [r for r in rows if r["benchmark"] == "optimizer" and r["device"] == "cpu" and r["median_s"] != ""]
+    if opt_rows:
+        out += [f"**Whole Adam steps on the CPU** (`benchmarks/bench_ops.py --optimizer`; {opt_rows[0]['machine']}, "
+                f"{max(r['date'] for r in opt_rows)}): `ReptileOptimizer(inner_optimizer=\"adam\", fused=...).step()` "
+                "against `torch.optim.Adam(fused=True / foreach=False).step()` on the same 200 parameter tensors, "
+                "everything a step pays included; `fused=True` reproduces `torch.optim.Adam(fused=True)` bit for "
+                "bit, the default reproduces the for-loop Adam. Bytes and roofline as above.", ""]
+        out += ["Targets:", ""] + _table(["target", "measured", "met"],
+                                         adam_targets(rows, "optimizer", OPTIMIZER_FUSED)) + [""]  # fmt: skip
+        out += optimizer_table(rows, "cpu") + [""]
     gpu = [r for r in rows if r["device"] == "cuda" and r["benchmark"] == "ops" and r["median_s"] != ""]
     if gpu:
         launches = {r["op"]: r["value"] for r in rows if r["metric"] == "cuda_kernel_launches"}

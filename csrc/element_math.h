@@ -95,10 +95,12 @@ struct AdamCoef {
   bool has_weight_decay, amsgrad, maximize;
 };
 
+// lerp_low is decided on the rounded weight, as torch's lerp kernels decide it on their opmath scalar.
 template <typename V, typename S>
 RF_HD inline AdamCoef<V> cast_coef(const AdamCoef<double>& c) {
   return {V(S(c.one_minus_beta1)), V(S(c.beta2)), V(S(c.one_minus_beta2)), V(S(c.eps)), V(S(c.weight_decay)),
-          V(S(c.step_size)), V(S(c.bias_correction2_sqrt)), c.lerp_low, c.has_weight_decay, c.amsgrad, c.maximize};
+          V(S(c.step_size)), V(S(c.bias_correction2_sqrt)), ::fabs(double(S(c.one_minus_beta1))) < 0.5,
+          c.has_weight_decay, c.amsgrad, c.maximize};
 }
 
 // All Adam coefficients from the op's arguments, in double as the reference computes
@@ -152,6 +154,32 @@ RF_HD inline void adam_element(V& p, V g, V& m, V& v, V& vmax, const AdamCoef<V>
   adam_param(p, m, Math<V>::sqrt(second), c);
 }
 
+// torch.optim.Adam(fused=True) on the CPU (aten/src/ATen/native/cpu/FusedAdamKernel.cpp)
+// runs adam_element above on whole at::vec vectors, with a correctly rounded square
+// root, and each tensor's last numel % W elements (W: the elements of one vector) in a
+// scalar loop that the compiler contracts differently: the second moment there is
+// fma(v, beta2, ((1 - beta2) * g) * g), not fma((1 - beta2) * g, g, v * beta2), and
+// amsgrad's max is std::max (which keeps the old maximum when v is NaN).  Measured
+// against torch 2.14's AVX2 build for float32 and float64 (tests/optimizer/test_torch_conformance.py).
+template <typename V>
+RF_HD inline V adam_moments_fused_tail(V p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
+  if (c.maximize) g = Math<V>::neg(g);
+  if (c.has_weight_decay) g = Math<V>::fma(p, c.weight_decay, g);
+  m = lerp_element(m, g, c.one_minus_beta1, c.lerp_low, one);
+  v = Math<V>::fma(v, c.beta2, c.one_minus_beta2 * g * g);
+  if (c.amsgrad) {
+    vmax = (vmax < v) ? v : vmax;
+    return vmax;
+  }
+  return v;
+}
+
+template <typename V>
+RF_HD inline void adam_element_fused_tail(V& p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c, V one) {
+  const V second = adam_moments_fused_tail(p, g, m, v, vmax, c, one);
+  adam_param(p, m, Math<V>::sqrt(second), c);
+}
+
 // ---------------------------------------------------------------- Reptile
 // End of a task: the accumulator (opmath) gains the adapted weights; the caller
 // stores the anchor back into the parameter.
@@ -161,10 +189,14 @@ RF_HD inline void task_end_element(V& acc, V p) {
 }
 
 // anchor + meta_lr * (total / n - anchor): the meta step for meta_update_ (total
-// is the task accumulator) and batched_meta_update_ (total is the row sum).
+// is the task accumulator) and batched_meta_update_ (total is the row sum).  The
+// last multiply-add is one fused multiply-add, written out so that no compiler's
+// contraction choice decides it; the reference computes the same with
+// torch.add(anchor, total / n - anchor, alpha=meta_lr), which torch's CPU and CUDA
+// kernels compute as that fused multiply-add.
 template <typename V>
 RF_HD inline V meta_element(V anchor, V total, V meta_lr, V n) {
-  return anchor + meta_lr * (total / n - anchor);
+  return Math<V>::fma(meta_lr, total / n - anchor, anchor);
 }
 
 }  // namespace reptile_fused

@@ -26,6 +26,8 @@ PyObject* PyInit__C(void) {
 // optional one-element tensor that, when given, replaces it (read on the device).  First-order MAML: the step ops may also write
 // their own update (param after - param before) into `update`, and task_end_ /
 // batched_meta_update_ may count a task as anchor + update instead of reading it.
+// adam_step_'s `fused` selects torch.optim.Adam(fused=True)'s CPU arithmetic, for which
+// `spans` ((offset, numel) pairs) names the tensors the flat buffer packs.
 TORCH_LIBRARY(reptile_fused, m) {
   m.def(
       "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, float lr, Tensor? lr_tensor, "
@@ -35,7 +37,7 @@ TORCH_LIBRARY(reptile_fused, m) {
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "Tensor(e!)? update) -> ()");
+      "Tensor(e!)? update, bool fused, int[]? spans) -> ()");
   m.def("task_end_(Tensor(a!) param, Tensor anchor, Tensor(b!) acc, Tensor? update) -> ()");
   m.def(
       "meta_update_(Tensor(a!) param, Tensor anchor, Tensor(b!) acc, float meta_lr, Tensor? meta_lr_tensor, "

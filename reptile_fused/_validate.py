@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -125,7 +127,10 @@ def check_update(param: Tensor, update: Tensor | None, name: str = "update") -> 
     if update is None:
         return
     check_flat(update, like=param, dtype=opmath_dtype(param.dtype), name=name)
-    if update.data_ptr() == param.data_ptr() and update.numel():
+    # Data pointers cannot be traced (torch.compile(fullgraph=True)); as torch's own
+    # optimizers do, the check is left out while compiling (the compiled graph is traced
+    # from an eager-checked call's buffers; the kernels check it too).
+    if not torch.compiler.is_compiling() and update.data_ptr() == param.data_ptr() and update.numel():
         raise ValueError(f"{name} must be a buffer of its own, not the parameter buffer")
 
 
@@ -150,10 +155,12 @@ def check_adam_step(
     lr: ScalarLike,
     amsgrad: bool,
     update: Tensor | None = None,
+    spans: Sequence[int] | None = None,
 ) -> None:
     """Also ``step >= 1`` where the step can be read without a device synchronisation."""
     check_flat(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
     check_update(param, update)
+    check_spans(spans, param.numel())
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("adam_step_: amsgrad=True needs max_exp_avg_sq")
     check_scalar_tensor(step, "step", param.device)
@@ -161,6 +168,39 @@ def check_adam_step(
     value = host_value(step)
     if value is not None and value < 1:
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {value}")
+
+
+# Tuples of spans already checked, by id (each kept alive here, so an id is not reused
+# while its entry stands): an optimizer passes the same tuple every step.
+_CHECKED_SPANS: dict[int, tuple[tuple, int]] = {}
+
+
+def check_spans(spans: Sequence[int] | None, numel: int) -> None:
+    """Adam's ``spans``: ``(offset, numel)`` pairs, flattened, of the tensors a flat buffer
+    packs, in buffer order, not overlapping, inside the buffer."""
+    if spans is None:
+        return
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        seen = _CHECKED_SPANS.get(id(spans))
+        if seen is not None and seen[0] is spans and seen[1] == numel:
+            return
+    if not isinstance(spans, (list, tuple)) or not all(type(x) is int for x in spans):
+        raise TypeError("spans must be a list or tuple of ints: (offset, numel) pairs, flattened")
+    if len(spans) % 2:
+        raise ValueError(f"spans must hold (offset, numel) pairs, got {len(spans)} values")
+    end = 0
+    for offset, n in zip(spans[0::2], spans[1::2]):
+        if offset < end or n < 0 or offset + n > numel:
+            raise ValueError(
+                f"spans must be (offset, numel) pairs of tensors in buffer order, inside the buffer of {numel} "
+                f"elements; got ({offset}, {n}) after a tensor ending at {end}"
+            )
+        end = offset + n
+    if isinstance(spans, tuple) and not compiling:
+        if len(_CHECKED_SPANS) >= 1024:
+            _CHECKED_SPANS.clear()
+        _CHECKED_SPANS[id(spans)] = (spans, numel)
 
 
 def check_task_end(param: Tensor, anchor: Tensor, acc: Tensor, update: Tensor | None = None) -> None:

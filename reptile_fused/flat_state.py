@@ -21,11 +21,16 @@ class FlatState:
     backend, and never the optimizer.
     """
 
-    def __init__(self, buffer: FlatBuffer, group_index: int, backend: str, inner_optimizer: str):
+    def __init__(self, buffer: FlatBuffer, group_index: int, backend: str, inner_optimizer: str,
+                 fused: bool = False):  # fmt: skip
         self.buffer = buffer
         self.group_index = group_index
         self.backend = get_backend(backend, buffer.device)
         self.inner_optimizer = inner_optimizer
+        # Adam with torch.optim.Adam(fused=True)'s arithmetic, which treats each tensor's
+        # tail apart: each segment's tensors as (offset, numel) pairs, made once per segment.
+        self.fused = fused and inner_optimizer == "adam"
+        self._spans: dict[tuple[int, int], tuple[int, ...]] = {}
         self.state: dict[str, Tensor] = {}
         # Per parameter: SGD -> whether its momentum buffer holds anything yet;
         # Adam -> its step count.  Plain ints keep state_dict exact and cheap.
@@ -106,6 +111,7 @@ class FlatState:
                 {key: buf[part] for key, buf in state.items()},
                 lr=group["lr"], step=steps + 1, first_step=steps == 0,
                 update=None if update is None else update[part],
+                fused=self.fused, spans=self.spans(seg) if self.fused else None,
             )  # fmt: skip
         if record:
             self.update_fresh = [True] * len(b.params) if active is None else list(active)
@@ -113,6 +119,16 @@ class FlatState:
             self._count_steps(active)
         elif group["momentum"] != 0:
             self._count_steps(active, cap=1)
+
+    def spans(self, seg) -> tuple[int, ...]:
+        """The (offset, numel) pairs, flattened, of the parameters of segment ``seg``, relative to its start."""
+        key = (seg.first, seg.last)
+        spans = self._spans.get(key)
+        if spans is None:
+            b = self.buffer
+            spans = tuple(x for i in range(seg.first, seg.last + 1) for x in (b.offsets[i] - seg.start, b.numels[i]))
+            self._spans[key] = spans
+        return spans
 
     def _count_steps(self, active: list[bool] | None, cap: int | None = None) -> None:
         """Advance the step counts of the parameters that stepped (SGD only needs 0 or ``cap=1``)."""

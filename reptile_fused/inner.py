@@ -21,7 +21,8 @@ from ._validate import ScalarLike
 
 __all__ = [
     "ALGORITHMS", "check_algorithm", "INNER_OPTIMIZERS", "HYPERPARAMETERS", "DEFAULTS", "STATE_KEYS", "check_inner_optimizer", "hyperparameters",
-    "check_hyperparameters", "check_implementation_flags", "state_keys", "step_",
+    "check_hyperparameters", "check_implementation_flags", "state_keys", "step_", "adam_betas",
+    "check_tensor_hyperparameters",
 ]  # fmt: skip
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -78,9 +79,13 @@ def hyperparameters(inner_optimizer: str, given: Mapping[str, Any]) -> dict[str,
 
 
 def check_implementation_flags(flags: Mapping[str, Any]) -> None:
-    """torch.optim's implementation switches: one implementation runs here whatever they say
-    (the backend's fused kernel, with torch's for-loop arithmetic), so ``foreach``, ``fused``
-    and ``capturable`` are accepted and do nothing; ``differentiable=True`` is refused."""
+    """torch.optim's implementation switches.  One kernel per flat buffer runs whatever they
+    say; ``fused`` chooses which of torch's Adam arithmetics it reproduces (``True``:
+    ``torch.optim.Adam(fused=True)``'s, else the for-loop one, torch's default on the CPU),
+    ``foreach`` and ``capturable`` are accepted and do nothing, ``differentiable=True`` is
+    refused, and ``fused=True`` with ``foreach=True`` is refused as torch refuses it."""
+    if flags.get("fused") and flags.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if flags.get("differentiable"):
         raise ValueError(
             "differentiable=True is not supported: the inner steps run in fused kernels outside autograd, "
@@ -133,20 +138,30 @@ def check_hyperparameters(h: Mapping[str, Any], inner_optimizer: str | None = No
             raise ValueError(f"invalid betas: {betas} (two values, each in [0, 1))")
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
-        if isinstance(betas[0], Tensor):
-            raise ValueError(
-                "betas as Tensors are not supported: torch.optim.Adam computes its bias corrections in the "
-                "tensors' precision, the kernels here in float64 from Python floats, so the trajectories would "
-                "differ; pass floats"
-            )
+        for i, b in enumerate(betas):
+            if isinstance(b, Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
         if not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
-    if inner_optimizer == "adam" and isinstance(h.get("lr"), Tensor):
-        raise ValueError(
-            "lr as a Tensor is not supported with inner_optimizer='adam': torch.optim.Adam computes "
-            "lr / bias_correction1 in the tensor's precision, the kernels here in float64 from a Python float, "
-            "so the trajectories would differ; pass a float (inner SGD accepts a Tensor lr)"
-        )
+
+
+def check_tensor_hyperparameters(h: Mapping[str, Any], foreach: bool | None, capturable: bool | None) -> None:
+    """Adam's Tensor ``lr`` and ``betas`` are refused where torch.optim.Adam refuses them:
+    with ``foreach=True`` and ``capturable`` off (its foreach kernels take numbers there)."""
+    if not foreach or capturable:
+        return
+    if isinstance(h.get("lr"), Tensor):
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    for i, b in enumerate(h.get("betas", ())):
+        if isinstance(b, Tensor):
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def adam_betas(h: Mapping[str, Any]) -> tuple[float, float]:
+    """Adam's betas as Python floats.  Tensor betas are read on the host at every step (torch's
+    fused Adam reads them the same way; under ``torch.compile`` the read is a graph break, so
+    keep betas floats there: a Tensor ``lr`` is what lets a schedule run without recompiling)."""
+    return tuple(float(b) if isinstance(b, Tensor) else b for b in h["betas"])
 
 
 def state_keys(inner_optimizer: str, h: Mapping[str, Any]) -> tuple[str, ...]:
@@ -168,6 +183,8 @@ def step_(
     step: ScalarLike,
     first_step: bool,
     update: Tensor | None = None,
+    fused: bool = False,
+    spans: tuple[int, ...] | None = None,
 ) -> None:
     """One inner optimizer step over a flat buffer, in one backend call.
 
@@ -177,6 +194,9 @@ def step_(
     Adam uses ``step`` (the count after this step, for the bias corrections).
     ``update`` (opmath dtype) receives the step's own update, new minus old parameter,
     written in the same pass (first-order MAML's direction is the last one).
+    ``fused`` (Adam): ``torch.optim.Adam(fused=True)``'s arithmetic instead of the for-loop
+    one, with ``spans`` the ``(offset, numel)`` pairs of the tensors ``param`` packs
+    (see :func:`reptile_fused.reference.adam_step_`).  SGD has one arithmetic.
     """
     if inner_optimizer == "sgd":
         backend.sgd_step_(
@@ -185,9 +205,10 @@ def step_(
             nesterov=h["nesterov"], maximize=h["maximize"], first_step=first_step, update=update,
         )  # fmt: skip
     else:
-        beta1, beta2 = h["betas"]
+        beta1, beta2 = adam_betas(h)
         backend.adam_step_(
             param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), step, lr,
             beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
             amsgrad=h["amsgrad"], maximize=h["maximize"], update=update,
+            **({"fused": True, "spans": spans} if fused else {}),
         )  # fmt: skip

@@ -5,7 +5,11 @@ All ops work in place on contiguous 1-D flat buffers (``[n, P]`` for the batched
 Numerics contract, shared by every backend:
 
 * float32 and float64 buffers are updated with exactly the arithmetic of
-  ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``).
+  ``torch.optim.SGD`` / ``torch.optim.Adam`` (``foreach=False``); ``adam_step_(fused=True)``
+  with that of ``torch.optim.Adam(fused=True)`` (see :func:`adam_step_`).
+* The meta step is ``anchor + meta_lr * (acc / n - anchor)`` with the last
+  multiply-add fused (``torch.add(anchor, d, alpha=meta_lr)``, one rounding), as
+  every kernel computes it.
 * float16 and bfloat16 buffers are read once and converted to float32 ("opmath"),
   every intermediate stays float32, and each output is rounded to its storage dtype
   once, on store.  In particular the parameter update uses the float32 momentum /
@@ -20,6 +24,8 @@ read them on the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -136,19 +142,55 @@ def adam_step_(
     amsgrad: bool = False,
     maximize: bool = False,
     update: Tensor | None = None,
+    fused: bool = False,
+    spans: Sequence[int] | None = None,
 ) -> None:
     """One ``torch.optim.Adam`` step over a flat buffer.
 
     ``step`` is the step count *after* this step is counted (1 on the first step), as
     torch computes its bias corrections; the caller increments it.
     ``update`` (opmath dtype, optional) receives the step's own update, see :func:`_record_update`.
+
+    ``fused=False``: the arithmetic of ``torch.optim.Adam(foreach=False)`` (on the CPU
+    also that of ``foreach=True``), torch's own square root included.
+    ``fused=True``: that of ``torch.optim.Adam(fused=True)``, here by calling torch's
+    fused kernel itself on each tensor that ``spans`` names (``(offset, numel)`` pairs,
+    flattened, in buffer order; ``None``: the whole buffer is one tensor).  On the CPU
+    that kernel takes a correctly rounded square root and computes each tensor's last
+    ``numel % W`` elements (``W`` elements per vector of torch's CPU kernels) in a scalar
+    loop that contracts the second moment into a different fused multiply-add
+    (``csrc/element_math.h: adam_moments_fused_tail``), so where the tensors are
+    matters, not only the elements.  16-bit buffers: float32 arithmetic, the parameter
+    update from the float32 moments, one rounding on store, as everywhere.
     """
-    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad, update)
+    check_adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, amsgrad, update, spans)
     step = scalar_value(step)
     if step < 1:  # a device tensor is not range-checked by the shared check; here it is read anyway
         raise ValueError(f"adam_step_: step must be >= 1 (the count after this step), got {step}")
     lr = scalar_value(lr)
     old = _snapshot(param, update)
+    if fused:
+        pieces = [(0, param.numel())] if spans is None else list(zip(spans[0::2], spans[1::2]))
+        pieces = [(o, n) for o, n in pieces if n]
+
+        def views(t: Tensor) -> list[Tensor]:
+            return [t[o : o + n] for o, n in pieces]
+
+        if pieces:
+            if torch.compiler.is_compiling():
+                # A traced number in _fused_adam_'s float lr is specialised (one graph per
+                # value); its Tensor-lr overload reads the same double.
+                lr = torch.ones((), dtype=torch.float64, device=param.device) * lr
+            torch._fused_adam_(
+                views(param), views(grad), views(exp_avg), views(exp_avg_sq),
+                views(max_exp_avg_sq) if amsgrad else [],
+                # torch keeps the count as a float32 tensor, incremented before the kernel reads it.
+                [torch.tensor(step, dtype=torch.float32, device=param.device) for _ in pieces],
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+                maximize=maximize, grad_scale=None, found_inf=None,
+            )  # fmt: skip
+        _record_update(update, param, old)
+        return
     p = _opmath(param)
     g = _opmath(grad)
     if maximize:
@@ -159,7 +201,12 @@ def adam_step_(
     m = m.lerp_(g, 1 - beta1) if m is exp_avg else m.lerp(g, 1 - beta1)
     v = _opmath(exp_avg_sq)
     v = v.mul_(beta2) if v is exp_avg_sq else v.mul(beta2)
-    v.addcmul_(g, g, value=1 - beta2)
+    # addcmul_ and addcdiv_ are called as the aten ops themselves: under torch.compile,
+    # dynamo rewrites Tensor.addcmul_(a, b, value=c) as fma(a * b, c, self) and
+    # Tensor.addcdiv_(a, b, value=c) as fma(a / b, c, self)
+    # (torch._dynamo.config.enable_dynamo_decompositions), which round differently from
+    # the kernels eager torch runs (fma(c * a, b, self), self + c * a / b).
+    torch.ops.aten.addcmul_.default(v, g, g, value=1 - beta2)
 
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -171,7 +218,7 @@ def adam_step_(
         denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
     else:
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    torch.ops.aten.addcdiv_.default(p, m, denom, value=-step_size)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, p)
@@ -200,10 +247,12 @@ def meta_update_(param: Tensor, anchor: Tensor, acc: Tensor, meta_lr: ScalarLike
     if n <= 0:  # as for step above
         raise ValueError(f"meta_update_: n (the number of finished tasks) must be > 0, got {n}")
     a = _opmath(anchor)
-    # a + meta_lr * (acc / n - a), rounded step by step in that order, in one buffer.
+    # a + meta_lr * (acc / n - a): the division and the difference rounded in turn, then
+    # one fused multiply-add (torch.add with alpha), in one buffer.
     out = param if param.dtype == acc.dtype else torch.empty_like(acc)
     _div(acc, n, out=out)
-    out.sub_(a).mul_(meta_lr).add_(a)
+    out.sub_(a)
+    torch.add(a, out, alpha=meta_lr, out=out)
     _store(param, out)
     acc.zero_()
 
@@ -234,7 +283,7 @@ def batched_meta_update_(
     total = rows[0].clone()
     for row in range(1, n):
         total.add_(rows[row])
-    new = t + meta_lr * (_div(total, n) - t)
+    new = torch.add(t, _div(total, n) - t, alpha=meta_lr)  # the last multiply-add fused, as in meta_update_
     theta.copy_(new)
     if write_back:
         tasks.copy_(theta.unsqueeze(0).expand_as(tasks))

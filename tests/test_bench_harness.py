@@ -104,3 +104,29 @@ def test_the_benchmarks_page_holds_the_generated_block(mods):
     text = (BENCH.parent / "docs" / "benchmarks.md").read_text()
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert text.index(report.BEGIN) < text.index(report.END)
+
+
+def test_optimizer_mode_rows_and_report(mods):
+    """bench_ops --optimizer: whole Adam steps, one row per variant, ratios against torch-fused,
+    rendered with the issue-22 targets."""
+    rows = mods["bench_ops"].run_optimizer("cpu", rounds=2, sizes=[2000], count=4, log=lambda s: None)
+    names = {r["provider"] for r in rows}
+    assert {"torch-fused", "torch-forloop", "ReptileOptimizer cpp fused=True", "ReptileOptimizer cpp"} <= names or (
+        "cpp" not in mods["bench_ops"].available("cpu")[0]
+    )
+    assert all(r["benchmark"] == "optimizer" and r["baseline_provider"] == "torch-fused" for r in rows)
+    assert all(float(r["bytes"]) == mods["harness"].bytes_moved("adam_step_", 2000, amsgrad="True" in r["case"])
+               for r in rows)  # fmt: skip
+    text = mods["report"].optimizer_markdown(rows, mods["harness"].environment())
+    assert "ReptileOptimizer" in text and "torch-fused" in text
+
+
+def test_report_shows_the_newest_machine_per_table(mods):
+    report = mods["report"]
+    old = dict(benchmark="ops", device="cpu", threads="1", dtype="float32", machine="old box", date="2026-01-01",
+               case="", op="sgd_step_")  # fmt: skip
+    new = dict(old, machine="new box", date="2026-02-01")
+    other = dict(old, dtype="bfloat16")  # only measured on the old machine: kept
+    stream = dict(old, benchmark="roofline", case="sgd_step_, bfloat16")  # the STREAM rows of that bf16 run
+    kept = report.latest([old, new, other, stream])
+    assert kept == [new, other, stream]

@@ -34,9 +34,9 @@ void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
                double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-               const std::optional<at::Tensor>& update) {
+               const std::optional<at::Tensor>& update, bool fused, at::OptionalIntArrayRef spans) {
   kernels().adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, step_tensor, lr, lr_tensor, beta1,
-                      beta2, eps, weight_decay, amsgrad, maximize, update);
+                      beta2, eps, weight_decay, amsgrad, maximize, update, fused, spans);
 }
 
 void task_end(const at::Tensor& param, const at::Tensor& anchor, const at::Tensor& acc,

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <optional>
 
@@ -15,7 +16,7 @@ struct CpuKernels {
   void (*adam_step)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
                     const std::optional<at::Tensor>&, double, double, double, double, bool, bool,
-                    const std::optional<at::Tensor>&);
+                    const std::optional<at::Tensor>&, bool, at::OptionalIntArrayRef);
   void (*task_end)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
   void (*meta_update)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                       const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/from_blob.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -166,17 +168,147 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
 }
 
 // ---------------------------------------------------------------- adam_step_
-// Adam's square root is taken by torch's own sqrt kernel, chunk by chunk while the
+// Two arithmetics, one per torch.optim.Adam implementation a user can name on the CPU.
+//
+// For-loop (torch.optim.Adam(foreach=False), also what foreach=True computes on the
+// CPU): the square root is taken by torch's own sqrt kernel, chunk by chunk while the
 // chunk is in cache: on some CPUs (MKL's vector math) torch's float32/float64 sqrt is
-// not correctly rounded, and torch.optim.Adam uses it, so an exact sqrt here would
+// not correctly rounded, and the for-loop Adam uses it, so an exact sqrt here would
 // differ from torch in the last bit of about one element in a hundred.
+//
+// Fused (torch.optim.Adam(fused=True)): one pass, a correctly rounded vector square
+// root, each tensor's scalar tail by its own rule (element_math.h), so it runs at the
+// memory's speed.
 constexpr int64_t kSqrtChunk = 32768;
+
+// The vector width, in bytes, of the at::vec kernels torch dispatches to on this CPU:
+// torch's fused Adam computes each tensor's last numel % (this / element size)
+// elements in its scalar loop.  (This copy of the kernels may be compiled for a
+// narrower vector than torch's own choice, AVX512, so it is not sizeof(Vectorized).)
+inline int64_t torch_vector_bytes() {
+  static const int64_t bytes = at::get_cpu_capability() == "AVX512" ? 64 : 32;
+  return bytes;
+}
+
+// How torch's fused Adam computes each element of a flat buffer: by the vector rule, in
+// a tensor's scalar tail, or not at all (outside every tensor: padding is left as it
+// is, and its update, when recorded, is 0).
+enum class FusedRule : uint8_t { kVector, kTail, kSkip };
+
+struct FusedPiece {
+  int64_t start;  // the piece runs to the next piece's start (the last one to the buffer's end)
+  FusedRule rule;
+};
+
+// The pieces of a buffer of numel elements, in order.  spans: (offset, numel) pairs of
+// the tensors it packs (absent: the whole buffer is one tensor); width: the elements of
+// one of torch's vectors, so a tensor's scalar tail is its last numel % width elements.
+inline std::vector<FusedPiece> fused_pieces(at::OptionalIntArrayRef spans, int64_t numel, int64_t width) {
+  std::vector<FusedPiece> pieces;
+  const auto add = [&](int64_t offset, int64_t n) {
+    const int64_t r = n % width;
+    if (n > r) pieces.push_back({offset, FusedRule::kVector});
+    if (r != 0) pieces.push_back({offset + n - r, FusedRule::kTail});
+  };
+  if (!spans.has_value()) {
+    add(0, numel);
+    return pieces;
+  }
+  const auto s = *spans;
+  TORCH_CHECK(s.size() % 2 == 0, "adam_step_: spans must hold (offset, numel) pairs, got ", s.size(), " values");
+  int64_t previous_end = 0;
+  for (size_t k = 0; k < s.size(); k += 2) {
+    const int64_t offset = s[k], n = s[k + 1];
+    TORCH_CHECK(offset >= previous_end && n >= 0 && offset + n <= numel,
+                "adam_step_: spans must be (offset, numel) pairs of tensors in buffer order, inside the buffer of ",
+                numel, " elements; got (", offset, ", ", n, ") after a tensor ending at ", previous_end);
+    if (offset > previous_end) pieces.push_back({previous_end, FusedRule::kSkip});
+    add(offset, n);
+    previous_end = offset + n;
+  }
+  if (previous_end < numel) pieces.push_back({previous_end, FusedRule::kSkip});
+  return pieces;
+}
+
+template <typename scalar_t, bool kUpdate>
+void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, scalar_t* v_ptr, scalar_t* vmax_ptr,
+                     at::opmath_type<scalar_t>* u_ptr, int64_t numel, const AdamCoef<double>& coef, bool amsgrad,
+                     const std::vector<FusedPiece>& pieces) {
+  using B = Block<scalar_t>;
+  using opmath_t = typename B::opmath_t;
+  using Vec = typename B::Vec;
+  const auto cv = cast_coef<Vec, opmath_t>(coef);
+  const auto cs = cast_coef<opmath_t, opmath_t>(coef);
+  const Vec one_v(opmath_t(1));
+  const opmath_t one(1);
+  // Elements [i, stop) by the vector rule: whole blocks, then the same rule on scalars.
+  const auto vector_rule = [&](int64_t i, int64_t stop) {
+    for (; i + B::kBlock <= stop; i += B::kBlock) {
+      Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], old[B::K];
+      B::load(p_ptr + i, p);
+      B::load(g_ptr + i, g);
+      B::load(m_ptr + i, m);
+      B::load(v_ptr + i, v);
+      if (amsgrad) B::load(vmax_ptr + i, vmax);
+      if constexpr (kUpdate) std::copy_n(p, B::K, old);
+      for (int k = 0; k < B::K; ++k) adam_element(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
+      B::store(p_ptr + i, p);
+      B::store(m_ptr + i, m);
+      B::store(v_ptr + i, v);
+      if (amsgrad) B::store(vmax_ptr + i, vmax);
+      if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+    }
+    for (; i < stop; ++i) {
+      const opmath_t old = p_ptr[i];
+      opmath_t p = old, m = m_ptr[i], v = v_ptr[i];
+      opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
+      adam_element<opmath_t>(p, opmath_t(g_ptr[i]), m, v, vmax, cs, one);
+      p_ptr[i] = static_cast<scalar_t>(p);
+      m_ptr[i] = static_cast<scalar_t>(m);
+      v_ptr[i] = static_cast<scalar_t>(v);
+      if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
+      if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
+    }
+  };
+  // Elements [i, stop) of a tensor's scalar tail.
+  const auto tail_rule = [&](int64_t i, int64_t stop) {
+    for (; i < stop; ++i) {
+      const opmath_t old = p_ptr[i];
+      opmath_t p = old, m = m_ptr[i], v = v_ptr[i];
+      opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
+      adam_element_fused_tail<opmath_t>(p, opmath_t(g_ptr[i]), m, v, vmax, cs, one);
+      p_ptr[i] = static_cast<scalar_t>(p);
+      m_ptr[i] = static_cast<scalar_t>(m);
+      v_ptr[i] = static_cast<scalar_t>(v);
+      if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
+      if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
+    }
+  };
+  if (numel == 0 || pieces.empty()) return;
+  at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, B::kBlock), [&](int64_t begin, int64_t end) {
+    // The piece holding begin, then each next piece up to end.
+    auto it = std::upper_bound(pieces.begin(), pieces.end(), begin,
+                               [](int64_t x, const FusedPiece& piece) { return x < piece.start; });
+    size_t k = size_t(it - pieces.begin()) - 1;
+    for (int64_t i = begin; i < end; ++k) {
+      const int64_t stop = std::min(k + 1 < pieces.size() ? pieces[k + 1].start : numel, end);
+      switch (pieces[k].rule) {
+        case FusedRule::kVector: vector_rule(i, stop); break;
+        case FusedRule::kTail: tail_rule(i, stop); break;
+        case FusedRule::kSkip:
+          if constexpr (kUpdate) std::fill(u_ptr + i, u_ptr + stop, opmath_t(0));
+          break;
+      }
+      i = stop;
+    }
+  });
+}
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                    const std::optional<at::Tensor>& step_tensor, double lr, const std::optional<at::Tensor>& lr_tensor,
                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                   const std::optional<at::Tensor>& update) {
+                   const std::optional<at::Tensor>& update, bool fused, at::OptionalIntArrayRef spans) {
   check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, update, c10::DeviceType::CPU);
   const auto dt = param.scalar_type();
   const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");
@@ -190,10 +322,6 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     using B = Block<scalar_t>;
     using opmath_t = typename B::opmath_t;
     using Vec = typename B::Vec;
-    const auto cv = cast_coef<Vec, opmath_t>(coef);
-    const auto cs = cast_coef<opmath_t, opmath_t>(coef);
-    const Vec one_v(opmath_t(1));
-    const auto opmath_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value);
     scalar_t* p_ptr = param.data_ptr<scalar_t>();
     const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
     scalar_t* m_ptr = exp_avg.data_ptr<scalar_t>();
@@ -201,14 +329,31 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     scalar_t* vmax_ptr = amsgrad ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
     opmath_t* u_ptr = update_ptr<opmath_t>(update);
     const int64_t numel = param.numel();
+    if (fused) {
+      const auto pieces = fused_pieces(spans, numel, torch_vector_bytes() / int64_t(sizeof(scalar_t)));
+      with_flag(u_ptr != nullptr, [&](auto has_update) {
+        adam_fused_loop<scalar_t, decltype(has_update)::value>(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, u_ptr, numel,
+                                                               coef, amsgrad, pieces);
+      });
+      return;
+    }
     if (numel == 0) return;
+    const auto cv = cast_coef<Vec, opmath_t>(coef);
+    const auto cs = cast_coef<opmath_t, opmath_t>(coef);
+    const Vec one_v(opmath_t(1));
+    const auto opmath_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value);
+    // The parameter update reads the first moment in opmath: for float32/float64 that is
+    // the stored exp_avg itself, re-read while in cache; 16-bit moments are stored rounded,
+    // so their opmath values are kept beside the square roots.
+    constexpr bool kKeepM = !std::is_same_v<scalar_t, opmath_t>;
     with_flag(u_ptr != nullptr, [&](auto has_update) {
       constexpr bool kUpdate = decltype(has_update)::value;
       at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, kSqrtChunk), [&](int64_t begin, int64_t end) {
-        // Per chunk, in cache: the opmath first moment and the second moment, then its square root.
-        std::vector<opmath_t> m_op(kSqrtChunk), root(kSqrtChunk);
+        // Per chunk, in cache: the second moment, then its square root (and 16-bit m in opmath).
+        std::vector<opmath_t> root(kSqrtChunk), m_op(kKeepM ? kSqrtChunk : 0);
         for (int64_t start = begin; start < end; start += kSqrtChunk) {
           const int64_t len = std::min(kSqrtChunk, end - start);
+          const opmath_t* m_read = kKeepM ? m_op.data() : reinterpret_cast<const opmath_t*>(m_ptr + start);
           int64_t j = 0;
           for (; j + B::kBlock <= len; j += B::kBlock) {
             const int64_t i = start + j;
@@ -222,7 +367,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
             B::store(m_ptr + i, m);
             B::store(v_ptr + i, v);
             if (amsgrad) B::store(vmax_ptr + i, vmax);
-            B::store(m_op.data() + j, m);
+            if constexpr (kKeepM) B::store(m_op.data() + j, m);
             B::store(root.data() + j, second);
           }
           for (; j < len; ++j) {
@@ -230,7 +375,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
             opmath_t m = m_ptr[i], v = v_ptr[i];
             opmath_t vmax = amsgrad ? opmath_t(vmax_ptr[i]) : opmath_t(0);
             root[j] = adam_moments<opmath_t>(opmath_t(p_ptr[i]), opmath_t(g_ptr[i]), m, v, vmax, cs, opmath_t(1));
-            m_op[j] = m;
+            if constexpr (kKeepM) m_op[j] = m;
             m_ptr[i] = static_cast<scalar_t>(m);
             v_ptr[i] = static_cast<scalar_t>(v);
             if (amsgrad) vmax_ptr[i] = static_cast<scalar_t>(vmax);
@@ -243,7 +388,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
             const int64_t i = start + j;
             Vec p[B::K], m[B::K], rt[B::K], old[B::K];
             B::load(p_ptr + i, p);
-            B::load(m_op.data() + j, m);
+            B::load(m_read + j, m);
             B::load(root.data() + j, rt);
             if constexpr (kUpdate) std::copy_n(p, B::K, old);
             for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], rt[k], cv);
@@ -254,7 +399,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
             const int64_t i = start + j;
             const opmath_t old = p_ptr[i];
             opmath_t p = old;
-            adam_param<opmath_t>(p, m_op[j], root[j], cs);
+            adam_param<opmath_t>(p, m_read[j], root[j], cs);
             p_ptr[i] = static_cast<scalar_t>(p);
             if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
           }

@@ -375,7 +375,14 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq, double step,
                     const std::optional<at::Tensor>& step_tensor, double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-                    double weight_decay, bool amsgrad, bool maximize, const std::optional<at::Tensor>& update) {
+                    double weight_decay, bool amsgrad, bool maximize, const std::optional<at::Tensor>& update,
+                    bool fused, at::OptionalIntArrayRef spans) {
+  // `fused` and `spans` select torch's fused CPU arithmetic (a correctly rounded square
+  // root, each tensor's scalar tail); this kernel's square root is correctly rounded
+  // already and its contract is torch's operation order within a few ulp, so both
+  // arithmetics run the same kernel here.
+  (void)fused;
+  (void)spans;
   check_adam_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, update, c10::DeviceType::CUDA);
   const auto dt = param.scalar_type();
   const ScalarArg step_arg = make_scalar(step, step_tensor, param, "step");

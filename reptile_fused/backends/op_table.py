@@ -42,7 +42,7 @@ class Arg:
     """One argument of a schema."""
 
     name: str
-    type: str  # "Tensor", "Tensor?", "float", "bool"
+    type: str  # "Tensor", "Tensor?", "float", "bool", "int[]?"
     mutated: bool = False
 
 
@@ -93,7 +93,8 @@ OPS: tuple[OpDef, ...] = (
         "adam_step_",
         "Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, "
         "float step, Tensor? step_tensor, float lr, Tensor? lr_tensor, "
-        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor(e!)? update",
+        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor(e!)? update, "
+        "bool fused, int[]? spans",
         _validate.check_adam_step,
         only_if={"max_exp_avg_sq": lambda a: bool(a["amsgrad"])},
     ),
@@ -122,14 +123,30 @@ def schema(op: OpDef, namespace: str | None = None) -> str:
 _COERCE = {"float": float, "bool": bool}
 
 
+def _compiled_scalar(value, device: torch.device) -> tuple[float, torch.Tensor]:
+    """A tensor-able scalar given as a number, inside a ``torch.compile`` trace: handed to the
+    kernel as a float64 0-dim tensor on the buffers' device (the same value, so the same
+    numbers as eager).  A number in a ``float`` schema argument would be specialised: the
+    compiled step would guard on each value and recompile for every new learning rate or
+    Adam step count; as a graph tensor it is read when the graph runs.  (Made as 1.0 * value,
+    a multiplication AOTAutograd's pass that turns float inputs into tensors can rewrite,
+    where a scalar_tensor(value) would be specialised there: one graph per value again.)"""
+    return 0.0, torch.ones((), dtype=torch.float64, device=device) * value
+
+
 def _kernel_args(op: OpDef, bound: dict, device: torch.device) -> list:
     """The bound Python arguments laid out as the schema's positional arguments."""
     out: list = []
     scalars = set(op.tensor_scalars)
     split: dict[str, tuple[float, object]] = {}
+    compiling = torch.compiler.is_compiling()
     for arg in op.args:
         if arg.name in scalars:
-            split[arg.name] = _validate.split_scalar(bound[arg.name], arg.name, device)
+            value = bound[arg.name]
+            if compiling and not isinstance(value, torch.Tensor):
+                split[arg.name] = _compiled_scalar(value, device)
+            else:
+                split[arg.name] = _validate.split_scalar(value, arg.name, device)
             out.append(split[arg.name][0])
         elif arg.name.endswith("_tensor") and arg.name[: -len("_tensor")] in split:
             out.append(split[arg.name[: -len("_tensor")]][1])

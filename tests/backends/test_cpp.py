@@ -87,11 +87,12 @@ def opcheck_samples(device: str):
             ("sgd_step_", (r(), r(), r(), 0.1, None, 0.9, 0.0, 0.0, False, False, False, None)),
             ("sgd_step_", (r(), r(), r(), 0.0, lr_t, 0.9, 0.1, 0.01, True, True, False, r(om))),
             ("sgd_step_", (r(), r(), None, 0.1, None, 0.0, 0.0, 0.0, False, False, False, None)),
-            ("adam_step_", (r(), r(), r(), r().abs(), None, 2.0, None, 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, None)),
+            ("adam_step_", (r(), r(), r(), r().abs(), None, 2.0, None, 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False,
+                            None, False, None)),
             (
                 "adam_step_",
                 (r(), r(), r(), r().abs(), r().abs(), 0.0, torch.tensor(3.0, device=device), 0.0, lr_t,
-                 0.9, 0.99, 1e-8, 0.01, True, True, r(om)),
+                 0.9, 0.99, 1e-8, 0.01, True, True, r(om), True, [0, 17, 20, 13]),
             ),
             ("task_end_", (r(), r(), r(om), None)),
             ("task_end_", (r(), r(), r(om), r(om))),
@@ -104,11 +105,11 @@ def opcheck_samples(device: str):
             ("batched_meta_update_", (r(), rows(2), 0.0, lr_t, False, None)),
             ("batched_meta_update_", (r(), rows(2), 0.5, None, True, rows(2, om))),
         ]
-    # 16-bit: one sample per op, and one more where the last optional tensor (the update) is given.
+    # 16-bit: one sample per op, and one more where the last optional argument (the update; Adam's spans) is given.
     seen: set[tuple[str, bool]] = set()
     keep = []
     for i, (name, args) in enumerate(out):
-        key = (name, isinstance(args[-1], torch.Tensor))
+        key = (name, args[-1] is not None)
         if i < len(out) // 2 or key not in seen:
             keep.append((name, args))
             if i >= len(out) // 2:
@@ -175,7 +176,7 @@ def test_direct_op_call_checks_update():
     with pytest.raises(RuntimeError, match="update must be a buffer of its own"):
         ops.sgd_step_(p, p.clone(), None, *sgd, p)
     with pytest.raises(RuntimeError, match="update must be a contiguous buffer of 8 elements"):
-        ops.adam_step_(p, p.clone(), p.clone(), p.clone(), None, *adam, torch.zeros(7))
+        ops.adam_step_(p, p.clone(), p.clone(), p.clone(), None, *adam, torch.zeros(7), False, None)
     with pytest.raises(RuntimeError, match="update must have dtype Double"):
         ops.task_end_(p.double(), p.double(), p.double(), p.clone())
     with pytest.raises(RuntimeError, match="updates must be a contiguous buffer of the tasks' shape"):
@@ -183,6 +184,18 @@ def test_direct_op_call_checks_update():
     with pytest.raises(RuntimeError, match="updates must have dtype Float"):
         ops.batched_meta_update_(half, torch.zeros(2, 8, dtype=torch.half), 0.5, None, True,
                                  torch.zeros(2, 8, dtype=torch.half))
+
+
+@needs_ext
+def test_direct_op_call_checks_spans():
+    """Adam's spans, checked by the library too before it writes: a span outside the buffer
+    or out of order would step memory that is not the buffer's."""
+    ops = torch.ops.reptile_fused
+    p = torch.zeros(8)
+    adam = (1.0, None, 0.1, None, 0.9, 0.999, 1e-8, 0.0, False, False, None, True)
+    for spans in ([0, 9], [4, 4, 0, 4], [0, 4, 2], [0, -1]):
+        with pytest.raises(RuntimeError, match="spans must"):
+            ops.adam_step_(p, p.clone(), p.clone(), p.clone(), None, *adam, spans)
 
 
 @needs_ext

@@ -11,8 +11,9 @@ import torch
 from hypothesis import strategies as st
 
 from ops.cases import (
-    DTYPES, OPTION_SIZES, backend_module, bad_input_test, bufs, cat, config_id, dtype_id, flat_problem, large_test,
-    property_cases, refused, run_adam, scalars_test, sizes, targets, unaligned_test, z,
+    CPU_BACKENDS, DTYPES, OPTION_SIZES, backend_module, bad_input_test, bufs, cat, config_id, dtype_id, flat_problem,
+    large_test, opmath, property_cases, rand, randn, refused, run_adam, scalar, scalars_test, sizes, targets, twins,
+    unaligned_test, unread, z,
 )
 from numerics import assert_contract
 from reptile_fused import reference as ref
@@ -224,3 +225,144 @@ BAD_UPDATE = {
 }  # fmt: skip
 
 test_update_bad_input_rejected_like_reference = bad_input_test(BAD_UPDATE)
+
+
+# --------------------------------------------------------------------- fused=True: torch.optim.Adam(fused=True)
+# A correctly rounded square root, and each tensor's scalar tail by its own rule
+# (csrc/element_math.h: adam_moments_fused_tail), so where the tensors lie (spans)
+# matters.  On the CPU both exact backends equal torch's fused Adam bit for bit, in
+# every dtype (torch's fused CPU kernel computes 16-bit tensors in float32 too).
+
+EXACT_CPU = [b for b in ("reference", "cpp") if b in CPU_BACKENDS]
+# Awkward tensor sizes: smaller than a vector, a vector plus a tail, several blocks.
+SPAN_SIZES = (7, 33, 5, 3, 1, 231, 16, 165, 1000, 4105)
+FUSED_OPTIONS = TORCH_OPTIONS + [dict(betas=(0.3, 0.9), weight_decay=0.1, amsgrad=True, maximize=False)]
+
+
+def packed(sizes, align=16):
+    """(offset, numel) of tensors of ``sizes`` packed as FlatBuffer packs them, and the buffer's numel."""
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // align) * align
+    return list(zip(offsets, sizes)), total
+
+
+def flat_spans(pieces):
+    return tuple(x for piece in pieces for x in piece)
+
+
+@pytest.mark.parametrize("backend", EXACT_CPU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("opts", FUSED_OPTIONS, ids=str)
+def test_fused_matches_torch_fused_adam(backend, dtype, opts):
+    pieces, total = packed(SPAN_SIZES)
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.zeros(total, dtype=dtype)
+    for o, n in pieces:
+        flat[o : o + n] = torch.randn(n, generator=gen).to(dtype)
+    theirs = [flat[o : o + n].clone().requires_grad_() for o, n in pieces]
+    torch_opt = torch.optim.Adam(theirs, lr=0.01, eps=1e-6, fused=True, **opts)
+    state = {k: torch.zeros_like(flat) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    beta1, beta2 = opts["betas"]
+    ops = backend_module(backend, "cpu")
+    for step in range(1, 4):
+        grad = torch.zeros_like(flat)
+        for p, (o, n) in zip(theirs, pieces):
+            grad[o : o + n] = torch.randn(n, generator=gen).to(dtype)
+            p.grad = grad[o : o + n].clone()
+        torch_opt.step()
+        ops.adam_step_(
+            flat, grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if opts["amsgrad"] else None,
+            step, 0.01, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=opts["weight_decay"],
+            amsgrad=opts["amsgrad"], maximize=opts["maximize"], fused=True, spans=flat_spans(pieces),
+        )  # fmt: skip
+    for p, (o, n) in zip(theirs, pieces):
+        assert torch.equal(flat[o : o + n], p.detach()), (o, n)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if opts["amsgrad"] else ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key][o : o + n], torch_opt.state[p][key]), (key, o, n)
+
+
+def run_fused_pair(dtype, spans, total, *, offset=0, seed=0, update=False, step=3, step_kind="python", lr=1e-2,
+                   lr_kind="python", **kw):
+    """cpp and the reference, fused, on identical buffers whose every element (padding
+    between the spans too) holds data: they must agree bit for bit, and leave what no
+    span covers untouched (its update 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = rand(total, dtype, "cpu", gen)
+    t = {
+        "param": randn(total, dtype, "cpu", gen),
+        "grad": randn(total, dtype, "cpu", gen),
+        "exp_avg": randn(total, dtype, "cpu", gen, scale=0.1),
+        "exp_avg_sq": v,
+        "max_exp_avg_sq": (v + rand(total, dtype, "cpu", gen) * 0.5).to(dtype) if kw.get("amsgrad") else None,
+        "update": unread(total, opmath(dtype), "cpu") if update else None,
+    }
+    a, b = twins(t, offset)
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for ops, bufs_ in ((ref, a), (backend_module("cpp", "cpu"), b)):
+        ops.adam_step_(*(bufs_[k] for k in names), scalar(step, step_kind, "cpu"), scalar(lr, lr_kind, "cpu"),
+                       update=bufs_["update"], fused=True, spans=spans, **kw)
+    for k in t:
+        if t[k] is not None:
+            assert torch.equal(a[k], b[k]) or (a[k].isnan() == b[k].isnan()).all() and torch.equal(
+                a[k].nan_to_num(), b[k].nan_to_num()
+            ), k
+    covered = torch.zeros(total, dtype=torch.bool)
+    for o, n in zip(spans[0::2], spans[1::2]) if spans is not None else [(0, total)]:
+        covered[o : o + n] = True
+    for k in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(b[k][~covered], t[k][~covered]), f"{k} outside the spans must be left as it is"
+    if update:
+        assert not b["update"][~covered].any(), "the update outside the spans is 0"
+
+
+needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp extension is not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_fused_cpp_equals_reference(dtype, config):
+    pieces, total = packed(SPAN_SIZES)
+    spans = flat_spans(pieces)
+    run_fused_pair(dtype, spans, total, **config)
+    run_fused_pair(dtype, spans, total, update=True, offset=3, **config)
+    # No spans: the whole buffer is one tensor (its tail: the last numel % W elements).
+    for n in (0, 1, 7, 17, 1023, 4105):
+        run_fused_pair(dtype, None, n, **config)
+    # Gaps before, between and after the tensors; an empty tensor.
+    run_fused_pair(dtype, (5, 9, 20, 0, 20, 33, 70, 3), 90, **config)
+    for step, step_kind, lr_kind in SCALARS:
+        run_fused_pair(dtype, spans, total, **{**config, "step": step}, step_kind=step_kind, lr_kind=lr_kind)
+
+
+@needs_cpp
+def test_fused_threads_split_anywhere():
+    """Threads split the buffer at any element, inside a tensor's tail too: the result is the same."""
+    pieces, total = packed([12_345 + 7 * i for i in range(40)])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_fused_pair(torch.float32, flat_spans(pieces), total, amsgrad=True, weight_decay=0.01, update=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "spans, error, match",
+    [
+        ((0, 5, 3), ValueError, "pairs"),
+        ((0, 5, 4, 2), ValueError, "in buffer order"),
+        ((0, -1), ValueError, "in buffer order"),
+        ((10, 7), ValueError, "inside the buffer"),
+        ((0, 2.0), TypeError, "ints"),
+        (torch.tensor([0, 2]), TypeError, "ints"),
+    ],
+)
+@pytest.mark.parametrize("backend", EXACT_CPU)
+def test_bad_spans_rejected_before_anything_changes(backend, spans, error, match):
+    p, g, m, v = (torch.ones(16) for _ in range(4))
+    with pytest.raises(error, match=match):
+        backend_module(backend, "cpu").adam_step_(p, g, m, v, None, 1, 0.1, fused=True, spans=spans)
+    assert torch.equal(p, torch.ones(16)) and torch.equal(m, torch.ones(16))

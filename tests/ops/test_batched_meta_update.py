@@ -15,6 +15,7 @@ from ops.cases import (
     scalars_test, sizes, targets, unaligned_test, z,
 )
 from reptile_fused import reference as ref
+from reptile_fused.backends import available_backends
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -184,3 +185,26 @@ BAD_UPDATES = {
 }  # fmt: skip
 
 test_updates_bad_input_rejected_like_reference = bad_input_test(BAD_UPDATES)
+
+
+EXACT_CPU = [b for b in ("reference", "cpp") if b in available_backends("cpu")]
+
+
+@pytest.mark.skipif(len(EXACT_CPU) < 2, reason="the cpp extension is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("write_back", [True, False])
+def test_cpu_backends_are_bit_equal(dtype, write_back):
+    """cpp and the reference compute the same meta step on the CPU, bit for bit (the last
+    multiply-add fused), also for meta_lr values that are not powers of two (issue 22)."""
+    cpp = backend_module("cpp", "cpu")
+    for size in (1, 17, 1023, 65537):
+        for meta_lr in (0.7, 0.1, 1 / 3, 1.0):
+            for rows in (1, 3, 5):
+                gen = torch.Generator().manual_seed(size + rows)
+                theta = torch.randn(size, generator=gen).to(dtype)
+                tasks = torch.randn(rows, size, generator=gen).to(dtype)
+                a, b = [(theta.clone(), tasks.clone()) for _ in range(2)]
+                ref.batched_meta_update_(*a, meta_lr, write_back=write_back)
+                cpp.batched_meta_update_(*b, meta_lr, write_back=write_back)
+                assert torch.equal(a[0], b[0]), (size, meta_lr, rows)
+                assert torch.equal(a[1], b[1])

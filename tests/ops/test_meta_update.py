@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from ops.cases import (
-    DTYPES, backend_module, bad_input_test, bufs, dtype_id, large_test, property_cases, refused, run_meta_update,
-    scalars_test, sizes, targets, unaligned_test, z,
+    DTYPES, backend_module, bad_input_test, bufs, dtype_id, large_test, opmath, property_cases, refused,
+    run_meta_update, scalars_test, sizes, targets, unaligned_test, z,
 )
+from reptile_fused import reference as ref
+from reptile_fused.backends import available_backends
 
 # (tasks, how meta_lr and n are given)
 TASKS = [(3, "python"), (1, "python"), (5, "python"), (5, "dev-f32"), (1, "dev-f32")]
@@ -97,3 +99,31 @@ BAD = {
 }  # fmt: skip
 
 test_bad_input_rejected_like_reference = bad_input_test(BAD)
+
+
+EXACT_CPU = [b for b in ("reference", "cpp") if b in available_backends("cpu")]
+
+
+@pytest.mark.skipif(len(EXACT_CPU) < 2, reason="the cpp extension is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_backends_are_bit_equal(dtype):
+    """One numerics for the meta step on the CPU: cpp and the reference both compute
+    anchor + meta_lr * (acc / n - anchor) with the last multiply-add fused, so a run
+    resumed on the other backend continues bit for bit.  meta_lr values that are not
+    powers of two are where an unfused product would differ (issue 22)."""
+    cpp = backend_module("cpp", "cpu")
+    for size in (1, 17, 1023, 65537):
+        for meta_lr in (0.7, 0.1, 1 / 3, 0.5, 1.0):
+            for tasks in (1, 3, 5):
+                for kind in ("python", "tensor"):
+                    gen = torch.Generator().manual_seed(size + tasks)
+                    param = torch.randn(size, generator=gen).to(dtype)
+                    anchor = torch.randn(size, generator=gen).to(dtype)
+                    acc = (torch.randn(size, generator=gen) * tasks).to(opmath(dtype))
+                    lr = torch.tensor(meta_lr) if kind == "tensor" else meta_lr
+                    n = torch.tensor(float(tasks)) if kind == "tensor" else tasks
+                    a, b = [(param.clone(), anchor.clone(), acc.clone()) for _ in range(2)]
+                    ref.meta_update_(*a, lr, n)
+                    cpp.meta_update_(*b, lr, n)
+                    assert torch.equal(a[0], b[0]), (size, meta_lr, tasks, kind)
+                    assert torch.equal(a[2], b[2])

@@ -6,7 +6,9 @@ tests SGD and Adam with (``optim_inputs_func``) and the inputs that must raise
 optimizer step, so on the CPU the ``reference`` and ``cpp`` backends must give
 torch's for-loop implementation bit for bit, in float32 and float64, whatever the
 model shape: parameters that skip steps (``set_to_none=True``), channels-last conv
-weights, gradients allocated outside the flat buffer.
+weights, gradients allocated outside the flat buffer.  With ``fused=True`` the inner
+Adam must give ``torch.optim.Adam(fused=True)`` bit for bit instead, in every dtype
+(torch's fused CPU kernel computes 16-bit tensors in float32, as the contract does).
 """
 
 from __future__ import annotations
@@ -31,11 +33,24 @@ def optim_inputs(cls):
 
 
 CASES = [(cls, oi) for cls in INNER for oi in optim_inputs(cls)]
+# (case, implementation, dtype): torch's for-loop SGD and Adam in float32/float64, and
+# torch's fused Adam (ReptileOptimizer(fused=True)) in every dtype it supports.
+IMPL_CASES = [(case, "forloop", dtype) for case in CASES for dtype in DTYPES] + [
+    (case, "fused", dtype)
+    for case in CASES
+    if case[0] is torch.optim.Adam
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+]
 
 
 def case_id(case):
     cls, oi = case
     return f"{cls.__name__}-{oi.desc.replace(' ', '_')}"
+
+
+def impl_case_id(impl_case):
+    case, impl, dtype = impl_case
+    return f"{case_id(case)}-{impl}-{str(dtype).removeprefix('torch.')}"
 
 
 def model(kind: str, dtype: torch.dtype) -> nn.Module:
@@ -70,18 +85,19 @@ def train(m: nn.Module, opt, kind: str, data, *, set_to_none: bool) -> None:
 
 
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["mlp", "skip_params", "conv_channels_last", "foreign_grads"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_inner_step_is_torch_bit_for_bit(case, kind, dtype, backend):
-    cls, oi = case
+@pytest.mark.parametrize("impl_case", IMPL_CASES, ids=impl_case_id)
+def test_inner_step_is_torch_bit_for_bit(impl_case, kind, backend):
+    (cls, oi), impl, dtype = impl_case
     kwargs = dict(oi.kwargs)
     if cls is torch.optim.Adam:
         kwargs.setdefault("betas", (0.9, 0.999))  # torch's default; ReptileOptimizer's is the authors' (0, 0.999)
     ours_model, torch_model = model(kind, dtype), model(kind, dtype)
     fmt = torch.channels_last if kind == "conv_channels_last" else None
-    ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer=INNER[cls], backend=backend, memory_format=fmt, **kwargs)
-    theirs = cls(torch_model.parameters(), foreach=False, **kwargs)
+    flags = dict(fused=True) if impl == "fused" else dict(foreach=False)
+    ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer=INNER[cls], backend=backend, memory_format=fmt,
+                            **flags, **kwargs)  # fmt: skip
+    theirs = cls(torch_model.parameters(), **flags, **kwargs)
     data = inputs(kind, dtype)
     set_to_none = kind == "skip_params"
     train(ours_model, ours, kind, data, set_to_none=set_to_none)
@@ -117,7 +133,8 @@ def test_error_inputs_raise_what_torch_raises(case):
         ReptileOptimizer(params, inner_optimizer=INNER[cls], **kwargs)
 
 
-@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False, fused=True), dict(capturable=True), dict(differentiable=False)])
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False, fused=False), dict(capturable=True),
+                                   dict(differentiable=False)])  # fmt: skip
 def test_implementation_flags_are_accepted_and_select_nothing(flags):
     results = []
     for kw in ({}, flags):
@@ -126,6 +143,37 @@ def test_implementation_flags_are_accepted_and_select_nothing(flags):
         train(m, opt, "mlp", inputs("mlp", torch.float32), set_to_none=False)
         results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_adam_default_is_the_for_loop_arithmetic_and_fused_true_torchs_fused_one(backend):
+    """torch.optim.Adam on the CPU runs its for-loop implementation unless fused=True is
+    asked for; ReptileOptimizer follows: the default (fused=None) and fused=False equal
+    torch's for-loop Adam, fused=True its fused Adam, and the two differ (the square root
+    and each tensor's tail round differently)."""
+    results = {}
+    for name, ours_flags, torch_flags in (
+        ("default", {}, {}), ("for-loop", dict(fused=False), dict(foreach=False)), ("fused", dict(fused=True), dict(fused=True)),
+    ):  # fmt: skip
+        ours_model, torch_model = model("mlp", torch.float32), model("mlp", torch.float32)
+        ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer="adam", lr=0.01, betas=(0.9, 0.999),
+                                backend=backend, **ours_flags)  # fmt: skip
+        theirs = torch.optim.Adam(torch_model.parameters(), lr=0.01, **torch_flags)
+        data = inputs("mlp", torch.float32)
+        train(ours_model, ours, "mlp", data, set_to_none=False)
+        train(torch_model, theirs, "mlp", data, set_to_none=False)
+        results[name] = torch.cat([p.detach().flatten() for p in ours_model.parameters()])
+        assert torch.equal(results[name], torch.cat([p.detach().flatten() for p in torch_model.parameters()])), name
+    assert torch.equal(results["default"], results["for-loop"])
+    assert not torch.equal(results["for-loop"], results["fused"])
+
+
+def test_fused_and_foreach_together_are_refused_as_torch_refuses_them():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        torch.optim.Adam(p, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        ReptileOptimizer(p, inner_optimizer="adam", fused=True, foreach=True)
 
 
 def test_differentiable_true_is_refused_with_a_reason():
@@ -162,13 +210,42 @@ def test_named_parameters_as_in_torch(backend):
     [
         (dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
         (dict(betas=(torch.tensor(0.9), 0.99)), "betas must be either both floats or both Tensors"),
-        (dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), "betas as Tensors are not supported"),
-        (dict(lr=torch.tensor(0.01)), "lr as a Tensor is not supported with inner_optimizer='adam'"),
+        (dict(lr=torch.tensor(0.01), foreach=True), "lr as a Tensor is not supported for capturable=False and foreach=True"),
     ],
 )
-def test_adam_scalars_torch_computes_in_tensor_precision_are_refused(kwargs, message):
+def test_adam_tensor_scalars_refused_where_torch_refuses_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        torch.optim.Adam([torch.zeros(2, requires_grad=True)], **kwargs)
     with pytest.raises(ValueError, match=message):
         ReptileOptimizer([torch.zeros(2, requires_grad=True)], inner_optimizer="adam", **kwargs)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adam_tensor_lr_and_betas(backend, dtype, tensor_dtype):
+    """Adam accepts a Tensor lr and Tensor betas, as torch does.  Their values are read (lr
+    by the kernel where it lives) and every coefficient is computed in float64 as for
+    Python floats.  That is torch's fused Adam's arithmetic (bit for bit with fused=True);
+    torch's for-loop Adam computes lr / (1 - beta1**t) and 1 - beta in the tensors' dtype
+    instead, so with fused=False the trajectory is torch's for-loop Adam given the same
+    values as floats (documented in the README)."""
+    lr, betas = torch.tensor(0.01, dtype=tensor_dtype), (torch.tensor(0.9, dtype=tensor_dtype), torch.tensor(0.99, dtype=tensor_dtype))
+
+    def tensors():
+        return dict(lr=lr.clone(), betas=tuple(b.clone() for b in betas))
+
+    floats = dict(lr=float(lr), betas=tuple(float(b) for b in betas))
+    for flags, torch_kwargs in ((dict(fused=True), tensors), (dict(fused=False), lambda: floats)):
+        ours_model, torch_model = model("mlp", dtype), model("mlp", dtype)
+        ours = ReptileOptimizer(ours_model.parameters(), inner_optimizer="adam", backend=backend, **flags, **tensors())
+        theirs = torch.optim.Adam(torch_model.parameters(), **(flags if flags["fused"] else dict(foreach=False)),
+                                  **torch_kwargs())  # fmt: skip
+        data = inputs("mlp", dtype)
+        train(ours_model, ours, "mlp", data, set_to_none=False)
+        train(torch_model, theirs, "mlp", data, set_to_none=False)
+        for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+            assert torch.equal(a, b), flags
 
 
 def test_hyperparameters_of_the_other_inner_optimizer_are_refused():

@@ -547,8 +547,15 @@ def adam(
     amsgrad: bool,
     maximize: bool,
     update: Tensor | None = None,
+    fused: bool = False,
+    spans: list[int] | None = None,
     block: int | None = None,
 ) -> None:
+    # fused/spans select torch's fused CPU arithmetic (a correctly rounded square root,
+    # each tensor's scalar tail); on the GPU this kernel's square root is correctly
+    # rounded already and its contract is torch's operation order within a few ulp, so
+    # both arithmetics run the same kernel.
+    del fused, spans
     n = param.numel()
     if n == 0:
         return

@@ -110,6 +110,19 @@ class MetaBatchSync:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
 
+    def join(self, flats: list, head: list, all_flats: list | None = None) -> None:
+        """New flat buffers (``FlatState``s) on every rank: the layout of ``all_flats``
+        (default ``flats``) with ``head`` (the optimizer's settings) must match across
+        ranks for one all-reduce per buffer to add like to like, the element order inside
+        each parameter's slice included; then every rank starts from rank 0's values."""
+        self.check_same_layout(list(head) + [
+            (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides)
+            for f in (all_flats if all_flats is not None else flats)
+        ])  # fmt: skip
+        with torch.no_grad():
+            for f in flats:
+                self.broadcast_(f.buffer.data)
+
     def check_same_layout(self, description: Sequence) -> None:
         """Raise :class:`LayoutMismatchError` on every rank unless all ranks describe the same layout.
 

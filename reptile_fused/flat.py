@@ -84,6 +84,34 @@ def check_trainable(p: Tensor) -> None:
         raise ValueError("can't optimize a non-leaf Tensor")
 
 
+def check_group_params(params) -> tuple[list, list[Tensor], list[Tensor], set[torch.device]]:
+    """A param group's ``params`` as torch takes them (tensors or ``(name, tensor)`` pairs,
+    in an ordered collection), checked: ``(params, tensors, trainable, devices)``."""
+    if isinstance(params, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
+            "in sets will change between runs. Please use a list instead."
+        )
+    params = [params] if isinstance(params, Tensor) else list(params)
+    tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+    for p in tensors:
+        check_trainable(p)
+    if len({id(p) for p in tensors}) != len(tensors):
+        # torch.optim warns and then steps such a parameter once per listing.
+        raise ValueError(
+            "a parameter is listed twice in one param group: torch.optim would step it twice per step(); "
+            "ReptileOptimizer packs each parameter once, so it refuses. List every parameter once."
+        )
+    trainable = [p for p in tensors if p.requires_grad]
+    devices = {p.device for p in trainable}
+    if len(devices) > 1:
+        raise ValueError(
+            f"all parameters of one param group must be on one device, got {sorted(map(str, devices))}; "
+            "put each device's parameters in a group of its own"
+        )
+    return params, tensors, trainable, devices
+
+
 # Which buffer each parameter was packed into last, so an older buffer can tell
 # "re-packed by another optimizer" from "moved or cast by the user".  Kept beside the
 # parameters, not on them: an attribute would travel into pickles and deep copies.

@@ -245,6 +245,28 @@ class FlatState:
                     self.steps[i] = 1
 
 
+def _nonfinite_where(f: FlatState, values: Tensor) -> str | None:
+    """Which parameter of ``f`` holds a non-finite value of ``values`` (laid out like its buffer)."""
+    if bool(torch.isfinite(values).all()):
+        return None
+    for i, shape in enumerate(f.buffer.shapes):
+        if not bool(torch.isfinite(f.buffer.view(values, i)).all()):
+            return f"parameter {i} of param group {f.group_index}, shape {tuple(shape)}"
+    return f"param group {f.group_index}"
+
+
+def first_nonfinite(flats: list[FlatState], fomaml: bool = False) -> str | None:
+    """Where the first nan or inf of the flats' weights is (with ``fomaml``, of their
+    recorded last updates too), in words; ``None`` when all are finite."""
+    for f in flats:
+        where = _nonfinite_where(f, f.buffer.data)
+        if where is None and fomaml and f.update is not None:
+            where = _nonfinite_where(f, f.last_updates())
+        if where is not None:
+            return where
+    return None
+
+
 class _StateView(MutableMapping):
     """``ReptileOptimizer.state``: per-parameter views of the flat inner state."""
 

@@ -8,7 +8,6 @@ group's flat state) -> the flat buffer and the backend.  The state_dict format i
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,51 +19,19 @@ from . import inner
 from . import state_dict as _format
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
-from .flat import FlatBuffer, check_memory_format, check_trainable
-from .flat_state import FlatState, _StateView
+from .flat import FlatBuffer, check_group_params, check_memory_format
+from .flat_state import FlatState, _StateView, first_nonfinite
 from .meta_schedule import MetaLRScheduler, MetaStepView
+from .optimizer_settings import STATE_RESETS, NonFiniteError, OptimizerSettings, _check_reset, _MetaBatchState
 from .state_dict import _rebuild
 
 __all__ = ["ReptileOptimizer", "MetaStepView", "MetaLRScheduler", "NonFiniteError", "STATE_RESETS"]
-
-STATE_RESETS = ("never", "task", "meta_step")
 
 # Pickles keep naming reptile_fused.optimizer._rebuild, as before state_dict.py existed.
 _rebuild.__module__ = __name__
 
 
-class NonFiniteError(FloatingPointError):
-    """``check_finite=True``: a task's adapted weights, or the meta step's result, hold nan
-    or inf.  Raised before anything of it is applied (see ``ReptileOptimizer``)."""
-
-
-def _check_reset(value) -> None:
-    if value not in STATE_RESETS:
-        raise ValueError(f"reset_inner_state must be one of {STATE_RESETS}, got {value!r}")
-
-
-class _MetaBatchState:
-    """The meta-batch bookkeeping of one ``ReptileOptimizer``, shared by reference with any wrapper.
-
-    The settings that may change between meta-batches (``algorithm``, ``reset_inner_state``)
-    live here too, so a wrapper that copied the optimizer's ``__dict__`` sees a change."""
-
-    __slots__ = ("owner_ref", "tasks_done", "in_task", "view", "algorithm", "reset_inner_state")
-
-    def __init__(self, owner: ReptileOptimizer, algorithm: str, reset_inner_state: str):
-        self.owner_ref = weakref.ref(owner)
-        self.tasks_done = 0  # tasks finished since the last meta step
-        self.in_task = False
-        self.view: MetaStepView | None = None
-        self.algorithm = algorithm
-        self.reset_inner_state = reset_inner_state
-
-    @property
-    def owner(self) -> ReptileOptimizer:
-        return self.owner_ref()
-
-
-class ReptileOptimizer(Optimizer):
+class ReptileOptimizer(OptimizerSettings, Optimizer):
     r"""Reptile (Nichol, Achiam & Schulman, 2018) as a drop-in ``torch.optim`` optimizer.
 
     Inner loop: ``step()`` is a plain SGD or Adam step (``torch.optim`` semantics) on the
@@ -119,19 +86,13 @@ class ReptileOptimizer(Optimizer):
             makes every parameter row-major.  Values and updates are the same in every
             layout; convolutions can be much faster in one (see docs/benchmarks.md).
         fused: which of ``torch.optim.Adam``'s arithmetics the inner Adam reproduces, bit
-            for bit on the CPU (``reference`` and ``cpp`` backends).  ``None`` (default) or
-            ``False``: the for-loop one, which is what ``torch.optim.Adam`` runs on the CPU
-            unless ``fused=True`` is asked for (its ``foreach=True`` computes the same
-            there), so replacing ``torch.optim.Adam(...)`` keeps its numbers.  ``True``:
-            ``torch.optim.Adam(fused=True)``'s: a correctly rounded square root, and each
-            tensor's last ``numel % 8`` elements (float32, AVX2) rounded as torch's scalar
-            loop rounds them; in every dtype, 16-bit ones included.  Both run as one kernel
-            per flat buffer; ``fused=True`` is the fast one on the CPU (one pass over
-            memory, about 2× the for-loop arithmetic's kernel at 1.6·10⁷ parameters),
-            the for-loop one calls torch's own (not correctly rounded) sqrt chunk by
-            chunk.  Inner SGD has one arithmetic, torch's for-loop one, whatever
-            ``fused`` says; on CUDA both Adam arithmetics run the same kernel, within a
-            few ulp of torch.
+            for bit on the CPU (``reference`` and ``cpp``).  ``None``/``False`` (default):
+            the for-loop one, what ``torch.optim.Adam`` runs on the CPU unless asked for
+            ``fused=True``, so replacing it keeps its numbers.  ``True``:
+            ``torch.optim.Adam(fused=True)``'s (a correctly rounded square root), the fast
+            one on the CPU: one pass over memory.  Inner SGD has one arithmetic; on CUDA
+            both Adam arithmetics run one kernel, within a few ulp of torch
+            (docs/numerics.md).
         foreach, capturable: accepted as torch accepts them; no effect.
             ``differentiable=True`` is refused (the steps run outside autograd).
 
@@ -219,85 +180,7 @@ class ReptileOptimizer(Optimizer):
         super().__init__(params, defaults)
         if group is not None:
             self._sync = MetaBatchSync(group, bucket_elements)
-            self._sync_new_flats(self._flats)
-
-    def _sync_new_flats(self, flats: list[FlatState]) -> None:
-        """Distributed: verify every rank has the same layout, then start all ranks from rank 0's θ."""
-        self._sync.check_same_layout(self._layout_description())
-        with torch.no_grad():
-            for f in flats:
-                self._sync.broadcast_(f.buffer.data)
-
-    def _layout_description(self) -> list:
-        """What must match across ranks for one all-reduce per buffer to add like to like:
-        the element order inside each parameter's slice (its strides) included."""
-        return [self.inner_optimizer, self.algorithm] + [
-            (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides)
-            for f in self._flats
-        ]
-
-    # ------------------------------------------------------------------ settings
-
-    @property
-    def inner_optimizer(self) -> str:
-        """``"sgd"`` or ``"adam"``, fixed at construction (the groups and state follow it)."""
-        return self._inner_optimizer
-
-    @inner_optimizer.setter
-    def inner_optimizer(self, value) -> None:
-        raise AttributeError(
-            f"inner_optimizer is fixed at construction ({self._inner_optimizer!r}): the param groups hold its "
-            "hyperparameters and the flat state its buffers. Build a new ReptileOptimizer for another one."
-        )
-
-    @property
-    def backend(self) -> str:
-        """The backend asked for at construction (see ``backends`` for the resolved ones)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value) -> None:
-        raise AttributeError("backend is fixed at construction (the flat buffers' kernels are resolved then); "
-                             "build a new ReptileOptimizer for another backend")
-
-    @property
-    def memory_format(self):
-        """The parameters' layout inside the flat buffers, fixed at construction."""
-        return self._memory_format
-
-    @memory_format.setter
-    def memory_format(self, value) -> None:
-        raise AttributeError("memory_format is fixed at construction (the parameters are laid out in the flat "
-                             "buffers then); build a new ReptileOptimizer for another layout")
-
-    @property
-    def algorithm(self) -> str:
-        """``"reptile"`` or ``"fomaml"``; may change between meta-batches, not inside one."""
-        return self._meta.algorithm
-
-    @algorithm.setter
-    def algorithm(self, value) -> None:
-        inner.check_algorithm(value)
-        if value != self._meta.algorithm and (self._meta.tasks_done or self._meta.in_task):
-            raise RuntimeError(
-                f"algorithm changed from {self._meta.algorithm!r} to {value!r} inside an open meta-batch "
-                f"({self._meta.tasks_done} task(s) finished): they would count in the wrong direction. "
-                "Call meta_step() first, then change it."
-            )
-        if value != self._meta.algorithm and self._sync is not None:
-            raise RuntimeError("algorithm cannot change on a distributed ReptileOptimizer (every rank must agree); "
-                               "build a new one")
-        self._meta.algorithm = value
-
-    @property
-    def reset_inner_state(self) -> str:
-        """When the inner optimizer's state is forgotten: ``"never"``, ``"task"`` or ``"meta_step"``."""
-        return self._meta.reset_inner_state
-
-    @reset_inner_state.setter
-    def reset_inner_state(self, value) -> None:
-        _check_reset(value)
-        self._meta.reset_inner_state = value
+            self._sync.join(self._flats, [self.inner_optimizer, self.algorithm])
 
     # ------------------------------------------------------------------ setup
 
@@ -309,29 +192,7 @@ class ReptileOptimizer(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group["params"]
-        if isinstance(params, set):
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
-                "in sets will change between runs. Please use a list instead."
-            )
-        params = [params] if isinstance(params, Tensor) else list(params)
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-        for p in tensors:
-            check_trainable(p)
-        if len({id(p) for p in tensors}) != len(tensors):
-            # torch.optim warns and then steps such a parameter once per listing.
-            raise ValueError(
-                "a parameter is listed twice in one param group: torch.optim would step it twice per step(); "
-                "ReptileOptimizer packs each parameter once, so it refuses. List every parameter once."
-            )
-        trainable = [p for p in tensors if p.requires_grad]
-        devices = {p.device for p in trainable}
-        if len(devices) > 1:
-            raise ValueError(
-                f"all parameters of one param group must be on one device, got {sorted(map(str, devices))}; "
-                "put each device's parameters in a group of its own"
-            )
+        params, tensors, trainable, devices = check_group_params(param_group["params"])
         inner.hyperparameters(self.inner_optimizer, {k: v for k, v in param_group.items() if k != "params"})
         inner.check_hyperparameters({**self.defaults, **param_group}, self.inner_optimizer)
         if self._meta.tasks_done or self._meta.in_task:
@@ -353,7 +214,7 @@ class ReptileOptimizer(Optimizer):
         # Frozen now: not packed.  A gradient on one later is refused at step() (see _check_frozen).
         self._frozen.extend(p for p in tensors if not p.requires_grad)
         if self._sync is not None:  # after construction every rank must add the same group
-            self._sync_new_flats(new)
+            self._sync.join(new, [self.inner_optimizer, self.algorithm], self._flats)
 
     def _check_frozen(self) -> None:
         for p in self._frozen:
@@ -442,7 +303,7 @@ class ReptileOptimizer(Optimizer):
         with torch.no_grad():
             for f in self._flats:
                 f.buffer.check_layout()
-            bad = self._nonfinite_task() if self.check_finite else None
+            bad = first_nonfinite(self._flats, fomaml=self.algorithm == "fomaml") if self.check_finite else None
             if bad is not None:  # rolled back like a task that raised
                 for f, state in zip(self._flats, saved):
                     f.abort_task(state)
@@ -456,24 +317,6 @@ class ReptileOptimizer(Optimizer):
                 f.end_task(fomaml=self.algorithm == "fomaml")
         self._meta.in_task = False
         self._meta.tasks_done += 1
-
-    def _where(self, f: FlatState, values: Tensor) -> str | None:
-        """Which parameter of ``f`` holds a non-finite value of ``values`` (laid out like its buffer)."""
-        if bool(torch.isfinite(values).all()):
-            return None
-        for i, shape in enumerate(f.buffer.shapes):
-            if not bool(torch.isfinite(f.buffer.view(values, i)).all()):
-                return f"parameter {i} of param group {f.group_index}, shape {tuple(shape)}"
-        return f"param group {f.group_index}"
-
-    def _nonfinite_task(self) -> str | None:
-        for f in self._flats:
-            where = self._where(f, f.buffer.data)
-            if where is None and self.algorithm == "fomaml" and f.update is not None:
-                where = self._where(f, f.last_updates())
-            if where is not None:
-                return where
-        return None
 
     def _capture_anchor(self) -> None:
         for f in self._flats:
@@ -520,7 +363,7 @@ class ReptileOptimizer(Optimizer):
         for f in self._flats:
             f.meta_update(self.param_groups[f.group_index]["meta_lr"], n)
         if self.check_finite:
-            bad = next((w for f in self._flats if (w := self._where(f, f.buffer.data)) is not None), None)
+            bad = first_nonfinite(self._flats)
             if bad is not None:
                 for f in self._flats:  # θ back to the meta-weights (the anchor holds them)
                     f.buffer.data.copy_(f.anchor)

@@ -31,7 +31,10 @@ LAUNCHERS = {
 }
 
 
-_ANNOTATIONS = {"Tensor": torch.Tensor, "Tensor?": torch.Tensor | None, "float": float, "bool": bool, "int": int}
+_ANNOTATIONS = {
+    "Tensor": torch.Tensor, "Tensor?": torch.Tensor | None, "float": float, "bool": bool, "int": int,
+    "int[]?": list[int] | None,
+}  # fmt: skip
 
 
 def _launch(op, launcher):

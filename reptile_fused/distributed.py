@@ -95,6 +95,13 @@ def layout_fingerprint(description: Sequence) -> Tensor:
     return torch.tensor(words, dtype=torch.int64)
 
 
+def layout_of(flats: list) -> list:
+    """What must match across ranks for one all-reduce per flat buffer (``FlatState``s) to
+    add like to like: group, dtype, shapes, and the element order inside each parameter's
+    slice (its strides)."""
+    return [(f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides) for f in flats]
+
+
 class MetaBatchSync:
     """The collectives a distributed ReptileOptimizer needs, on one process group."""
 
@@ -115,10 +122,7 @@ class MetaBatchSync:
         (default ``flats``) with ``head`` (the optimizer's settings) must match across
         ranks for one all-reduce per buffer to add like to like, the element order inside
         each parameter's slice included; then every rank starts from rank 0's values."""
-        self.check_same_layout(list(head) + [
-            (f.group_index, str(f.buffer.dtype), [tuple(s) for s in f.buffer.shapes], f.buffer.strides)
-            for f in (all_flats if all_flats is not None else flats)
-        ])  # fmt: skip
+        self.check_same_layout(list(head) + layout_of(all_flats if all_flats is not None else flats))
         with torch.no_grad():
             for f in flats:
                 self.broadcast_(f.buffer.data)

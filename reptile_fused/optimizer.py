@@ -358,7 +358,9 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
         θ ← θ + meta_lr · mean(θ̃ᵢ − θᵢ,ₖ₋₁)."""
         n = self._close_meta_batch("meta_step()")
         for group in self.param_groups:  # a scheduler (or a user) may have written it
-            if not isinstance(group["meta_lr"], Tensor):  # (a device tensor is not read here)
+            # (a device tensor is not read here; under torch.compile a scheduled meta_lr is a
+            # traced number, checked where it was set, as torch's optimizers skip such checks)
+            if not isinstance(group["meta_lr"], Tensor) and not torch.compiler.is_compiling():
                 inner.check_hyperparameters({"meta_lr": group["meta_lr"]})
         for f in self._flats:
             f.meta_update(self.param_groups[f.group_index]["meta_lr"], n)

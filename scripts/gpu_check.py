@@ -467,26 +467,26 @@ def roofline_headline(path: Path) -> list[str]:
     return out
 
 
-def meta_headline(path: Path) -> list[str]:
-    """Meta-iterations per second per net and mode, with the ratio to the baseline of the same rounds."""
+def rate_headline(path: Path, benchmark: str, metric: str, unit: str) -> list[str]:
+    """One line per case and mode of ``benchmark``: its ``metric`` in ``unit``, with the
+    ratio to the baseline measured in the same rounds where the row has one."""
     out = []
-    for r in _harness_rows(path, "meta_iteration"):
-        if r.get("metric") != "meta_it_per_s" or not r.get("value"):
+    for r in _harness_rows(path, benchmark):
+        if r.get("metric") != metric or not r.get("value"):
             continue
         ratio = f" (x{float(r['ratio_vs_baseline']):.2f} vs {r['baseline_provider']})" if r.get("ratio_vs_baseline") else ""
-        out.append(f"{r['case']} {r['provider']}: {float(r['value']):.1f} meta-it/s{ratio}")
+        out.append(f"{r['case']} {r['provider']}: {float(r['value']):.1f} {unit}{ratio}")
     return out
+
+
+def meta_headline(path: Path) -> list[str]:
+    """Meta-iterations per second per net and mode, against the seed loop."""
+    return rate_headline(path, "meta_iteration", "meta_it_per_s", "meta-it/s")
 
 
 def eval_headline(path: Path) -> list[str]:
-    """Evaluation tasks per second per mode, with the ratio to sequential where known."""
-    out = []
-    for r in _harness_rows(path, "eval"):
-        if r.get("metric") != "tasks_per_s" or not r.get("value"):
-            continue
-        ratio = f" (x{float(r['ratio_vs_baseline']):.2f} vs {r['baseline_provider']})" if r.get("ratio_vs_baseline") else ""
-        out.append(f"{r['case']} {r['provider']}: {float(r['value']):.1f} tasks/s{ratio}")
-    return out
+    """Evaluation tasks per second per mode, against sequential evaluation."""
+    return rate_headline(path, "eval", "tasks_per_s", "tasks/s")
 
 
 def test_shards(cores: int) -> int:

@@ -28,6 +28,11 @@ def test_headlines_parse_harness_rows(tmp_path):
         harness.make_row(benchmark="meta_iteration", op="meta_iteration", case="omniglot", provider=p, device="cuda",
                          dtype="float32", median_s=t, metric="meta_it_per_s", value=1 / t)
         for p, t in (("seed", 0.1), ("graph", 0.01))
+    ] + [
+        harness.make_row(benchmark="eval", op="evaluate", case="omniglot 5-way", provider=p, device="cuda",
+                         dtype="float32", median_s=t, metric="tasks_per_s", value=1 / t, baseline_provider="sequential",
+                         ratio_vs_baseline=0.25 / t)
+        for p, t in (("sequential", 0.25), ("batched_8_graph", 0.005))
     ]  # fmt: skip
     harness.add_ratios(rows, "seed", keys=("benchmark", "case"))
     path = harness.write_csv(tmp_path / "benchmarks.csv", rows)
@@ -38,3 +43,7 @@ def test_headlines_parse_harness_rows(tmp_path):
     ]
     meta = gpu_check.meta_headline(path)
     assert meta == ["omniglot seed: 10.0 meta-it/s (x1.00 vs seed)", "omniglot graph: 100.0 meta-it/s (x10.00 vs seed)"]
+    assert gpu_check.eval_headline(path) == [
+        "omniglot 5-way sequential: 4.0 tasks/s (x1.00 vs sequential)",
+        "omniglot 5-way batched_8_graph: 200.0 tasks/s (x50.00 vs sequential)",
+    ]

@@ -36,7 +36,8 @@ class _MetaBatchState:
     The settings that may change between meta-batches (``algorithm``, ``reset_inner_state``)
     live here too, so a wrapper that copied the optimizer's ``__dict__`` sees a change."""
 
-    __slots__ = ("owner_ref", "tasks_done", "in_task", "view", "algorithm", "reset_inner_state")
+    # No __slots__: torch 2.11's dynamo cannot trace attribute writes on a slotted object
+    # (meta_step() under torch.compile ends the meta-batch here).
 
     def __init__(self, owner: ReptileOptimizer, algorithm: str, reset_inner_state: str):
         self.owner_ref = weakref.ref(owner)

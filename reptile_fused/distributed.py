@@ -30,7 +30,10 @@ class LayoutMismatchError(RuntimeError):
 
 def resolve_process_group(process_group):
     """The group to synchronise over: ``None`` means the world group when
-    ``torch.distributed`` is initialised (else no synchronisation); ``False`` opts out."""
+    ``torch.distributed`` is initialised (else no synchronisation); ``False`` opts out; a
+    1-D ``DeviceMesh`` (a mesh dimension such as ``mesh["tasks"]``) means its group.
+    (For FSDP2 parameters the optimizer replaces ``None`` by the task group, see
+    :func:`reptile_fused.sharded.task_group_of`.)"""
     if process_group is False:
         return None
     if process_group is None:
@@ -39,6 +42,10 @@ def resolve_process_group(process_group):
         return dist.group.WORLD
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("a process_group was given but torch.distributed is not initialised")
+    if type(process_group).__name__ == "DeviceMesh":  # a mesh dimension, e.g. mesh["tasks"]
+        if process_group.ndim != 1:
+            raise ValueError(f"process_group as a DeviceMesh must be 1-D (one mesh dimension), got {process_group.ndim}-D")
+        return process_group.get_group()
     return process_group
 
 
@@ -125,7 +132,9 @@ class MetaBatchSync:
         self.check_same_layout(list(head) + layout_of(all_flats if all_flats is not None else flats))
         with torch.no_grad():
             for f in flats:
+                f.buffer.pull()
                 self.broadcast_(f.buffer.data)
+                f.buffer.push()
 
     def check_same_layout(self, description: Sequence) -> None:
         """Raise :class:`LayoutMismatchError` on every rank unless all ranks describe the same layout.

@@ -103,6 +103,9 @@ def check_group_params(params) -> tuple[list, list[Tensor], list[Tensor], set[to
             "ReptileOptimizer packs each parameter once, so it refuses. List every parameter once."
         )
     trainable = [p for p in tensors if p.requires_grad]
+    from .sharded import check_not_mixed  # (sharded.py builds on this module)
+
+    check_not_mixed(trainable)
     devices = {p.device for p in trainable}
     if len(devices) > 1:
         raise ValueError(
@@ -165,6 +168,9 @@ class FlatBuffer:
     Padding between parameters is zero in ``data`` and ``grad`` and every update
     rule maps (0, 0) to 0, so kernels may run over padding as if it were a parameter.
     """
+
+    # A ShardedFlatBuffer (reptile_fused.sharded) leaves its parameters where FSDP2 keeps them.
+    sharded = False
 
     def __init__(self, params: list[Tensor], memory_format=None):
         if not params:
@@ -229,6 +235,12 @@ class FlatBuffer:
         off = self.offsets[i]
         piece = rows[:, off : off + self.numels[i]]
         return piece.as_strided((rows.shape[0], *self.shapes[i]), (rows.stride(0), *self.strides[i]))
+
+    def pull(self) -> None:
+        """Bring ``data`` up to date with the parameters: nothing to do, they are its views."""
+
+    def push(self) -> None:
+        """Make the parameters show ``data``: nothing to do, they are its views."""
 
     def entry_shape(self, i: int) -> torch.Size:
         """The shape of parameter ``i``'s tensors in a state_dict (the parameter's own)."""

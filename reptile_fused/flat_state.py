@@ -12,6 +12,7 @@ from . import inner
 from ._validate import opmath_dtype
 from .backends import get_backend
 from .flat import FlatBuffer
+from .sharded import agree_nonfinite, step_local_shards
 
 
 class FlatState:
@@ -104,6 +105,14 @@ class FlatState:
         # Parameters are grouped by step count: SGD's first-step rule applies to those
         # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
         keys = self.steps if active is None else [s if a else None for s, a in zip(self.steps, active)]
+        if b.sharded:  # FSDP2: each local shard in place, where FSDP all-gathers from
+            step_local_shards(b, foreign, lambda i, param, grad, part: inner.step_(
+                self.backend, self.inner_optimizer, group, param, grad, {key: buf[part] for key, buf in state.items()},
+                lr=group["lr"], step=self.steps[i] + 1, first_step=self.steps[i] == 0,
+                update=None if update is None else update[part],
+                fused=self.fused, spans=(0, param.numel()) if self.fused else None,
+            ))  # fmt: skip
+            keys = []
         for steps, seg in b.segments(keys):
             part = slice(seg.start, seg.end)
             inner.step_(
@@ -148,6 +157,7 @@ class FlatState:
     def capture_anchor(self, count_slot: bool) -> None:
         """θ at the start of a meta-batch."""
         self.ensure_meta_buffers(count_slot)
+        self.buffer.pull()
         self.anchor.copy_(self.buffer.data)
 
     def begin_task(self, reset: bool) -> tuple[dict[str, Tensor], list[int]]:
@@ -159,14 +169,21 @@ class FlatState:
 
     def abort_task(self, saved: tuple[dict[str, Tensor], list[int]]) -> None:
         """A failed task leaves nothing behind: θ back to the anchor, the inner state as it was."""
-        self.buffer.data.copy_(self.anchor)
+        self.reset_to_anchor()
         self.restore_inner_state(saved)
+
+    def reset_to_anchor(self) -> None:
+        """θ back to the meta-weights."""
+        self.buffer.data.copy_(self.anchor)
+        self.buffer.push()
 
     def end_task(self, fomaml: bool) -> None:
         """Add the task's contribution to the task sum and restore θ."""
         # First-order MAML: the task counts as if it had ended at anchor + last update.
         update = self.last_updates() if fomaml else None
+        self.buffer.pull()
         self.backend.task_end_(self.buffer.data, self.anchor, self.acc, update)
+        self.buffer.push()
 
     def _trainable_now(self) -> list | None:
         """Per parameter ``True``, or ``None`` for one frozen since packing (requires_grad_(False));
@@ -180,13 +197,15 @@ class FlatState:
         """θ ← θ + meta_lr · (task sum / n − θ), and the task sum cleared.  A parameter frozen
         since packing is left exactly as it is (its mean of n equal values would round)."""
         keys = self._trainable_now()
+        self.buffer.pull()
         if keys is None:
             self.backend.meta_update_(self.buffer.data, self.anchor, self.acc, meta_lr, n)
-            return
-        for _, seg in self.buffer.segments(keys):
-            part = slice(seg.start, seg.end)
-            self.backend.meta_update_(self.buffer.data[part], self.anchor[part], self.acc[part], meta_lr, n)
-        self.acc.zero_()
+        else:
+            for _, seg in self.buffer.segments(keys):
+                part = slice(seg.start, seg.end)
+                self.backend.meta_update_(self.buffer.data[part], self.anchor[part], self.acc[part], meta_lr, n)
+            self.acc.zero_()
+        self.buffer.push()
 
     def meta_gradient(self, n: float) -> None:
         """Write θ − task sum / n into the gradient and clear the task sum.  A parameter
@@ -194,6 +213,8 @@ class FlatState:
         self.buffer.zero_grad(set_to_none=False)  # re-attaches views released by set_to_none
         self.buffer.grad.copy_(self.anchor.to(self.acc.dtype) - self.acc / n)
         self.acc.zero_()
+        if self.buffer.sharded:
+            self.buffer.attach_grads()
         keys = self._trainable_now()
         if keys is not None:
             for p, key in zip(self.buffer.params, keys):
@@ -257,14 +278,20 @@ def _nonfinite_where(f: FlatState, values: Tensor) -> str | None:
 
 def first_nonfinite(flats: list[FlatState], fomaml: bool = False) -> str | None:
     """Where the first nan or inf of the flats' weights is (with ``fomaml``, of their
-    recorded last updates too), in words; ``None`` when all are finite."""
+    recorded last updates too), in words; ``None`` when all are finite.
+
+    FSDP2 shards are checked on every rank of their shard group, which then agrees (one
+    all-reduce per buffer): those ranks ran the same task, so all roll back or none."""
+    found = None
     for f in flats:
+        f.buffer.pull()
         where = _nonfinite_where(f, f.buffer.data)
         if where is None and fomaml and f.update is not None:
             where = _nonfinite_where(f, f.last_updates())
-        if where is not None:
-            return where
-    return None
+        if f.buffer.sharded:
+            where = agree_nonfinite(f.buffer, where)
+        found = found or where
+    return found
 
 
 class _StateView(MutableMapping):

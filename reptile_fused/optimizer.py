@@ -20,6 +20,7 @@ from . import state_dict as _format
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
 from .flat import FlatBuffer, check_group_params, check_memory_format
+from .sharded import flat_buffer, task_group_of
 from .flat_state import FlatState, _StateView, first_nonfinite
 from .meta_schedule import MetaLRScheduler, MetaStepView
 from .optimizer_settings import STATE_RESETS, NonFiniteError, OptimizerSettings, _check_reset, _MetaBatchState
@@ -178,6 +179,8 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
         if inner_optimizer == "adam":
             inner.check_tensor_hyperparameters(defaults, foreach, capturable)
         super().__init__(params, defaults)
+        if process_group is None and any(b.sharded for b in self.flat_buffers):  # FSDP2: tasks x shards
+            group = task_group_of(self.flat_buffers)
         if group is not None:
             self._sync = MetaBatchSync(group, bucket_elements)
             self._sync.join(self._flats, [self.inner_optimizer, self.algorithm])
@@ -206,7 +209,7 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
         new = [
-            FlatState(FlatBuffer(dtype_params, self.memory_format), group_index, self.backend, self.inner_optimizer,
+            FlatState(flat_buffer(dtype_params, self.memory_format), group_index, self.backend, self.inner_optimizer,
                       self.fused)
             for dtype_params in by_dtype.values()
         ]
@@ -368,7 +371,7 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             bad = first_nonfinite(self._flats)
             if bad is not None:
                 for f in self._flats:  # θ back to the meta-weights (the anchor holds them)
-                    f.buffer.data.copy_(f.anchor)
+                    f.reset_to_anchor()
                 self._end_meta_batch()
                 raise NonFiniteError(
                     f"check_finite: the meta step's result holds nan or inf ({bad}); the meta-weights are left as "

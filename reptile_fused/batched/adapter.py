@@ -180,6 +180,11 @@ class BatchedAdapter:
         self.inner_optimizer = opt.inner_optimizer
         names = {id(p): name for name, p in model.named_parameters()}
         self._flats = list(opt._flats)
+        if any(f.buffer.sharded for f in self._flats):
+            raise NotBatchableError(
+                "the optimizer steps FSDP2 (DTensor) parameters: batched adaptation vmaps the whole model over "
+                "the tasks, which FSDP's sharded modules do not support; adapt with opt.task() instead"
+            )
         self._flat_names = []
         covered = set()
         for f in self._flats:

@@ -439,7 +439,8 @@ def page_section(rows) -> str:
                     + ", ".join(f"`{k}` {v}" for k, v in launches.items()) + ".", ""]
     else:
         out += ["**GPU** (ops, Triton, CUDA graphs): not measured (no GPU was available for these runs).", ""]
-    info = _meta(rows, "meta_iteration")
+    # The table below is the CPU's: its heading names the CPU rows' machine, not a GPU's.
+    info = _meta([r for r in rows if r["device"] == "cpu"], "meta_iteration")
     if info:
         out += [f"**Meta-iterations per second** (`benchmarks/bench_meta_iteration.py`; {info[0]}, {info[1]}): "
                 "one meta-iteration = n tasks × k inner SGD steps + the meta update, the modes are described in "

@@ -79,6 +79,10 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             the same update.  Construction checks that every rank has the same parameter
             layout and broadcasts θ from rank 0.  Carried inner-optimizer state is per
             rank; with ``reset_inner_state="task"`` results do not depend on the world size.
+            FSDP2 parameters (``fully_shard``) are stepped in place, shard by shard; their
+            default group is the ranks that hold the same shards (a tasks × shards mesh's
+            ``"tasks"`` dimension; none with 1-D FSDP), and a 1-D ``DeviceMesh`` is taken as
+            its group (docs/distributed.md).
         bucket_elements: all-reduce buffers larger than this in slices of this many elements.
         memory_format: the element order of each parameter inside the flat buffer (and
             so of ``p.data`` and ``p.grad``): ``None`` (default) keeps each parameter's
@@ -429,32 +433,6 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
         # torch.optim.Optimizer.__init__ assigns an empty dict; the real state lives in the flat buffers.
         if value:
             raise TypeError("ReptileOptimizer.state is a view of the flat buffers; assign opt.state[p] = {...} instead")
-
-    def __reduce_ex__(self, protocol):
-        # copy.deepcopy and pickle rebuild the optimizer over (copies of) its parameters
-        # and restore its state_dict; copied together with its model, the copy steps the
-        # copied model's parameters.
-        if self._sync is not None:
-            raise TypeError(
-                "a distributed ReptileOptimizer cannot be copied or pickled; save opt.state_dict() instead"
-            )
-        config = dict(
-            inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
-            reset_inner_state=self.reset_inner_state, backend=self.backend,
-            memory_format=self.memory_format, check_finite=self.check_finite, fused=self.fused,
-        )  # fmt: skip
-        groups = [dict(g) for g in self.param_groups]
-        return (_rebuild, (type(self), groups, config, self.state_dict()))
-
-    def __repr__(self) -> str:
-        lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, algorithm={self.algorithm!r}, "
-                 f"backends={self.backends}, reset_inner_state={self.reset_inner_state!r}, "
-                 + (f"fused={self.fused}, " if self.inner_optimizer == "adam" else "") +
-                 f"tasks_in_meta_batch={self._meta.tasks_done})"]
-        for i, group in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            lines.extend(f"    {k}: {v}" for k, v in sorted(group.items()) if k not in ("params", "param_names"))
-        return "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -11,6 +11,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from . import inner
+from .state_dict import _rebuild
 
 if TYPE_CHECKING:
     from .meta_schedule import MetaStepView
@@ -53,8 +54,9 @@ class _MetaBatchState:
 
 
 class OptimizerSettings:
-    """The settings as properties (a mixin of ``ReptileOptimizer``, which sets ``_meta``,
-    ``_sync`` and the fixed ``_inner_optimizer``, ``_backend``, ``_memory_format``)."""
+    """The settings as properties, and the copies and ``repr`` made from them (a mixin of
+    ``ReptileOptimizer``, which sets ``_meta``, ``_sync`` and the fixed ``_inner_optimizer``,
+    ``_backend``, ``_memory_format``)."""
 
     @property
     def inner_optimizer(self) -> str:
@@ -116,3 +118,31 @@ class OptimizerSettings:
     def reset_inner_state(self, value) -> None:
         _check_reset(value)
         self._meta.reset_inner_state = value
+
+    # ------------------------------------------------------------------ copies and display
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy and pickle rebuild the optimizer over (copies of) its parameters
+        # and restore its state_dict; copied together with its model, the copy steps the
+        # copied model's parameters.
+        if self._sync is not None:
+            raise TypeError(
+                "a distributed ReptileOptimizer cannot be copied or pickled; save opt.state_dict() instead"
+            )
+        config = dict(
+            inner_optimizer=self.inner_optimizer, algorithm=self.algorithm,
+            reset_inner_state=self.reset_inner_state, backend=self.backend,
+            memory_format=self.memory_format, check_finite=self.check_finite, fused=self.fused,
+        )  # fmt: skip
+        groups = [dict(g) for g in self.param_groups]
+        return (_rebuild, (type(self), groups, config, self.state_dict()))
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (inner_optimizer={self.inner_optimizer!r}, algorithm={self.algorithm!r}, "
+                 f"backends={self.backends}, reset_inner_state={self.reset_inner_state!r}, "
+                 + (f"fused={self.fused}, " if self.inner_optimizer == "adam" else "") +
+                 f"tasks_in_meta_batch={self._meta.tasks_done})"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {k}: {v}" for k, v in sorted(group.items()) if k not in ("params", "param_names"))
+        return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import inner
+from . import ddp, inner
 from . import state_dict as _format
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
@@ -293,7 +293,8 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             saved = [f.begin_task(reset=self.reset_inner_state == "task") for f in self._flats]
         self._meta.in_task = True
         try:
-            yield
+            with ddp.local_gradients(p for f in self._flats for p in f.buffer.params):  # DDP: each rank its own tasks
+                yield
         except BaseException:
             with torch.no_grad():
                 for f, state in zip(self._flats, saved):

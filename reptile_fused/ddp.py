@@ -81,9 +81,11 @@ def _before_forward(module: Module, args) -> None:
 
 def _wraps_open_task(ddp: DistributedDataParallel) -> bool:
     ids = frozenset().union(*(t.param_ids for t in _open))
-    # Parameters DDP was told to ignore are never synchronised: they do not count.
-    synced = (p for name, p in ddp.module.named_parameters() if name not in ddp.parameters_to_ignore)
-    if not any(id(p) in ids for p in synced):
+    # Parameters DDP was told to ignore are never synchronised; those whose all-reduce it delays
+    # (a private list, guarded; DDP also lists them as ignored) are, from a hook of its own.
+    delayed = getattr(ddp, "_delay_all_reduce_params", None) or []
+    synced = [p for name, p in ddp.module.named_parameters() if name not in ddp.parameters_to_ignore]
+    if not any(id(p) in ids for p in synced + list(delayed)):
         return False
     if ddp.static_graph:
         raise RuntimeError(
@@ -92,11 +94,10 @@ def _wraps_open_task(ddp: DistributedDataParallel) -> bool:
             "torch's DDP cannot turn it off with static_graph=True (its no_sync() fails on the first backward). "
             "Build DDP without static_graph, or call the unwrapped model (ddp.module) inside tasks"
         )
-    # A private list (guarded): DDP all-reduces these parameters from a hook of its own, even under no_sync().
-    if getattr(ddp, "_delay_all_reduce_params", None):
+    if delayed:
         raise RuntimeError(
             "a DistributedDataParallel module built with delay_all_reduce_named_params ran inside "
             "ReptileOptimizer.task(): DDP all-reduces those parameters' gradients even under no_sync(), which "
-            "would mix the ranks' tasks. Call the unwrapped model (ddp.module) inside tasks"
+            "would mix the ranks' tasks. Build DDP without it, or call the unwrapped model (ddp.module) inside tasks"
         )
     return True

@@ -78,6 +78,7 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             the same update.  Construction checks that every rank has the same parameter
             layout and broadcasts θ from rank 0.  Carried inner-optimizer state is per
             rank; with ``reset_inner_state="task"`` results do not depend on the world size.
+            Inside ``task()`` a DDP-wrapped model synchronises no gradients (:mod:`reptile_fused.ddp`).
         bucket_elements: all-reduce buffers larger than this in slices of this many elements.
         memory_format: the element order of each parameter inside the flat buffer (and
             so of ``p.data`` and ``p.grad``): ``None`` (default) keeps each parameter's

@@ -162,6 +162,14 @@ def _refusals():
     x, y = task[0]
     F.mse_loss(ddp(x), y).backward()
     out["static_graph_outside_task"] = True
+    # Delayed all-reduces run even under no_sync(): refused too.
+    delayed = DDP(model, delay_all_reduce_named_params=list(model[3].named_parameters(prefix="3")),
+                  param_to_hook_all_reduce=model[0].weight)
+    try:
+        with opt.task():
+            inner_steps(delayed, opt, task)
+    except RuntimeError as exc:
+        out["delayed"] = str(exc)
     # A DDP module that wraps none of the task's parameters is left alone.
     other = DDP(nn.Linear(3, 2).double())
     with opt.task():
@@ -310,6 +318,7 @@ def test_static_graph_refused_and_rolled_back(ranks):
     for r in range(2):
         refusals = ranks[r]["refusals"]
         assert "static_graph=True" in refusals["static_graph"] and "ddp.module" in refusals["static_graph"]
+        assert "delay_all_reduce_named_params" in refusals["delayed"]
         assert refusals["static_graph_rolled_back"]
         assert refusals["static_graph_outside_task"]
         assert refusals["unrelated_keeps_sync"]

@@ -5,8 +5,9 @@ inner step follow the mean gradient of all ranks' tasks: a different algorithm f
 Reptile, whose distributed mode communicates only at ``meta_step()``
 (:mod:`reptile_fused.distributed`).  So while a task is open, a DDP module that wraps any
 of the open tasks' parameters runs as under its own ``no_sync()``: from its first forward
-in the task until the task ends (normally, by an exception or rolled back) its
-``require_backward_grad_sync`` is ``False``.  Outside tasks DDP behaves as always.
+in the task (from the task's start, for a task opened inside its forward) until the task
+ends (normally, by an exception or rolled back) its ``require_backward_grad_sync`` is
+``False``.  Outside tasks DDP behaves as always.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def local_gradients(params: Iterable[Tensor]) -> Iterator[None]:
     if _hook is None:
         _hook = register_module_forward_pre_hook(_before_forward)
     try:
+        # A task opened inside a DDP module's forward (a training step run by DDP's forward, as
+        # Lightning runs it) backpropagates before any DDP forward of its own: that module is
+        # switched now.  DDP names it in a private class attribute (guarded) during its forward.
+        active = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if isinstance(active, DistributedDataParallel):
+            _before_forward(active, ())
         yield
     finally:
         _open.remove(task)

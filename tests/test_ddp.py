@@ -178,6 +178,39 @@ def _refusals():
     return out
 
 
+class TaskInForward(nn.Module):
+    """A training step that DDP's forward runs, adapting to one task, as Lightning's manual optimization does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, task):
+        with self.opt.task():
+            for x, y in task:
+                self.opt.zero_grad()
+                loss = F.mse_loss(self.net(x), y)
+                if self.ddp.require_backward_grad_sync:  # Lightning's manual_backward under DDP
+                    self.ddp.reducer._rebuild_buckets()
+                    self.ddp.reducer.prepare_for_backward([])
+                loss.backward()
+                self.opt.step()
+        self.ddp.require_backward_grad_sync = False  # Lightning: keeps DDP's post-forward out
+        return torch.zeros(())
+
+
+def _task_in_forward(rank, world):
+    step = TaskInForward()
+    ddp = DDP(step)
+    step.ddp, step.opt = ddp, ReptileOptimizer(ddp.parameters(), **CONFIGS["sgd"])
+    for meta_batch in rank_tasks("even", rank, world):
+        for task in meta_batch:
+            ddp(task)
+            ddp.require_backward_grad_sync = True  # Lightning, after the outer forward
+        step.opt.meta_step()
+    return step.net
+
+
 def _nested(rank, world):
     """Two optimizers (first and last layer) with nested tasks over one DDP model."""
     model = make_model()
@@ -223,6 +256,7 @@ def _worker(rank, world, port, out_dir):
                 F.mse_loss(ddp(x), y).backward()
                 opt.step()
                 results["fine_tune"] = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+        results["task_in_forward"] = {"model": _task_in_forward(rank, world).state_dict()}
         model, flags = _nested(rank, world)
         results["nested"] = {"model": model.state_dict(), "flags": flags}
         results["refusals"] = _refusals()
@@ -287,6 +321,13 @@ def test_outside_a_task_ddp_averages_gradients(ranks):
             p -= FINE_TUNE_LR * (g0 + g1) / 2
     for r in range(2):
         assert _max_diff(ranks[r]["fine_tune"]["model"], model) < 1e-10
+
+
+def test_task_inside_ddp_forward(ranks):
+    # Lightning's manual optimization runs the whole training step, task included, inside DDP's forward.
+    expected = single_process("sgd", all_tasks())
+    for r in range(2):
+        assert _max_diff(ranks[r]["task_in_forward"]["model"], expected) < 1e-10
 
 
 def test_nested_optimizers(ranks):

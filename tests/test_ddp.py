@@ -64,7 +64,8 @@ def all_tasks():
 def rank_tasks(split, rank, world):
     if split == "even":
         return [shard(tasks, rank, world) for tasks in all_tasks()]
-    # Rank 1 has no task in the first meta-batch, one in the second, three in the third.
+    # Rank 1 has no task in the first meta-batch (a collective in rank 0's tasks, such as DDP's
+    # buffer broadcast, would wait for it in vain), one in the second, three in the third.
     cuts = [4, 3, 1]
     return [tasks[:cut] if rank == 0 else tasks[cut:] for tasks, cut in zip(all_tasks(), cuts)]
 

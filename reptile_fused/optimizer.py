@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import inner
+from . import ddp, inner
 from . import state_dict as _format
 from .backends import get_backend
 from .distributed import DEFAULT_BUCKET_ELEMENTS, MetaBatchSync, resolve_process_group
@@ -83,6 +83,7 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             default group is the ranks that hold the same shards (a tasks × shards mesh's
             ``"tasks"`` dimension; none with 1-D FSDP), and a 1-D ``DeviceMesh`` is taken as
             its group (docs/distributed.md).
+            Inside ``task()`` a DDP-wrapped model synchronises no gradients (:mod:`reptile_fused.ddp`).
         bucket_elements: all-reduce buffers larger than this in slices of this many elements.
         memory_format: the element order of each parameter inside the flat buffer (and
             so of ``p.data`` and ``p.grad``): ``None`` (default) keeps each parameter's
@@ -300,7 +301,8 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
             saved = [f.begin_task(reset=self.reset_inner_state == "task") for f in self._flats]
         self._meta.in_task = True
         try:
-            yield
+            with ddp.local_gradients(p for f in self._flats for p in f.buffer.params):  # DDP: each rank its own tasks
+                yield
         except BaseException:
             with torch.no_grad():
                 for f, state in zip(self._flats, saved):

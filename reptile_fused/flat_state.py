@@ -15,6 +15,18 @@ from .flat import FlatBuffer
 from .sharded import agree_nonfinite, step_local_shards
 
 
+# The state_dict flag of an SGD entry whose momentum buffer holds nothing yet.  torch
+# writes None there, but a loader that fills a template (dcp.load) needs a tensor in
+# every phase, so the entry carries zeros and says they stand for "none yet".  Absent
+# (torch's state dicts, this project's older ones): a momentum tensor is a filled buffer.
+MOMENTUM_EMPTY = "momentum_buffer_empty"
+
+
+def momentum_filled(entry: dict[str, Any]) -> bool:
+    """Whether an SGD state_dict entry brings a momentum buffer that holds something."""
+    return isinstance(entry.get("momentum_buffer"), Tensor) and not bool(entry.get(MOMENTUM_EMPTY, False))
+
+
 class FlatState:
     """A flat buffer plus everything the optimizer keeps in its layout.
 
@@ -223,23 +235,55 @@ class FlatState:
 
     # ------------------------------------------------------------------ per-parameter entries
 
-    def inner_entry(self, i: int) -> dict[str, Any]:
-        """Parameter ``i``'s inner state as torch keeps it (views into the flat state; ``step`` an int)."""
-        if not self.steps[i]:
-            return {}
-        entry: dict[str, Any] = {"step": self.steps[i]} if self.inner_optimizer == "adam" else {}
-        for key in inner.STATE_KEYS[self.inner_optimizer]:
-            if key in self.state:
-                entry[key] = self.buffer.view(self.state[key], i)
+    def entry_keys(self, group: dict) -> tuple[str, ...]:
+        """The inner-state tensors of parameter entries: those a step with ``group``'s
+        hyperparameters uses, and any other buffer the state holds, in torch's order."""
+        used = set(inner.state_keys(self.inner_optimizer, group)) | set(self.state)
+        return tuple(k for k in inner.STATE_KEYS[self.inner_optimizer] if k in used)
+
+    def has_inner_state(self, i: int) -> bool:
+        """Whether parameter ``i``'s inner state holds anything (SGD: its momentum buffer; Adam: a step)."""
+        return self.steps[i] > 0
+
+    def inner_entry(self, i: int, group: dict) -> dict[str, Any]:
+        """Parameter ``i``'s inner state as torch keeps it, views into the flat state.  Before
+        its first step: SGD's ``momentum_buffer`` is ``None`` (torch's "no buffer yet": the
+        first step copies the gradient), Adam's ``step`` is 0 with zero moments (where torch
+        starts); reading that allocates Adam's buffers, as the first step would."""
+        if self.inner_optimizer == "sgd":
+            filled = self.steps[i] and "momentum_buffer" in self.state
+            return {"momentum_buffer": self.buffer.view(self.state["momentum_buffer"], i) if filled else None}
+        entry: dict[str, Any] = {"step": self.steps[i]}
+        for key in self.entry_keys(group):
+            entry[key] = self.buffer.view(self.state_buffer(key), i)
         return entry
 
-    def saved_entry(self, i: int, meta_batch_open: bool) -> dict[str, Any]:
-        """Parameter ``i``'s state_dict entry: copies of its inner state and, while a
-        meta-batch is open, of its anchor and task sum."""
-        entry = {k: v if k == "step" else v.clone() for k, v in self.inner_entry(i).items()}
-        if meta_batch_open:
-            entry["anchor"] = self.buffer.view(self.anchor, i).clone()
-            entry["task_sum"] = self.buffer.view(self.acc, i).clone()
+    def _local_zeros(self, i: int, dtype: torch.dtype) -> Tensor:
+        b = self.buffer
+        return torch.zeros(b.numels[i], device=b.device, dtype=dtype).as_strided(b.shapes[i], b.strides[i])
+
+    def saved_entry(self, i: int, group: dict, meta_batch_open: bool) -> dict[str, Any]:
+        """Parameter ``i``'s state_dict entry, with the same keys in every phase (a loader
+        that fills only a template's keys, as ``dcp.load`` does, gets everything): copies of
+        its inner-state tensors (zeros where a buffer does not exist yet), what says whether
+        that state is empty (Adam's ``step``; SGD's ``MOMENTUM_EMPTY``), and the anchor and
+        task sum (zeros while no meta-batch is open).  The zeros are made here, each a tensor
+        of its own (a loader may write into them), and no flat buffer is allocated for them."""
+        b = self.buffer
+
+        def saved(buf: Tensor | None, dtype: torch.dtype) -> Tensor:
+            return b.wrap_entry(i, b.view(buf, i).clone() if buf is not None else self._local_zeros(i, dtype))
+
+        # The flags are scalar tensors, as torch keeps Adam's step: dcp.load writes tensors
+        # into the template in place, but files a Python number under the key's string
+        # ("0" for parameter 0), which the template's own entry would not see.  int64: exact.
+        entry: dict[str, Any] = {"step": torch.tensor(self.steps[i])} if self.inner_optimizer == "adam" else {}
+        for key in self.entry_keys(group):
+            entry[key] = saved(self.state.get(key), b.dtype)
+        if "momentum_buffer" in entry:
+            entry[MOMENTUM_EMPTY] = torch.tensor(not self.has_inner_state(i))
+        entry["anchor"] = saved(self.anchor if meta_batch_open else None, b.dtype)
+        entry["task_sum"] = saved(self.acc if meta_batch_open else None, opmath_dtype(b.dtype))
         return entry
 
     def clear_for_load(self, meta_batch_open: bool, count_slot: bool) -> None:
@@ -250,20 +294,24 @@ class FlatState:
         if self.acc is not None:
             self.acc.zero_()
 
-    def load_entry(self, i: int, entry: dict[str, Any]) -> None:
-        """Copy a checked state_dict entry into parameter ``i``'s slices."""
+    def load_entry(self, i: int, entry: dict[str, Any], meta_batch_open: bool) -> None:
+        """Copy a checked state_dict entry into parameter ``i``'s slices.  Every tensor is
+        copied (allocating the inner-state buffers, as a step would); the anchor and task
+        sum only while the meta-batch is open (otherwise they are the zeros of the format)."""
         b = self.buffer
         for key, value in entry.items():
             if key == "step":
                 self.steps[i] = int(value)
-            elif key == "anchor":
-                b.view(self.anchor, i).copy_(value)
-            elif key == "task_sum":
-                b.view(self.acc, i).copy_(value)
+            elif key == MOMENTUM_EMPTY or value is None:  # None: torch's empty momentum buffer
+                continue
+            elif key in ("anchor", "task_sum"):
+                if meta_batch_open:
+                    b.view(self.anchor if key == "anchor" else self.acc, i).copy_(b.unwrap_entry(i, value))
             else:
-                b.view(self.state_buffer(key), i).copy_(value)
-                if key == "momentum_buffer":
-                    self.steps[i] = 1
+                b.view(self.state_buffer(key), i).copy_(b.unwrap_entry(i, value))
+        if "momentum_buffer" in entry:
+            self.steps[i] = int(momentum_filled(entry))
+
 
 
 def _nonfinite_where(f: FlatState, values: Tensor) -> str | None:
@@ -295,11 +343,18 @@ def first_nonfinite(flats: list[FlatState], fomaml: bool = False) -> str | None:
 
 
 class _StateView(MutableMapping):
-    """``ReptileOptimizer.state``: per-parameter views of the flat inner state."""
+    """``ReptileOptimizer.state``: per-parameter views of the flat inner state.
 
-    def __init__(self, flats: list[FlatState], inner_optimizer: str):
+    Every packed parameter has an entry from construction on (see
+    :meth:`FlatState.inner_entry` for a never-stepped one), so the state is never empty:
+    ``torch.distributed.checkpoint`` runs a zero-lr ``step()`` to create the state of an
+    optimizer whose ``state`` is empty, which would count an Adam step, fill SGD's
+    momentum buffer, or raise while a meta-batch is open."""
+
+    def __init__(self, flats: list[FlatState], inner_optimizer: str, param_groups: list[dict]):
         self._flats = flats
         self._inner_optimizer = inner_optimizer
+        self._groups = param_groups
 
     def _locate(self, p) -> tuple[FlatState, int]:
         for f in self._flats:
@@ -308,9 +363,8 @@ class _StateView(MutableMapping):
                     return f, i
         raise KeyError(p)
 
-    @staticmethod
-    def _entry(f: FlatState, i: int) -> dict[str, Any]:
-        entry = f.inner_entry(i)
+    def _entry(self, f: FlatState, i: int) -> dict[str, Any]:
+        entry = f.inner_entry(i, self._groups[f.group_index])
         if "step" in entry:  # torch keeps Adam's step as a float32 tensor
             entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
         return entry
@@ -326,6 +380,8 @@ class _StateView(MutableMapping):
             for key, v in value.items():
                 if key == "step":
                     f.steps[i] = int(v.item() if isinstance(v, Tensor) else v)
+                elif key == "momentum_buffer" and v is None and self._inner_optimizer == "sgd":
+                    f.steps[i] = 0  # torch's "no buffer yet"
                 elif key in inner.STATE_KEYS[self._inner_optimizer]:
                     view = f.buffer.view(f.state_buffer(key), i)
                     if v is not view:
@@ -336,17 +392,19 @@ class _StateView(MutableMapping):
                     raise KeyError(f"{key!r} is not a state entry of inner_optimizer={self._inner_optimizer!r}")
 
     def __delitem__(self, p) -> None:
+        """Back to a never-stepped parameter's state (the parameter keeps its entry)."""
         f, i = self._locate(p)
         f.steps[i] = 0
+        with torch.no_grad():
+            for buf in f.state.values():  # Adam's next step reads its moments: zero, as torch starts
+                f.buffer.view(buf, i).zero_()
 
     def __iter__(self):
         for f in self._flats:
-            for i, p in enumerate(f.buffer.params):
-                if f.steps[i]:
-                    yield p
+            yield from f.buffer.params
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return sum(len(f.buffer.params) for f in self._flats)
 
     def __repr__(self) -> str:
         return repr({tuple(p.shape): self._entry(*self._locate(p)) for p in self})

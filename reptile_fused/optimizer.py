@@ -424,11 +424,12 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
     @property
     def state(self) -> _StateView:
         """Each parameter's inner state, as ``torch.optim`` exposes it: ``opt.state[p]`` is
-        ``{"momentum_buffer": ...}`` (SGD with momentum) or ``{"step": ..., "exp_avg": ...,
-        "exp_avg_sq": ...[, "max_exp_avg_sq": ...]}`` (Adam), empty before the parameter's
-        first step.  The tensors are views into the flat state buffers (writing to them
+        ``{"momentum_buffer": ...}`` (SGD; ``None`` before its first step with momentum) or
+        ``{"step": ..., "exp_avg": ..., "exp_avg_sq": ...[, "max_exp_avg_sq": ...]}`` (Adam;
+        step 0 and zeros before its first step).  Every trainable parameter has an entry from
+        construction on.  The tensors are views into the flat state buffers (writing to them
         changes the optimizer's state); assigning ``opt.state[p] = {...}`` copies values in."""
-        return _StateView(self._flats, self.inner_optimizer)
+        return _StateView(self._flats, self.inner_optimizer, self.param_groups)
 
     @state.setter
     def state(self, value) -> None:
@@ -441,9 +442,9 @@ class ReptileOptimizer(OptimizerSettings, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, even between the tasks of a meta-batch.
 
-        Per-parameter entries (keyed by the parameter's index, as torch does) hold the
-        inner optimizer state and, while a meta-batch is open, the anchor and the task
-        accumulator (``task_sum``).  Not allowed inside ``task()``.
+        Per-parameter entries (keyed by the parameter's index, as torch does) hold the inner
+        optimizer state, the anchor and the task accumulator (``task_sum``), with the same
+        keys in every phase (see :mod:`~reptile_fused.state_dict`).  Not allowed inside ``task()``.
         """
         if self._meta.in_task:
             raise RuntimeError("state_dict() inside task(): save between tasks or after meta_step()")

@@ -153,7 +153,10 @@ def test_state_exposes_per_parameter_views_like_torch(backend):
     ours, theirs = mlp(), mlp()
     opt = ReptileOptimizer(ours.parameters(), inner_optimizer="adam", betas=(0.9, 0.999), amsgrad=True, backend=backend)
     ref = torch.optim.Adam(theirs.parameters(), amsgrad=True, foreach=False)
-    assert len(opt.state) == 0
+    # Every parameter has its entry from the start (torch's appear at the first step),
+    # holding what torch starts from: step 0, zero moments.
+    assert len(opt.state) == len(list(ours.parameters()))
+    assert all(e["step"].item() == 0 and not e["exp_avg"].any() for e in opt.state.values())
     for x, y in DATA[:3]:
         step(ours, opt, x, y)
         step(theirs, ref, x, y)

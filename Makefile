@@ -97,7 +97,7 @@ bench: install
 # downloads), builds in place for the local GPU's architecture with every core, then
 # runs the stages of scripts/gpu_check.sh (headline benchmarks first, then the cpp and
 # Triton GPU tests), each writing $(OUT)/summary.md, summary.json and gpu_check.tgz as
-# it ends, all within one budget of 345 s.
+# it ends, all within one budget of 360 s.
 OUT ?= benchmarks/results
 gpu-check:
 	$(GPU_CHECK_ENV) PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(OUT)

@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py OUT [--dry-run] [--budget SECONDS]
 
-Called by scripts/gpu_check.sh.  One budget (default 345 s, after the machine's start)
+Called by scripts/gpu_check.sh.  One budget (default 360 s, after the machine's start)
 covers every stage; PLAN below gives each stage's expected seconds and timeout, and the
 timeouts add up to the budget.  A stage's timeout covers everything it runs (test
 collection, shards, reports).  Out of time, a stage's processes get SIGINT, then
@@ -65,9 +65,10 @@ MAX_LOG_BYTES = 4 << 20  # each log is cut to its last 4 MiB in the archive
 # Expected seconds from the H200 runs of 2026-12-04 (benchmarks/results/gpu_h200/): the
 # build uses GPU_CHECK_PREBUILT (an in-place build fails on that image's GCC 13), each test
 # stage runs one shard per core; the third run's bench_meta needed more than 40 s, the fourth
-# run's cpp tests more than 80 s (1461 tests).
+# run's cpp tests more than 80 s (1461 tests); in the fifth (a cold machine) importing
+# torch alone took more than 8 s.
 PLAN = {
-    "env": (7, 10),
+    "env": (7, 25),
     "build": (10, 20),
     "smoke": (19, 25),
     "bench_ops": (22, 30),
@@ -76,7 +77,7 @@ PLAN = {
     "triton_tests": (72, 90),
     "bench_eval": (20, 25),
 }
-DEFAULT_BUDGET = 345  # seconds after the machine's start-up: 10 minutes a command, 15 in all
+DEFAULT_BUDGET = 360  # seconds after the machine's start-up: 10 minutes a command, 15 in all
 GRACE_S = 5  # a stage out of time gets SIGINT this long before SIGKILL: pytest writes its junit
 
 

@@ -9,7 +9,7 @@
 #
 #   scripts/gpu_check.sh [--dry-run] [OUTDIR]      PYTHON=python3 by default
 #
-# Budget: one budget of 345 s (GPU_CHECK_BUDGET) for every stage after the machine's
+# Budget: one budget of 360 s (GPU_CHECK_BUDGET) for every stage after the machine's
 # start-up, under the device tool's 10 minutes a command and 15 minutes in all.  Stages
 # run headline numbers first; each has a timeout that covers all it runs (collection,
 # shards, reports), and the timeouts add up to the budget.  scripts/gpu_check.py's PLAN

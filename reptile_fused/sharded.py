@@ -56,8 +56,9 @@ class ShardedFlatBuffer(FlatBuffer):
     """The optimizer's flat layout over FSDP2 parameters' local shards.
 
     ``shapes``/``numels`` are the local shards'; ``data`` is a mirror of the shards that
-    :meth:`pull` fills and :meth:`push` writes back; ``grad`` holds what
-    ``meta_gradient()`` writes.  Parameters are never re-pointed: ``p`` stays FSDP's.
+    :meth:`pull` fills and :meth:`push` writes back (one more buffer of the shard's size);
+    ``grad`` holds what ``meta_gradient()`` writes, made on its first call.  Parameters are
+    never re-pointed: ``p`` stays FSDP's.
     """
 
     sharded = True
@@ -93,12 +94,22 @@ class ShardedFlatBuffer(FlatBuffer):
             total += _aligned(n)
         self.numel = total
         self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
-        self.grad = torch.zeros(total, device=self.device, dtype=self.dtype)
-        self.grad_views = [self._view(self.grad, i) for i in range(len(self.params))]
+        self._grad: Tensor | None = None
         self._data_views = [self._view(self.data, i) for i in range(len(self.params))]
         self._whole = (Segment(0, len(self.params) - 1, 0, total),)
         self._replacements_seen = _replacements[0]
         self.pull()
+
+    @property
+    def grad(self) -> Tensor:
+        """Where ``meta_gradient()`` writes; made on first use (the inner steps read FSDP's gradients)."""
+        if self._grad is None:
+            self._grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+        return self._grad
+
+    @property
+    def grad_views(self) -> list[Tensor]:
+        return [self._view(self.grad, i) for i in range(len(self.params))]
 
     # ------------------------------------------------------------------ the shards
 
@@ -167,8 +178,8 @@ class ShardedFlatBuffer(FlatBuffer):
 
     def attach_grads(self) -> None:
         """``p.grad`` as DTensors over ``grad``'s slices (what ``meta_gradient()`` wrote)."""
-        for i, p in enumerate(self.params):
-            p.grad = self.wrap_entry(i, self.grad_views[i])
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            p.grad = self.wrap_entry(i, view)
 
     # ------------------------------------------------------------------ state_dict entries
 

@@ -56,7 +56,8 @@ def all_tasks():
               for _ in range(STEPS)] for _ in range(TASKS)] for _ in range(ITERATIONS)]  # fmt: skip
 
 
-def train(model, opt, tasks, rows=slice(None)):
+def train(model, opt, tasks, rows=slice(None), outer=None):
+    """With ``outer`` (a torch optimizer) the meta step is ``opt.meta_gradient(); outer.step()``."""
     for meta_batch in tasks:
         for task in meta_batch:
             with opt.task():
@@ -64,7 +65,11 @@ def train(model, opt, tasks, rows=slice(None)):
                     opt.zero_grad()
                     F.mse_loss(model(x[rows]), y[rows]).backward()
                     opt.step()
-        opt.meta_step()
+        if outer is None:
+            opt.meta_step()
+        else:
+            opt.meta_gradient()
+            outer.step()
 
 
 def sharded_model(mesh):
@@ -108,6 +113,11 @@ def _worker(rank, world, port, out_dir):
                 assert dist.get_process_group_ranks(opt._sync.group) == [mesh.get_local_rank(), 2 + mesh.get_local_rank()]
             train(model, opt, [shard(ts, task_rank, task_groups) for ts in all_tasks()], rows)
             results[name] = full_weights(model)
+        if world == 2:  # meta_gradient() writes DTensor gradients a torch optimizer steps with
+            model = sharded_model(mesh)
+            opt = ReptileOptimizer(model.parameters(), **CONFIGS["sgd"])
+            train(model, opt, all_tasks(), rows, outer=torch.optim.SGD(model.parameters(), lr=CONFIGS["sgd"]["meta_lr"]))
+            results["sgd_meta_gradient"] = full_weights(model)
         torch.save(results, os.path.join(out_dir, f"world{world}_rank{rank}.pt"))
     finally:
         _finish()
@@ -127,12 +137,13 @@ def oracle(config):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, *CARRIED, "sgd_explicit_group"])
+@pytest.mark.parametrize("name", [*CONFIGS, *CARRIED, "sgd_explicit_group", "sgd_meta_gradient"])
 def test_sharded_equals_one_process(sharded_run, name):
     world, results = sharded_run
     if name not in results[0]:
         pytest.skip("carried inner state is per task group: only the 1-D run has one group" if name in CARRIED
-                    else "an explicit task group: only the 2 x 2 mesh has one")
+                    else "an explicit task group: only the 2 x 2 mesh has one" if name == "sgd_explicit_group"
+                    else "meta_gradient: run on the 1-D mesh")
     expected = oracle({**CONFIGS, **CARRIED}.get(name, CONFIGS["sgd"]))
     for rank, result in enumerate(results):
         for key, value in expected.items():

@@ -58,6 +58,16 @@ def _aligned(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
+def packed_offsets(numels: list[int]) -> tuple[list[int], int]:
+    """Where each of these parameters starts in a flat buffer (at a multiple of ALIGNMENT),
+    and the buffer's length."""
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total += _aligned(n)
+    return offsets, total
+
+
 @dataclass(frozen=True)
 class Segment:
     """A run of consecutive parameters ``[first, last]`` and the buffer range ``[start, end)`` they span."""
@@ -186,11 +196,7 @@ class FlatBuffer:
         self.shapes = [p.shape for p in self.params]
         self.strides = [packed_strides(p, memory_format) for p in self.params]
         self.numels = [p.numel() for p in self.params]
-        self.offsets = []
-        total = 0
-        for n in self.numels:
-            self.offsets.append(total)
-            total += _aligned(n)
+        self.offsets, total = packed_offsets(self.numels)
         self.numel = total
         self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
         self.grad = torch.zeros(total, device=self.device, dtype=self.dtype)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import ALIGNMENT, FlatBuffer, Segment, _replacements, check_trainable
+from .flat import FlatBuffer, Segment, _replacements, check_trainable, packed_offsets
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -46,10 +46,6 @@ def check_fsdp_param(i: int, p: Tensor) -> None:
     local = p.to_local()
     if not local.is_contiguous():
         raise ValueError(f"parameter {i}: its local shard is not contiguous (strides {local.stride()})")
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
 class ShardedFlatBuffer(FlatBuffer):
@@ -87,11 +83,7 @@ class ShardedFlatBuffer(FlatBuffer):
         self.shapes = [t.shape for t in locals_]
         self.strides = [t.stride() for t in locals_]
         self.numels = [t.numel() for t in locals_]
-        self.offsets = []
-        total = 0
-        for n in self.numels:
-            self.offsets.append(total)
-            total += _aligned(n)
+        self.offsets, total = packed_offsets(self.numels)
         self.numel = total
         self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
         self._grad: Tensor | None = None

@@ -11,50 +11,32 @@ meta-iterations (all but the first, the slowest rank's time per iteration, evalu
 excluded), and per rank the bytes of parameters, gradients and optimizer buffers counted
 from the tensors, plus the process's peak RSS.
 
-Writes one CSV row per run to ``--out`` (default ``benchmarks/results/fsdp_cpu.csv``,
-replaced) and the runs' JSON reports to the folder of the same name beside it.
+Writes one row per layout, of the harness schema (``benchmark=fsdp``: ``value`` tasks/s,
+``median_s`` the median over rounds of each run's median meta-iteration, ``bytes`` the
+largest rank's bytes, ``ratio_vs_baseline`` the speed against the unsharded run), into
+``<out>/benchmarks.csv`` (default ``benchmarks/results``), and the runs' JSON reports into
+``<out>/fsdp_cpu/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+import harness
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "fsdp_transformer.py"
 LAYOUTS = {1: None, 2: None, 4: "2,2"}  # world size -> --mesh (None: the example's default)
-COLUMNS = ["date", "cpu", "cores", "torch", "round", "world_size", "mesh", "sharded", "oversubscribed", "width",
-           "depth", "seq_len", "rows", "meta_batch", "inner_steps", "inner_optimizer", "parameters",
-           "timed_iterations", "median_iteration_s", "tasks_per_s", "param_bytes", "grad_bytes", "optimizer_bytes",
-           "mirror_bytes", "meta_gradient_bytes", "anchor_bytes", "task_sum_bytes", "inner_state_bytes",
-           "total_bytes", "total_vs_unsharded", "max_rss_mib", "loss_before", "loss_after", "load_before",
-           "load_after"]  # fmt: skip
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run(world: int, report: Path, args) -> dict:
@@ -71,30 +53,35 @@ def run(world: int, report: Path, args) -> dict:
     return json.loads(report.read_text())
 
 
-def row(report: dict, round_: int, unsharded_total: int | None, loads: tuple, args) -> dict:
-    # Ranks of one layout differ by FSDP's uneven rows: report the largest.
-    worst = max(report["bytes_per_rank"], key=lambda b: b["total"])
-    cfg = report["config"]
-    return {
-        "date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
-        "torch": torch.__version__, "round": round_, "world_size": report["world_size"],
-        "mesh": "x".join(map(str, report["mesh"])), "sharded": report["sharded"],
-        "oversubscribed": report["world_size"] > (os.cpu_count() or 1), "width": cfg["width"], "depth": cfg["depth"],
-        "seq_len": cfg["seq_len"], "rows": cfg["rows"], "meta_batch": cfg["meta_batch"],
-        "inner_steps": cfg["inner_steps"], "inner_optimizer": args.inner_optimizer,
-        "parameters": report["parameters"], "timed_iterations": len(report["iteration_seconds"]),
-        "median_iteration_s": f"{report['median_iteration_seconds']:.4f}",
-        "tasks_per_s": f"{report['tasks_per_s']:.2f}",
-        "param_bytes": worst["parameters"], "grad_bytes": worst["gradients"], "optimizer_bytes": worst["optimizer"],
-        "mirror_bytes": worst["mirror"], "meta_gradient_bytes": worst["meta_gradient"],
-        "anchor_bytes": worst["anchor"], "task_sum_bytes": worst["task_sum"],
-        "inner_state_bytes": worst["inner_state"], "total_bytes": worst["total"],
-        "total_vs_unsharded": "" if unsharded_total is None else f"{worst['total'] / unsharded_total:.3f}",
-        "max_rss_mib": f"{max(report['max_rss_bytes_per_rank']) / 2**20:.0f}",
-        "loss_before": f"{report['loss_before_meta_training']:.4f}",
-        "loss_after": f"{report['loss_after_meta_training']:.4f}",
-        "load_before": loads[0], "load_after": loads[1],
-    }  # fmt: skip
+PROVIDERS = {1: "unsharded", 2: "fsdp 1-D, 2 ranks", 4: "fsdp tasks x shards 2x2"}
+
+
+def rows_for(world: int, reports: list[dict], args) -> dict:
+    """One row of the harness schema for a layout's rounds: the median over rounds of each
+    run's median meta-iteration time, and the largest rank's bytes."""
+    seconds = [r["median_iteration_seconds"] for r in reports]
+    first = reports[0]
+    cfg = first["config"]
+    worst = max(first["bytes_per_rank"], key=lambda b: b["total"])
+    oversubscribed = world > (os.cpu_count() or 1)
+    median_s = harness.median(seconds)
+    return harness.make_row(
+        benchmark="fsdp", op="meta_iteration",
+        case=(f"transformer width {cfg['width']}, depth {cfg['depth']}, meta-batch {cfg['meta_batch']}, "
+              f"{cfg['inner_steps']} inner {args.inner_optimizer} steps"),
+        provider=PROVIDERS[world], device="cpu", dtype="float32", numel=first["parameters"],
+        threads=1, rounds=len(reports), median_s=median_s,
+        p20_s=harness.quantile(seconds, 0.2), p80_s=harness.quantile(seconds, 0.8), bytes=worst["total"],
+        metric="tasks_per_s", value=cfg["meta_batch"] / median_s,
+        peak_mib=max(max(r["max_rss_bytes_per_rank"]) for r in reports) / 2**20,
+        note=(f"world size {world}, mesh {'x'.join(map(str, first['mesh']))}"
+              + (", oversubscribed" if oversubscribed else "")
+              + "; bytes = the largest rank's parameters, gradients and optimizer buffers ("
+              + ", ".join(f"{k} {worst[k]}" for k in ("parameters", "gradients", "anchor", "task_sum", "mirror",
+                                                       "meta_gradient", "inner_state"))
+              + "); peak_mib = the largest process RSS (mostly torch itself); no roofline: whole "
+              "meta-iterations of several processes, gloo on 127.0.0.1"),
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -106,27 +93,26 @@ def main() -> None:
     p.add_argument("--inner-optimizer", default="adam", choices=("adam", "sgd"))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--worlds", type=int, nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    p.add_argument("--out", type=Path, default=HERE / "results" / "fsdp_cpu.csv")
+    p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if args.meta_iters < 4:
         p.error("--meta-iters must be >= 4: medians over at least 3 timed meta-iterations")
-    reports = args.out.with_suffix("")
-    reports.mkdir(parents=True, exist_ok=True)
-    rows, unsharded_total = [], None
+    reports_dir = args.out / "fsdp_cpu"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    reports: dict[int, list[dict]] = {w: [] for w in args.worlds}
     for round_ in range(args.rounds):
-        for world in args.worlds:
-            before = f"{os.getloadavg()[0]:.2f}"
-            report = run(world, reports / f"world{world}_round{round_}.json", args)
-            if world == 1:
-                unsharded_total = max(b["total"] for b in report["bytes_per_rank"])
-            rows.append(row(report, round_, unsharded_total, (before, f"{os.getloadavg()[0]:.2f}"), args))
-            print(" ".join(f"{k}={rows[-1][k]}" for k in ("round", "world_size", "mesh", "tasks_per_s", "total_bytes",
-                                                           "total_vs_unsharded", "max_rss_mib")), flush=True)  # fmt: skip
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out} and {reports}/")
+        for world in args.worlds:  # the rounds interleave the layouts
+            report = run(world, reports_dir / f"world{world}_round{round_}.json", args)
+            reports[world].append(report)
+            print(f"round {round_} world {world}: {report['tasks_per_s']:.2f} tasks/s, "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    rows = [rows_for(world, reps, args) for world, reps in reports.items()]
+    harness.add_ratios(rows, "unsharded")
+    path = harness.write_csv(args.out / "benchmarks.csv", rows)
+    for r in rows:
+        print(f"{r['provider']}: {float(r['value']):.2f} tasks/s ({r['ratio_vs_baseline'] or 1}x unsharded), "
+              f"{r['bytes']} bytes per rank")
+    print(f"wrote {path} and {reports_dir}/")
 
 
 if __name__ == "__main__":

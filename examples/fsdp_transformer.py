@@ -250,10 +250,8 @@ def evaluate(model, opt, tasks: list, layout: Layout, steps: int) -> float:
                 with torch.no_grad():
                     qx, qy = (layout.my_rows(t) for t in query)
                     total += mse(model, qx, qy).item()
-                if layout.sharded:
-                    # A forward without backward leaves FSDP's root module unsharded; the next
-                    # forward would reuse those (adapted) weights, not the shards task() restores.
-                    model.reshard()
+                # (This forward leaves FSDP's root module unsharded; the rollback below
+                # reshards it before restoring θ, so the next forward gathers θ.)
                 raise _Discard
         except _Discard:
             pass
@@ -332,7 +330,8 @@ def measure_bytes(model: nn.Module, opt: ReptileOptimizer, layout: Layout) -> di
         b = f.buffer
         if layout.sharded:
             parts["mirror"] += nbytes(b.data)  # the flat copy of the shards the task-end and meta kernels use
-            parts["meta_gradient"] += nbytes(b.grad)  # where meta_gradient() writes θ − mean(θ̃)
+            # where meta_gradient() writes θ − mean(θ̃), made on its first call (reading .grad would make it)
+            parts["meta_gradient"] += nbytes(b._grad)
         else:
             parts["parameters"] += nbytes(b.data)
             parts["gradients"] += nbytes(b.grad)

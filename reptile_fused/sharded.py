@@ -17,6 +17,9 @@ would in a single process.
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -87,6 +90,7 @@ class ShardedFlatBuffer(FlatBuffer):
         self.numel = total
         self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
         self._grad: Tensor | None = None
+        self._fsdp_modules: list | None = None  # weak references, found on first write
         self._data_views = [self._view(self.data, i) for i in range(len(self.params))]
         self._whole = (Segment(0, len(self.params) - 1, 0, total),)
         self._replacements_seen = _replacements[0]
@@ -105,6 +109,28 @@ class ShardedFlatBuffer(FlatBuffer):
 
     # ------------------------------------------------------------------ the shards
 
+    def reshard_modules(self) -> None:
+        """Make FSDP's next forward gather the shards this optimizer is about to write.
+
+        A forward without a backward (an evaluation under ``torch.no_grad()``) leaves
+        FSDP2's root module unsharded, and its next forward reuses those weights instead
+        of all-gathering the shards: the θ a task end or a meta step writes would be
+        skipped.  ``FSDPModule.reshard()`` (public, a no-op when sharded) drops them."""
+        if self._fsdp_modules is None:
+            self._fsdp_modules = fsdp_modules_of(self.params)
+            if self._fsdp_modules is None:
+                self._fsdp_modules = []
+                warnings.warn(
+                    "ReptileOptimizer could not find the FSDP2 modules of its parameters (FSDP's internal state "
+                    "changed in this torch): after a forward without backward, call model.reshard() yourself "
+                    "before the optimizer writes the weights (task end, meta_step)",
+                    stacklevel=3,
+                )
+        for ref in self._fsdp_modules:
+            module = ref()
+            if module is not None:
+                module.reshard()
+
     def local_shards(self) -> list[Tensor]:
         with torch.no_grad():  # to_local() then hands out FSDP's own tensor, not an autograd view
             return [p.to_local() for p in self.params]
@@ -115,6 +141,7 @@ class ShardedFlatBuffer(FlatBuffer):
 
     def push(self) -> None:
         """The mirror ``data`` back into the shards, where FSDP all-gathers from."""
+        self.reshard_modules()
         torch._foreach_copy_(self.local_shards(), self._data_views)
 
     def check_layout(self) -> None:
@@ -197,6 +224,7 @@ def step_local_shards(b: ShardedFlatBuffer, grads: list[tuple[int, Tensor]], ste
     """One inner step of each local shard that has a gradient, in place (one backend call per
     shard), against its slices of the flat state buffers.  ``step_fn(i, param, grad, part)``
     makes the call; ``part`` is the shard's slice of the flat layout."""
+    b.reshard_modules()
     shards = b.local_shards()
     for i, g in grads:
         n = b.numels[i]
@@ -204,6 +232,35 @@ def step_local_shards(b: ShardedFlatBuffer, grads: list[tuple[int, Tensor]], ste
             continue
         g = g if g.is_contiguous() else g.contiguous()
         step_fn(i, shards[i].view(-1), g.view(-1), slice(b.offsets[i], b.offsets[i] + n))
+
+
+def fsdp_modules_of(params: list[Tensor]) -> list[weakref.ref] | None:
+    """Weak references to the FSDP2 modules whose parameter groups hold ``params``;
+    ``None`` when FSDP2's state cannot be read.
+
+    FSDP2 keeps no public map from a parameter to its module, so this reads its private
+    state once per buffer (guarded: torch 2.11 has one param group per module, later
+    releases a list)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    ids = {id(p) for p in params}
+    found = []
+    try:
+        for module in list(_module_state_mapping.keys()):
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                groups = [g for g in (state._fsdp_param_group,) if g is not None]
+            if any(id(fp.sharded_param) in ids for g in groups for fp in g.fsdp_params):
+                found.append(weakref.ref(module))
+    except (AttributeError, AssertionError):
+        return None
+    return found
 
 
 def agree_nonfinite(b: ShardedFlatBuffer, where: str | None) -> str | None:

@@ -220,3 +220,63 @@ def test_fsdp_on_two_gpus_with_nccl_equals_one_process(tmp_path):
         for key, value in oracle(CONFIGS[name]).items():
             # cuBLAS and the CPU round matrix products differently: float64 keeps that far below 1e-10
             torch.testing.assert_close(weights[key], value, **TOL, msg=f"{name} {key}")
+
+
+def _worker_eval_forward(rank, world, port, out_dir):
+    """A forward under no_grad leaves FSDP's root unsharded; what the optimizer writes next
+    (a rolled-back task, a task end, a meta step, an inner step) must reach the next forward."""
+    _init(rank, world, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = make_model()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root holds the last two layers itself
+        opt = ReptileOptimizer(model.parameters(), lr=0.5, meta_lr=0.5)
+        x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3)
+        with torch.no_grad():
+            theta = model(x)  # the root stays unsharded from here
+        seen = {}
+        try:
+            with opt.task():
+                opt.zero_grad()
+                F.mse_loss(model(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
+                opt.step()
+                with torch.no_grad():
+                    seen["adapted"] = model(x)
+                raise KeyError("roll back")
+        except KeyError:
+            pass
+        with torch.no_grad():
+            seen["after_rollback"] = model(x)
+        with opt.task():
+            opt.zero_grad()
+            F.mse_loss(model(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
+            opt.step()
+            with torch.no_grad():
+                seen["adapted_again"] = model(x)
+        with torch.no_grad():
+            seen["after_task"] = model(x)
+        opt.meta_step()
+        with torch.no_grad():
+            seen["after_meta_step"] = model(x)
+        torch.save({"theta": theta, **seen}, os.path.join(out_dir, f"eval{rank}.pt"))
+    finally:
+        _finish()
+
+
+def test_writes_reach_the_next_forward_after_a_forward_without_backward(tmp_path):
+    spawn(_worker_eval_forward, 2, str(tmp_path))
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"eval{rank}.pt", weights_only=True)
+        theta, adapted = seen["theta"], seen["adapted"]
+        assert not torch.equal(adapted, theta), "the inner step did not reach the forward"
+        assert torch.equal(seen["after_rollback"], theta)
+        assert torch.equal(seen["adapted_again"], adapted)
+        assert torch.equal(seen["after_task"], theta)
+        # meta_lr 0.5 of one task: halfway between θ and the adapted weights, a new output
+        assert not torch.equal(seen["after_meta_step"], theta)
+        assert not torch.equal(seen["after_meta_step"], adapted)

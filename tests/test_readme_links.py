@@ -33,3 +33,15 @@ def test_readme_links_resolve():
         assert target.exists(), f"README.md links to {path}, which does not exist"
         if anchor:
             assert anchor in anchors(target), f"README.md links to {link}: no such heading in {path}"
+
+
+def results_table(text: str) -> str:
+    start = text.index("| result | setting | measured |")
+    return text[start : text.index("\n\n", start)]
+
+
+def test_docs_home_shows_the_readme_results_table():
+    """docs/index.md repeats the README's results table (its links relative to docs/): one
+    set of numbers, so a refreshed README row cannot leave a stale one on the site."""
+    readme = results_table((ROOT / "README.md").read_text()).replace("](docs/", "](")
+    assert results_table((ROOT / "docs" / "index.md").read_text()) == readme

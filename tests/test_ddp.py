@@ -212,32 +212,39 @@ def _task_in_forward(rank, world):
     return step.net
 
 
-def _nested(rank, world):
-    """Two optimizers (first and last layer) with nested tasks over one DDP model."""
-    model = make_model()
-    ddp = DDP(model)
-    first = ReptileOptimizer(model[0].parameters(), **CONFIGS["sgd"])
-    last = ReptileOptimizer(model[3].parameters(), **CONFIGS["adam"])
-    flags = []
-    for meta_batch in rank_tasks("even", rank, world):
+def nested_training(net, first, last, meta_batches, flags=None):
+    """Two optimizers (first and last layer) with nested tasks: the inner task ends before
+    the outer task's last step.  ``flags`` (a DDP ``net``) records its sync flag as it goes."""
+    record = (lambda: flags.append(net.require_backward_grad_sync)) if flags is not None else (lambda: None)
+    for meta_batch in meta_batches:
         for task in meta_batch:
             with first.task():
                 with last.task():
                     for x, y in task:
                         first.zero_grad()
                         last.zero_grad()
-                        F.mse_loss(ddp(x), y).backward()
+                        F.mse_loss(net(x), y).backward()
                         first.step()
                         last.step()
-                flags.append(ddp.require_backward_grad_sync)  # the inner task turned it back on...
+                record()  # the inner task turned it back on...
                 x, y = task[0]
                 first.zero_grad()
-                F.mse_loss(ddp(x), y).backward()  # ... and the outer task's next forward off again
+                F.mse_loss(net(x), y).backward()  # ... and the outer task's next forward off again
                 first.step()
-                flags.append(ddp.require_backward_grad_sync)
-            flags.append(ddp.require_backward_grad_sync)
+                record()
+            record()
         first.meta_step()
         last.meta_step()
+
+
+def _nested(rank, world):
+    """Two optimizers with nested tasks over one DDP model."""
+    model = make_model()
+    ddp = DDP(model)
+    first = ReptileOptimizer(model[0].parameters(), **CONFIGS["sgd"])
+    last = ReptileOptimizer(model[3].parameters(), **CONFIGS["adam"])
+    flags = []
+    nested_training(ddp, first, last, rank_tasks("even", rank, world), flags)
     return model, flags
 
 
@@ -335,22 +342,7 @@ def test_nested_optimizers(ranks):
     model = make_model()
     first = ReptileOptimizer(model[0].parameters(), **CONFIGS["sgd"], process_group=False)
     last = ReptileOptimizer(model[3].parameters(), **CONFIGS["adam"], process_group=False)
-    for meta_batch in all_tasks():
-        for task in meta_batch:
-            with first.task():
-                with last.task():
-                    for x, y in task:
-                        first.zero_grad()
-                        last.zero_grad()
-                        F.mse_loss(model(x), y).backward()
-                        first.step()
-                        last.step()
-                x, y = task[0]
-                first.zero_grad()
-                F.mse_loss(model(x), y).backward()
-                first.step()
-        first.meta_step()
-        last.meta_step()
+    nested_training(model, first, last, all_tasks())
     for r in range(2):
         assert _max_diff(ranks[r]["nested"]["model"], model) < 1e-10
         assert ranks[r]["nested"]["flags"] == [True, False, True] * 6

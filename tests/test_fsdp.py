@@ -119,16 +119,26 @@ def _worker(rank, world, port, out_dir):
             train(model, opt, all_tasks(), rows, outer=torch.optim.SGD(model.parameters(), lr=CONFIGS["sgd"]["meta_lr"]))
             results["sgd_meta_gradient"] = full_weights(model)
         torch.save(results, os.path.join(out_dir, f"world{world}_rank{rank}.pt"))
+        if world == 2:  # more cases in the same processes: each process group costs seconds to start
+            _refusals(rank, world, out_dir)
+            _eval_forward(rank, world, out_dir)
     finally:
         _finish()
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["fsdp_1d_2ranks", "tasks_x_shards_2x2"])
-def sharded_run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
-    spawn(_worker, request.param, str(out))
-    return request.param, [torch.load(out / f"world{request.param}_rank{r}.pt", weights_only=True)
-                           for r in range(request.param)]  # fmt: skip
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs(world)``: the folder and per-rank results of the spawned run with that many ranks (made once)."""
+    done = {}
+
+    def run(world):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"fsdp{world}")
+            spawn(_worker, world, str(out))
+            done[world] = out, [torch.load(out / f"world{world}_rank{r}.pt", weights_only=True) for r in range(world)]
+        return done[world]
+
+    return run
 
 
 def oracle(config):
@@ -138,8 +148,9 @@ def oracle(config):
 
 
 @pytest.mark.parametrize("name", [*CONFIGS, *CARRIED, "sgd_explicit_group", "sgd_meta_gradient"])
-def test_sharded_equals_one_process(sharded_run, name):
-    world, results = sharded_run
+@pytest.mark.parametrize("world", [2, 4], ids=["fsdp_1d_2ranks", "tasks_x_shards_2x2"])
+def test_sharded_equals_one_process(runs, world, name):
+    _, results = runs(world)
     if name not in results[0]:
         pytest.skip("carried inner state is per task group: only the 1-D run has one group" if name in CARRIED
                     else "an explicit task group: only the 2 x 2 mesh has one" if name == "sgd_explicit_group"
@@ -152,30 +163,26 @@ def test_sharded_equals_one_process(sharded_run, name):
     assert moved, "training changed nothing: the comparison would pass vacuously"
 
 
-def _worker_refusals(rank, world, port, out_dir):
-    _init(rank, world, port)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate, distribute_tensor
+def _refusals(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (world,))
-        messages = []
-        replicated = nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Replicate()]))
-        model = sharded_model(mesh)
-        for params in ([replicated], [*model.parameters(), nn.Parameter(torch.zeros(3))]):
-            try:
-                ReptileOptimizer(params, lr=0.1)
-                messages.append("accepted")
-            except ValueError as exc:
-                messages.append(str(exc))
-        torch.save(messages, os.path.join(out_dir, f"refusals{rank}.pt"))
-    finally:
-        _finish()
+    mesh = init_device_mesh("cpu", (world,))
+    messages = []
+    replicated = nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Replicate()]))
+    model = sharded_model(mesh)
+    for params in ([replicated], [*model.parameters(), nn.Parameter(torch.zeros(3))]):
+        try:
+            ReptileOptimizer(params, lr=0.1)
+            messages.append("accepted")
+        except ValueError as exc:
+            messages.append(str(exc))
+    torch.save(messages, os.path.join(out_dir, f"refusals{rank}.pt"))
 
 
-def test_other_placements_and_mixed_groups_are_refused(tmp_path):
-    spawn(_worker_refusals, 2, str(tmp_path))
-    replicated, mixed = torch.load(tmp_path / "refusals0.pt")
+def test_other_placements_and_mixed_groups_are_refused(runs):
+    out, _ = runs(2)
+    replicated, mixed = torch.load(out / "refusals0.pt")
     assert "placements (Replicate(),)" in replicated and "tensor parallel" in replicated
     assert "plain tensor in a param group of FSDP2" in mixed
 
@@ -222,56 +229,52 @@ def test_fsdp_on_two_gpus_with_nccl_equals_one_process(tmp_path):
             torch.testing.assert_close(weights[key], value, **TOL, msg=f"{name} {key}")
 
 
-def _worker_eval_forward(rank, world, port, out_dir):
+def _eval_forward(rank, world, out_dir):
     """A forward under no_grad leaves FSDP's root unsharded; what the optimizer writes next
     (a rolled-back task, a task end, a meta step, an inner step) must reach the next forward."""
-    _init(rank, world, port)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root holds the last two layers itself
+    opt = ReptileOptimizer(model.parameters(), lr=0.5, meta_lr=0.5)
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3)
+    with torch.no_grad():
+        theta = model(x)  # the root stays unsharded from here
+    seen = {}
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        model = make_model()
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the root holds the last two layers itself
-        opt = ReptileOptimizer(model.parameters(), lr=0.5, meta_lr=0.5)
-        x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3)
-        with torch.no_grad():
-            theta = model(x)  # the root stays unsharded from here
-        seen = {}
-        try:
-            with opt.task():
-                opt.zero_grad()
-                F.mse_loss(model(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
-                opt.step()
-                with torch.no_grad():
-                    seen["adapted"] = model(x)
-                raise KeyError("roll back")
-        except KeyError:
-            pass
-        with torch.no_grad():
-            seen["after_rollback"] = model(x)
         with opt.task():
             opt.zero_grad()
             F.mse_loss(model(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
             opt.step()
             with torch.no_grad():
-                seen["adapted_again"] = model(x)
+                seen["adapted"] = model(x)
+            raise KeyError("roll back")
+    except KeyError:
+        pass
+    with torch.no_grad():
+        seen["after_rollback"] = model(x)
+    with opt.task():
+        opt.zero_grad()
+        F.mse_loss(model(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
+        opt.step()
         with torch.no_grad():
-            seen["after_task"] = model(x)
-        opt.meta_step()
-        with torch.no_grad():
-            seen["after_meta_step"] = model(x)
-        torch.save({"theta": theta, **seen}, os.path.join(out_dir, f"eval{rank}.pt"))
-    finally:
-        _finish()
+            seen["adapted_again"] = model(x)
+    with torch.no_grad():
+        seen["after_task"] = model(x)
+    opt.meta_step()
+    with torch.no_grad():
+        seen["after_meta_step"] = model(x)
+    torch.save({"theta": theta, **seen}, os.path.join(out_dir, f"eval{rank}.pt"))
 
 
-def test_writes_reach_the_next_forward_after_a_forward_without_backward(tmp_path):
-    spawn(_worker_eval_forward, 2, str(tmp_path))
+def test_writes_reach_the_next_forward_after_a_forward_without_backward(runs):
+    out, _ = runs(2)
     for rank in range(2):
-        seen = torch.load(tmp_path / f"eval{rank}.pt", weights_only=True)
+        seen = torch.load(out / f"eval{rank}.pt", weights_only=True)
         theta, adapted = seen["theta"], seen["adapted"]
         assert not torch.equal(adapted, theta), "the inner step did not reach the forward"
         assert torch.equal(seen["after_rollback"], theta)

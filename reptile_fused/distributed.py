@@ -28,6 +28,14 @@ class LayoutMismatchError(RuntimeError):
     """The ranks of a distributed ReptileOptimizer do not hold the same parameter layout."""
 
 
+def _is_device_mesh(obj) -> bool:
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # torch built without distributed support: no mesh can exist
+        return False
+    return isinstance(obj, DeviceMesh)
+
+
 def resolve_process_group(process_group):
     """The group to synchronise over: ``None`` means the world group when
     ``torch.distributed`` is initialised (else no synchronisation); ``False`` opts out; a
@@ -42,7 +50,7 @@ def resolve_process_group(process_group):
         return dist.group.WORLD
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("a process_group was given but torch.distributed is not initialised")
-    if type(process_group).__name__ == "DeviceMesh":  # a mesh dimension, e.g. mesh["tasks"]
+    if _is_device_mesh(process_group):  # a mesh dimension, e.g. mesh["tasks"]
         if process_group.ndim != 1:
             raise ValueError(f"process_group as a DeviceMesh must be 1-D (one mesh dimension), got {process_group.ndim}-D")
         return process_group.get_group()

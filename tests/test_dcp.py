@@ -390,7 +390,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_save_and_load_through_dcp(tmp_path):
-    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.set_forkserver_preload(["torch", "torch.distributed", "reptile_fused"])  # as test_distributed.spawn
+    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="forkserver")
     for name in DIST_CONFIGS:
         results = [torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=True) for rank in range(2)]
         for r in results:

@@ -96,7 +96,11 @@ def _finish():
 
 
 def spawn(fn, world, *args):
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
+    # Children fork from one server that imported torch and the library once per test
+    # session (a fresh interpreter per child, as "spawn" starts, costs seconds of imports
+    # each); the server has run nothing, so forking from it is as clean as spawning.
+    mp.set_forkserver_preload(["torch", "torch.distributed", "reptile_fused"])
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="forkserver")
 
 
 @pytest.fixture(scope="module")

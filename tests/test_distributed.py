@@ -95,12 +95,13 @@ def _finish():
     dist.destroy_process_group()
 
 
-def spawn(fn, world, *args):
+def spawn(fn, world, *args, start_method="forkserver"):
     # Children fork from one server that imported torch and the library once per test
     # session (a fresh interpreter per child, as "spawn" starts, costs seconds of imports
     # each); the server has run nothing, so forking from it is as clean as spawning.
+    # Ranks that use CUDA are spawned: a driver touched before a fork is not fork-safe.
     mp.set_forkserver_preload(["torch", "torch.distributed", "reptile_fused"])
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="forkserver")
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method=start_method)
 
 
 @pytest.fixture(scope="module")

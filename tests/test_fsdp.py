@@ -221,7 +221,7 @@ def _worker_nccl(rank, world, port, out_dir):
 def test_fsdp_on_two_gpus_with_nccl_equals_one_process(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs a second GPU")
-    spawn(_worker_nccl, 2, str(tmp_path))
+    spawn(_worker_nccl, 2, str(tmp_path), start_method="spawn")
     results = torch.load(tmp_path / "nccl0.pt")
     for name, weights in results.items():
         for key, value in oracle(CONFIGS[name]).items():

@@ -9,16 +9,12 @@ model and optimizer.  All three must end with the same weights, bit for bit.
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -30,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from reptile_fused import ReptileOptimizer
+from test_distributed import _finish, _init, spawn
 
 # dcp without a process group warns that it runs without one; that is the single-process case here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is:UserWarning")
@@ -327,12 +324,6 @@ def test_torch_optimizer_state_dicts_still_load(inner):
 # ----------------------------------------------------------------- two processes (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_CONFIGS = {
     "adam_task": dict(CONFIGS["adam"], reset_inner_state="task"),
     "sgd_meta_step": dict(CONFIGS["sgd_momentum"], reset_inner_state="meta_step"),
@@ -353,11 +344,7 @@ def _dist_train(model, opt, rank: int, start: int, stop: int) -> None:
 
 
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
+    _init(rank, world, port)
     try:
         warnings.simplefilter("ignore", UserWarning)
         for name, config in DIST_CONFIGS.items():
@@ -385,14 +372,11 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 os.path.join(out_dir, f"{name}_{rank}.pt"),
             )
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_two_gloo_processes_save_and_load_through_dcp(tmp_path):
-    mp.set_forkserver_preload(["torch", "torch.distributed", "reptile_fused"])  # as test_distributed.spawn
-    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="forkserver")
+    spawn(_dist_worker, 2, str(tmp_path))
     for name in DIST_CONFIGS:
         results = [torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=True) for rank in range(2)]
         for r in results:

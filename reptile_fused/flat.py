@@ -14,6 +14,7 @@ convolutions that read the weights can be much faster in one order than another.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import weakref
 from dataclasses import dataclass
@@ -183,23 +184,10 @@ class FlatBuffer:
     sharded = False
 
     def __init__(self, params: list[Tensor], memory_format=None):
-        if not params:
-            raise ValueError("FlatBuffer needs at least one parameter")
-        self.params = list(params)
+        self._take(params)
         self.serial = next(_SERIALS)
-        self.device = params[0].device
-        self.dtype = params[0].dtype
-        for p in self.params:
-            check_trainable(p)
-            if p.device != self.device or p.dtype != self.dtype:
-                raise ValueError("a FlatBuffer holds parameters of one device and dtype")
-        self.shapes = [p.shape for p in self.params]
-        self.strides = [packed_strides(p, memory_format) for p in self.params]
-        self.numels = [p.numel() for p in self.params]
-        self.offsets, total = packed_offsets(self.numels)
-        self.numel = total
-        self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
-        self.grad = torch.zeros(total, device=self.device, dtype=self.dtype)
+        self._lay_out([p.shape for p in self.params], [packed_strides(p, memory_format) for p in self.params])
+        self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
         self.grad_views = [self._view(self.grad, i) for i in range(len(self.params))]
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -214,7 +202,27 @@ class FlatBuffer:
             _remember_owner(p, self)
         self._data_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
-        self._whole = (Segment(0, len(self.params) - 1, 0, total),)
+
+    def _take(self, params: list[Tensor]) -> None:
+        """Check ``params`` (trainable, of one device and dtype) and keep them."""
+        if not params:
+            raise ValueError("FlatBuffer needs at least one parameter")
+        self.params = list(params)
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        for p in self.params:
+            check_trainable(p)
+            if p.device != self.device or p.dtype != self.dtype:
+                raise ValueError("a FlatBuffer holds parameters of one device and dtype")
+
+    def _lay_out(self, shapes: list, strides: list) -> None:
+        """Each parameter's slice of the flat layout (its shape and element order there), and ``data``."""
+        self.shapes = list(shapes)
+        self.strides = list(strides)
+        self.numels = [math.prod(shape) for shape in self.shapes]
+        self.offsets, self.numel = packed_offsets(self.numels)
+        self.data = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+        self._whole = (Segment(0, len(self.params) - 1, 0, self.numel),)
         self._replacements_seen = _replacements[0]
 
     def _own_storage_view(self, i: int) -> Tensor:

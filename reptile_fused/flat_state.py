@@ -114,26 +114,24 @@ class FlatState:
         b.adopt_grads(foreign)
         state = {key: self.state_buffer(key) for key in inner.state_keys(self.inner_optimizer, group)}
         update = self.update_buffer() if record else None
-        # Parameters are grouped by step count: SGD's first-step rule applies to those
-        # whose momentum buffer is still empty (count 0), Adam's bias corrections use the count.
-        keys = self.steps if active is None else [s if a else None for s, a in zip(self.steps, active)]
-        if b.sharded:  # FSDP2: each local shard in place, where FSDP all-gathers from
-            step_local_shards(b, foreign, lambda i, param, grad, part: inner.step_(
-                self.backend, self.inner_optimizer, group, param, grad, {key: buf[part] for key, buf in state.items()},
-                lr=group["lr"], step=self.steps[i] + 1, first_step=self.steps[i] == 0,
-                update=None if update is None else update[part],
-                fused=self.fused, spans=(0, param.numel()) if self.fused else None,
-            ))  # fmt: skip
-            keys = []
-        for steps, seg in b.segments(keys):
-            part = slice(seg.start, seg.end)
+
+        def step_part(param: Tensor, grad: Tensor, part: slice, steps: int, spans) -> None:
             inner.step_(
-                self.backend, self.inner_optimizer, group, b.data[part], b.grad[part],
-                {key: buf[part] for key, buf in state.items()},
+                self.backend, self.inner_optimizer, group, param, grad, {key: buf[part] for key, buf in state.items()},
                 lr=group["lr"], step=steps + 1, first_step=steps == 0,
-                update=None if update is None else update[part],
-                fused=self.fused, spans=self.spans(seg) if self.fused else None,
+                update=None if update is None else update[part], fused=self.fused, spans=spans,
             )  # fmt: skip
+
+        if b.sharded:  # FSDP2: each local shard in place, where FSDP all-gathers from
+            step_local_shards(b, foreign, lambda i, param, grad, part: step_part(
+                param, grad, part, self.steps[i], (0, param.numel()) if self.fused else None))  # fmt: skip
+        else:
+            # Parameters are grouped by step count: SGD's first-step rule applies to those whose
+            # momentum buffer is still empty (count 0), Adam's bias corrections use the count.
+            keys = self.steps if active is None else [s if a else None for s, a in zip(self.steps, active)]
+            for steps, seg in b.segments(keys):
+                part = slice(seg.start, seg.end)
+                step_part(b.data[part], b.grad[part], part, steps, self.spans(seg) if self.fused else None)
         if record:
             self.update_fresh = [True] * len(b.params) if active is None else list(active)
         if self.inner_optimizer == "adam":

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import FlatBuffer, Segment, _replacements, check_trainable, packed_offsets
+from .flat import FlatBuffer, _replacements
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -65,35 +65,21 @@ class ShardedFlatBuffer(FlatBuffer):
     def __init__(self, params: list[Tensor], memory_format=None):
         if memory_format is not None:
             raise ValueError("memory_format= applies to plain parameters; FSDP2 keeps its shards row-major")
-        if not params:
-            raise ValueError("FlatBuffer needs at least one parameter")
-        self.params = list(params)
+        self._take(params)
         self.serial = -1
-        self.device = params[0].device
-        self.dtype = params[0].dtype
-        self.mesh = params[0].device_mesh
+        self.mesh = self.params[0].device_mesh
         for i, p in enumerate(self.params):
-            check_trainable(p)
             check_fsdp_param(i, p)
-            if p.device != self.device or p.dtype != self.dtype:
-                raise ValueError("a FlatBuffer holds parameters of one device and dtype")
             if p.device_mesh != self.mesh:
                 raise ValueError(
                     f"parameter {i} is sharded over a different device mesh than parameter 0: one param group's "
                     "FSDP2 parameters must share one mesh (put each mesh's parameters in a group of its own)"
                 )
-        locals_ = self.local_shards()
-        self.shapes = [t.shape for t in locals_]
-        self.strides = [t.stride() for t in locals_]
-        self.numels = [t.numel() for t in locals_]
-        self.offsets, total = packed_offsets(self.numels)
-        self.numel = total
-        self.data = torch.zeros(total, device=self.device, dtype=self.dtype)
+        shards = self.local_shards()
+        self._lay_out([t.shape for t in shards], [t.stride() for t in shards])
         self._grad: Tensor | None = None
         self._fsdp_modules: list | None = None  # weak references, found on first write
         self._data_views = [self._view(self.data, i) for i in range(len(self.params))]
-        self._whole = (Segment(0, len(self.params) - 1, 0, total),)
-        self._replacements_seen = _replacements[0]
         self.pull()
 
     @property

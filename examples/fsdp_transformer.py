@@ -370,6 +370,9 @@ def main(argv=None) -> int:
         return 0
     finally:
         if dist.is_initialized():
+            # Every rank finishes its collectives before any tears gloo down: a rank that leaves
+            # first can abort its peer's gloo threads ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
 
 

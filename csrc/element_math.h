@@ -25,7 +25,9 @@
 namespace reptile_fused {
 
 // Functions beyond arithmetic operators, per value type.  NaN-propagating max,
-// like torch.maximum (amsgrad).
+// like torch.maximum (amsgrad).  div_fixed(x, c, inv_c) is x / c for a divisor that
+// is the same over a whole pass (inv_c: 1 / c rounded); the scalar types divide, and
+// the CPU's vectors compute the same quotient without the divider (kernels_impl.h).
 template <typename V>
 struct Math;
 
@@ -35,6 +37,7 @@ struct Math<float> {
   static RF_HD inline float max(float a, float b) { return (a != a || a > b) ? a : b; }
   static RF_HD inline float neg(float x) { return -x; }
   static RF_HD inline float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+  static RF_HD inline float div_fixed(float x, float c, float /*inv_c*/) { return x / c; }
 };
 
 template <>
@@ -43,6 +46,7 @@ struct Math<double> {
   static RF_HD inline double max(double a, double b) { return (a != a || a > b) ? a : b; }
   static RF_HD inline double neg(double x) { return -x; }
   static RF_HD inline double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  static RF_HD inline double div_fixed(double x, double c, double /*inv_c*/) { return x / c; }
 };
 
 // ---------------------------------------------------------------- SGD
@@ -91,6 +95,7 @@ struct AdamCoef {
   V one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
   V step_size;  // lr / (1 - beta1^step)
   V bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  V inv_bias_correction2_sqrt;  // 1 / bias_correction2_sqrt, rounded in the value type (Math::div_fixed)
   bool lerp_low;  // which of torch.lerp's two formulas the weight 1 - beta1 selects
   bool has_weight_decay, amsgrad, maximize;
 };
@@ -99,7 +104,8 @@ struct AdamCoef {
 template <typename V, typename S>
 RF_HD inline AdamCoef<V> cast_coef(const AdamCoef<double>& c) {
   return {V(S(c.one_minus_beta1)), V(S(c.beta2)), V(S(c.one_minus_beta2)), V(S(c.eps)), V(S(c.weight_decay)),
-          V(S(c.step_size)), V(S(c.bias_correction2_sqrt)), ::fabs(double(S(c.one_minus_beta1))) < 0.5,
+          V(S(c.step_size)), V(S(c.bias_correction2_sqrt)), V(S(1) / S(c.bias_correction2_sqrt)),
+          ::fabs(double(S(c.one_minus_beta1))) < 0.5,
           c.has_weight_decay, c.amsgrad, c.maximize};
 }
 
@@ -111,8 +117,9 @@ RF_HD inline AdamCoef<double> adam_coef(double lr, double step, double beta1, do
   const double bias_correction1 = 1.0 - ::pow(beta1, step);
   const double bias_correction2 = 1.0 - ::pow(beta2, step);
   const double w = 1.0 - beta1;
-  return {w,       beta2,        1.0 - beta2, eps, weight_decay, lr / bias_correction1, ::sqrt(bias_correction2),
-          ::fabs(w) < 0.5, weight_decay != 0.0, amsgrad, maximize};
+  const double bias_correction2_sqrt = ::sqrt(bias_correction2);
+  return {w,           beta2, 1.0 - beta2, eps, weight_decay, lr / bias_correction1, bias_correction2_sqrt,
+          1.0 / bias_correction2_sqrt, ::fabs(w) < 0.5, weight_decay != 0.0, amsgrad, maximize};
 }
 
 // torch.lerp(start, end, w) in the form of torch's vectorised kernel: one fused
@@ -144,7 +151,7 @@ RF_HD inline V adam_moments(V p, V g, V& m, V& v, V& vmax, const AdamCoef<V>& c,
 // p.addcdiv_(m, sqrt(v) / bias_correction2_sqrt + eps, value=-step_size).
 template <typename V>
 RF_HD inline void adam_param(V& p, V m, V root, const AdamCoef<V>& c) {
-  const V denom = root / c.bias_correction2_sqrt + c.eps;
+  const V denom = Math<V>::div_fixed(root, c.bias_correction2_sqrt, c.inv_bias_correction2_sqrt) + c.eps;
   p = p - c.step_size * m / denom;
 }
 

@@ -41,6 +41,24 @@ struct Math<at::vec::Vectorized<T>> {
   static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static inline V neg(const V& x) { return x.neg(); }
   static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  // x / c for x a square root (0, a normal number, inf or NaN) and c > 0 fixed over the
+  // pass, rounded as the divide rounds it, in a multiply and two fused multiply-adds
+  // (Markstein's theorem): q = x * inv_c is within an ulp of x / c, the remainder
+  // x - q * c is exact, and q + remainder * inv_c rounds to the correctly rounded
+  // quotient.  Adam would otherwise use the divider twice per element, and the divider,
+  // more than memory, bounds its step on buffers that fit in cache.  An infinite x leaves
+  // a NaN remainder, where q is the quotient; the remainder computed negated keeps
+  // -0 / c = -0.  The baseline build's fmadd rounds twice, so there it divides.
+  // tests/ops/test_adam_step.py compares every float32 significand with the divide.
+  static inline V div_fixed(const V& x, const V& c, const V& inv_c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    const V q = x * inv_c;
+    const V minus_remainder = at::vec::fmadd(q, c, x.neg());
+    return V::blendv(at::vec::fnmadd(minus_remainder, inv_c, q), q, minus_remainder.isnan());
+#else
+    return x / c;
+#endif
+  }
 };
 
 namespace {
@@ -230,6 +248,39 @@ inline std::vector<FusedPiece> fused_pieces(at::OptionalIntArrayRef spans, int64
   return pieces;
 }
 
+// The whole blocks of [i, stop) by the fused vector rule; returns where they end.  A
+// function of its own with restrict pointers and local copies of the coefficients, so
+// the loop keeps them in registers instead of reloading them after every store.
+template <typename scalar_t, bool kUpdate>
+int64_t adam_fused_blocks(scalar_t* __restrict__ p_ptr, const scalar_t* __restrict__ g_ptr,
+                          scalar_t* __restrict__ m_ptr, scalar_t* __restrict__ v_ptr,
+                          scalar_t* __restrict__ vmax_ptr, at::opmath_type<scalar_t>* __restrict__ u_ptr, int64_t i,
+                          int64_t stop, const AdamCoef<Vectorized<at::opmath_type<scalar_t>>>& coef, bool amsgrad) {
+  using B = Block<scalar_t>;
+  using Vec = typename B::Vec;
+  const auto c = coef;
+  const Vec one(1);
+  const bool ams = amsgrad;
+  for (; i + B::kBlock <= stop; i += B::kBlock) {
+    Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], old[B::K];
+    B::load(p_ptr + i, p);
+    B::load(g_ptr + i, g);
+    B::load(m_ptr + i, m);
+    B::load(v_ptr + i, v);
+    if (ams) B::load(vmax_ptr + i, vmax);
+    if constexpr (kUpdate) std::copy_n(p, B::K, old);
+    Vec second[B::K];
+    for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], c, one);
+    B::store(m_ptr + i, m);
+    B::store(v_ptr + i, v);
+    if (ams) B::store(vmax_ptr + i, vmax);
+    for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], Math<Vec>::sqrt(second[k]), c);
+    B::store(p_ptr + i, p);
+    if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+  }
+  return i;
+}
+
 template <typename scalar_t, bool kUpdate>
 void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, scalar_t* v_ptr, scalar_t* vmax_ptr,
                      at::opmath_type<scalar_t>* u_ptr, int64_t numel, const AdamCoef<double>& coef, bool amsgrad,
@@ -243,21 +294,7 @@ void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, sc
   const opmath_t one(1);
   // Elements [i, stop) by the vector rule: whole blocks, then the same rule on scalars.
   const auto vector_rule = [&](int64_t i, int64_t stop) {
-    for (; i + B::kBlock <= stop; i += B::kBlock) {
-      Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], old[B::K];
-      B::load(p_ptr + i, p);
-      B::load(g_ptr + i, g);
-      B::load(m_ptr + i, m);
-      B::load(v_ptr + i, v);
-      if (amsgrad) B::load(vmax_ptr + i, vmax);
-      if constexpr (kUpdate) std::copy_n(p, B::K, old);
-      for (int k = 0; k < B::K; ++k) adam_element(p[k], g[k], m[k], v[k], vmax[k], cv, one_v);
-      B::store(p_ptr + i, p);
-      B::store(m_ptr + i, m);
-      B::store(v_ptr + i, v);
-      if (amsgrad) B::store(vmax_ptr + i, vmax);
-      if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
-    }
+    i = adam_fused_blocks<scalar_t, kUpdate>(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, u_ptr, i, stop, cv, amsgrad);
     for (; i < stop; ++i) {
       const opmath_t old = p_ptr[i];
       opmath_t p = old, m = m_ptr[i], v = v_ptr[i];

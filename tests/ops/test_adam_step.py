@@ -366,3 +366,47 @@ def test_bad_spans_rejected_before_anything_changes(backend, spans, error, match
     with pytest.raises(error, match=match):
         backend_module(backend, "cpu").adam_step_(p, g, m, v, None, 1, 0.1, fused=True, spans=spans)
     assert torch.equal(p, torch.ones(16)) and torch.equal(m, torch.ones(16))
+
+
+# --------------------------------------------------------------------- the denominator's quotient
+# The CPU kernels divide sqrt(v) by the bias correction with a multiply and two fused
+# multiply-adds (csrc/cpu/kernels_impl.h: Math::div_fixed), not a divide.  With p = 0,
+# g = 0 and eps = 0 the new parameter is -(step_size * m) / quotient, so any quotient
+# that differs from the divide's shows.  float32: v runs over every float in [1, 4),
+# so sqrt(v) takes every significand, plus 0, inf and the extremes; float64: a wide
+# random sample.
+
+
+def quotient_problem(dtype):
+    if dtype == torch.float32:
+        bits = torch.arange(0x3F800000, 0x40800000, dtype=torch.int64).to(torch.int32)  # every float in [1, 4)
+        v = bits.view(torch.float32)
+    else:
+        gen = torch.Generator().manual_seed(5)
+        v = torch.rand(1 << 20, dtype=dtype, generator=gen) * 2.0 ** torch.randint(-60, 60, (1 << 20,), generator=gen)
+    f = torch.finfo(dtype)
+    return torch.cat([v, torch.tensor([0.0, float("inf"), f.tiny * f.eps, f.tiny, f.max], dtype=dtype)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("beta2, step", [(0.999, 1), (0.999, 10), (0.999, 1000), (0.5, 3), (0.3, 1)])
+def test_bias_correction_quotient_equals_the_divide(dtype, beta2, step):
+    v = quotient_problem(dtype)
+    kw = dict(lr=0.5, betas=(0.5, beta2), eps=0.0)
+    # torch.optim.Adam(fused=True) from the same state (step - 1 steps taken).
+    p = torch.zeros_like(v, requires_grad=True)
+    p.grad = torch.zeros_like(v)
+    torch_opt = torch.optim.Adam([p], fused=True, **kw)
+    torch_opt.state[p] = {
+        "step": torch.tensor(float(step - 1)), "exp_avg": torch.ones_like(v), "exp_avg_sq": v.clone(),
+    }  # fmt: skip
+    torch_opt.step()
+    cpp = backend_module("cpp", "cpu")
+    for fused, want in ((True, p.detach()), (False, None)):
+        got = {name: [torch.zeros_like(v), torch.zeros_like(v), torch.ones_like(v), v.clone()] for name in ("cpp", "ref")}
+        for name, ops in (("cpp", cpp), ("ref", ref)):
+            ops.adam_step_(*got[name], None, step, kw["lr"], beta1=0.5, beta2=beta2, eps=0.0, fused=fused)
+        if want is None:  # the for-loop arithmetic: the reference is the oracle (it equals torch's for-loop Adam)
+            want = got["ref"][0]
+        assert torch.equal(got["cpp"][0], want), f"fused={fused}: {(got['cpp'][0] != want).sum()} quotients differ"

@@ -75,6 +75,29 @@ class OpDef:
         names = {a.name for a in self.args}
         return tuple(a.name for a in self.args if a.type == "float" and f"{a.name}_tensor" in names)
 
+    def kernel_plan(self) -> tuple[tuple[str, str], ...]:
+        """How :func:`_kernel_args` fills each schema position from the bound Python arguments,
+        worked out once by :func:`bind` rather than on every call: ``(kind, name)`` with kind
+        ``"scalar"`` (a tensor-able scalar; its ``Tensor? x_tensor`` half must come next and
+        is filled with it), ``"only_if"``, ``"float"``, ``"bool"`` or ``"as_is"``."""
+        scalars = set(self.tensor_scalars)
+        plan = []
+        args = self.args
+        for i, arg in enumerate(args):
+            if arg.name in scalars:
+                if i + 1 == len(args) or args[i + 1].name != f"{arg.name}_tensor":
+                    raise ValueError(f"{self.name}: Tensor? {arg.name}_tensor must follow float {arg.name}")
+                plan.append(("scalar", arg.name))
+            elif arg.name.endswith("_tensor") and arg.name[: -len("_tensor")] in scalars:
+                continue  # filled with its scalar
+            elif arg.name in self.only_if:
+                plan.append(("only_if", arg.name))
+            elif arg.type in _COERCE:
+                plan.append((arg.type, arg.name))
+            else:
+                plan.append(("as_is", arg.name))
+        return tuple(plan)
+
     @property
     def python_signature(self) -> inspect.Signature:
         return inspect.signature(getattr(reference, self.name))
@@ -134,28 +157,23 @@ def _compiled_scalar(value, device: torch.device) -> tuple[float, torch.Tensor]:
     return 0.0, torch.ones((), dtype=torch.float64, device=device) * value
 
 
-def _kernel_args(op: OpDef, bound: dict, device: torch.device) -> list:
-    """The bound Python arguments laid out as the schema's positional arguments."""
+def _kernel_args(op: OpDef, plan: tuple[tuple[str, str], ...], bound: dict, device: torch.device) -> list:
+    """The bound Python arguments laid out as the schema's positional arguments (``plan``: ``op.kernel_plan()``)."""
     out: list = []
-    scalars = set(op.tensor_scalars)
-    split: dict[str, tuple[float, object]] = {}
     compiling = torch.compiler.is_compiling()
-    for arg in op.args:
-        if arg.name in scalars:
-            value = bound[arg.name]
+    for kind, name in plan:
+        value = bound[name]
+        if kind == "scalar":
             if compiling and not isinstance(value, torch.Tensor):
-                split[arg.name] = _compiled_scalar(value, device)
+                out.extend(_compiled_scalar(value, device))
             else:
-                split[arg.name] = _validate.split_scalar(value, arg.name, device)
-            out.append(split[arg.name][0])
-        elif arg.name.endswith("_tensor") and arg.name[: -len("_tensor")] in split:
-            out.append(split[arg.name[: -len("_tensor")]][1])
-        elif arg.name in op.only_if and not op.only_if[arg.name](bound):
-            out.append(None)
-        elif arg.type in _COERCE:
-            out.append(_COERCE[arg.type](bound[arg.name]))
+                out.extend(_validate.split_scalar(value, name, device))
+        elif kind == "only_if":
+            out.append(value if op.only_if[name](bound) else None)
+        elif kind == "as_is":
+            out.append(value)
         else:
-            out.append(bound[arg.name])
+            out.append(_COERCE[kind](value))
     return out
 
 
@@ -171,13 +189,14 @@ def bind(op: OpDef, kernel: Callable[..., None], before_call: Callable[[torch.de
     names = list(signature.parameters)
     check_params = tuple(inspect.signature(op.check).parameters)
     first = op.args[0].name
+    plan = op.kernel_plan()
 
     def run(values: dict) -> None:
         op.check(*(values[name] for name in check_params))
         device = values[first].device
         if before_call is not None:
             before_call(device, op.name)
-        kernel(*_kernel_args(op, values, device))
+        kernel(*_kernel_args(op, plan, values, device))
 
     source = f"def {op.name}({', '.join(names)}):\n    run({{{', '.join(f'{n!r}: {n}' for n in names)}}})\n"
     namespace: dict = {"run": run}

@@ -221,11 +221,13 @@ def adam_targets(rows, benchmark, provider) -> list[list[str]]:
 
 
 OPTIMIZER_FUSED = "ReptileOptimizer cpp fused=True"
-ADAM_NOTE = ("Reading the Adam targets: at 10⁶ parameters the buffers sit in cache and each element costs a "
-             "square root and two divisions, the instructions torch's fused kernel executes too (exactness rules "
-             "out a reciprocal), so the step is bound by the divider, below the in-cache triad; at 1.6·10⁷ both "
-             "kernels move the same bytes per element from memory, so their ratio is 1 up to the run-to-run "
-             "noise of this shared machine.")
+ADAM_NOTE = ("Reading the Adam targets: at 10⁶ parameters the buffers sit in the CPU's last-level cache "
+             "and each element costs a square root and a division (the quotient by the bias correction is a "
+             "multiply and two fused multiply-adds that round exactly as the divide), so the step is bound by "
+             "the divider, near or below the in-cache triad; torch's fused kernel divides twice and dispatches "
+             "once per tensor. At 1.6·10⁷ both kernels move the same bytes per element from memory, so the "
+             "ratio is near 1, decided by each step's other costs and by the run-to-run noise of this shared "
+             "machine.")
 
 
 def optimizer_table(rows, device="cpu") -> list[str]:

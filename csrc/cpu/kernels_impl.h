@@ -137,6 +137,43 @@ inline V broadcast(double x) {
 }
 
 // ---------------------------------------------------------------- sgd_step_
+// The whole blocks of [i, stop); returns where they end.  A function of its own with
+// restrict pointers and local copies of the coefficients (as adam_fused_blocks), so the
+// loop keeps them in registers instead of reloading them after every store.
+template <typename scalar_t, bool kUpdate>
+int64_t sgd_blocks(scalar_t* __restrict__ p_ptr, const scalar_t* __restrict__ g_ptr, scalar_t* __restrict__ buf_ptr,
+                   at::opmath_type<scalar_t>* __restrict__ u_ptr, int64_t i, int64_t stop,
+                   const SgdCoef<Vectorized<at::opmath_type<scalar_t>>>& coef) {
+  using B = Block<scalar_t>;
+  using Vec = typename B::Vec;
+  const auto run = [&](const SgdCoef<Vec>& c) __attribute__((always_inline)) {
+    // On a first step the buffer holds nothing yet (maybe uninitialised memory).
+    const bool read_buf = c.has_momentum && !c.first_step, write_buf = c.has_momentum;
+    for (; i + B::kBlock <= stop; i += B::kBlock) {
+      Vec p[B::K], g[B::K], buf[B::K], old[B::K];
+      B::load(p_ptr + i, p);
+      B::load(g_ptr + i, g);
+      if (read_buf) B::load(buf_ptr + i, buf);
+      if constexpr (kUpdate) std::copy_n(p, B::K, old);
+      for (int k = 0; k < B::K; ++k) sgd_element(p[k], g[k], buf[k], c);
+      B::store(p_ptr + i, p);
+      if (write_buf) B::store(buf_ptr + i, buf);
+      if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+    }
+  };
+  // The common case, heavy-ball momentum after the first step, with its flags as
+  // constants: the loop then has no branch but its own.
+  if (coef.has_momentum && !coef.first_step && !coef.nesterov && !coef.has_weight_decay && !coef.maximize) {
+    SgdCoef<Vec> plain = coef;
+    plain.has_momentum = true;
+    plain.first_step = plain.nesterov = plain.has_weight_decay = plain.maximize = false;
+    run(plain);
+  } else {
+    run(coef);
+  }
+  return i;
+}
+
 void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                   double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool first_step,
@@ -158,29 +195,21 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
     opmath_t* u_ptr = update_ptr<opmath_t>(update);
     with_flag(u_ptr != nullptr, [&](auto has_update) {
       constexpr bool kUpdate = decltype(has_update)::value;
-      parallel_blocks<B::kBlock>(
-          param.numel(), kUpdate ? 4 : 3,
-          [&](int64_t i) {
-            Vec p[B::K], g[B::K], buf[B::K], old[B::K];
-            B::load(p_ptr + i, p);
-            B::load(g_ptr + i, g);
-            // On a first step the buffer holds nothing yet (maybe uninitialised memory).
-            if (has_momentum && !first_step) B::load(buf_ptr + i, buf);
-            if constexpr (kUpdate) std::copy_n(p, B::K, old);
-            for (int k = 0; k < B::K; ++k) sgd_element(p[k], g[k], buf[k], cv);
-            B::store(p_ptr + i, p);
-            if (has_momentum) B::store(buf_ptr + i, buf);
-            if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
-          },
-          [&](int64_t i) {
-            const opmath_t old = p_ptr[i];
-            opmath_t p = old;
-            opmath_t buf = (has_momentum && !first_step) ? opmath_t(buf_ptr[i]) : opmath_t(0);
-            sgd_element<opmath_t>(p, opmath_t(g_ptr[i]), buf, cs);
-            p_ptr[i] = static_cast<scalar_t>(p);
-            if (has_momentum) buf_ptr[i] = static_cast<scalar_t>(buf);
-            if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
-          });
+      const int64_t numel = param.numel();
+      if (numel == 0) return;
+      const int64_t grain = std::max<int64_t>(kGrain / (kUpdate ? 4 : 3), B::kBlock);
+      at::parallel_for(0, numel, grain, [&](int64_t begin, int64_t end) {
+        int64_t i = sgd_blocks<scalar_t, kUpdate>(p_ptr, g_ptr, buf_ptr, u_ptr, begin, end, cv);
+        for (; i < end; ++i) {
+          const opmath_t old = p_ptr[i];
+          opmath_t p = old;
+          opmath_t buf = (has_momentum && !first_step) ? opmath_t(buf_ptr[i]) : opmath_t(0);
+          sgd_element<opmath_t>(p, opmath_t(g_ptr[i]), buf, cs);
+          p_ptr[i] = static_cast<scalar_t>(p);
+          if (has_momentum) buf_ptr[i] = static_cast<scalar_t>(buf);
+          if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
+        }
+      });
     });
   });
 }
@@ -255,28 +284,44 @@ template <typename scalar_t, bool kUpdate>
 int64_t adam_fused_blocks(scalar_t* __restrict__ p_ptr, const scalar_t* __restrict__ g_ptr,
                           scalar_t* __restrict__ m_ptr, scalar_t* __restrict__ v_ptr,
                           scalar_t* __restrict__ vmax_ptr, at::opmath_type<scalar_t>* __restrict__ u_ptr, int64_t i,
-                          int64_t stop, const AdamCoef<Vectorized<at::opmath_type<scalar_t>>>& coef, bool amsgrad) {
+                          int64_t stop, const AdamCoef<Vectorized<at::opmath_type<scalar_t>>>& coef) {
   using B = Block<scalar_t>;
   using Vec = typename B::Vec;
-  const auto c = coef;
   const Vec one(1);
-  const bool ams = amsgrad;
-  for (; i + B::kBlock <= stop; i += B::kBlock) {
-    Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], old[B::K];
-    B::load(p_ptr + i, p);
-    B::load(g_ptr + i, g);
-    B::load(m_ptr + i, m);
-    B::load(v_ptr + i, v);
-    if (ams) B::load(vmax_ptr + i, vmax);
-    if constexpr (kUpdate) std::copy_n(p, B::K, old);
-    Vec second[B::K];
-    for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], c, one);
-    B::store(m_ptr + i, m);
-    B::store(v_ptr + i, v);
-    if (ams) B::store(vmax_ptr + i, vmax);
-    for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], Math<Vec>::sqrt(second[k]), c);
-    B::store(p_ptr + i, p);
-    if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+  const auto run = [&](const AdamCoef<Vec>& c) __attribute__((always_inline)) {
+    for (; i + B::kBlock <= stop; i += B::kBlock) {
+      Vec p[B::K], g[B::K], m[B::K], v[B::K], vmax[B::K], old[B::K];
+      B::load(p_ptr + i, p);
+      B::load(g_ptr + i, g);
+      B::load(m_ptr + i, m);
+      B::load(v_ptr + i, v);
+      if (c.amsgrad) B::load(vmax_ptr + i, vmax);
+      if constexpr (kUpdate) std::copy_n(p, B::K, old);
+      Vec second[B::K];
+      for (int k = 0; k < B::K; ++k) second[k] = adam_moments(p[k], g[k], m[k], v[k], vmax[k], c, one);
+      B::store(m_ptr + i, m);
+      B::store(v_ptr + i, v);
+      if (c.amsgrad) B::store(vmax_ptr + i, vmax);
+      for (int k = 0; k < B::K; ++k) adam_param(p[k], m[k], Math<Vec>::sqrt(second[k]), c);
+      B::store(p_ptr + i, p);
+      if constexpr (kUpdate) B::store_update(u_ptr + i, p_ptr + i, old);
+    }
+  };
+  // The common cases, no weight decay, no maximize and a weight 1 - beta1 below 0.5, with
+  // amsgrad or without, get their flags as constants: a loop with no branch but its own.
+  if (!coef.has_weight_decay && !coef.maximize && coef.lerp_low) {
+    AdamCoef<Vec> plain = coef;
+    plain.has_weight_decay = plain.maximize = false;
+    plain.lerp_low = true;
+    if (coef.amsgrad) {
+      plain.amsgrad = true;
+      run(plain);
+    } else {
+      plain.amsgrad = false;
+      run(plain);
+    }
+  } else {
+    run(coef);
   }
   return i;
 }
@@ -294,7 +339,7 @@ void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, sc
   const opmath_t one(1);
   // Elements [i, stop) by the vector rule: whole blocks, then the same rule on scalars.
   const auto vector_rule = [&](int64_t i, int64_t stop) {
-    i = adam_fused_blocks<scalar_t, kUpdate>(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, u_ptr, i, stop, cv, amsgrad);
+    i = adam_fused_blocks<scalar_t, kUpdate>(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, u_ptr, i, stop, cv);
     for (; i < stop; ++i) {
       const opmath_t old = p_ptr[i];
       opmath_t p = old, m = m_ptr[i], v = v_ptr[i];

@@ -332,10 +332,8 @@ void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, sc
                      const std::vector<FusedPiece>& pieces) {
   using B = Block<scalar_t>;
   using opmath_t = typename B::opmath_t;
-  using Vec = typename B::Vec;
-  const auto cv = cast_coef<Vec, opmath_t>(coef);
+  const auto cv = cast_coef<typename B::Vec, opmath_t>(coef);
   const auto cs = cast_coef<opmath_t, opmath_t>(coef);
-  const Vec one_v(opmath_t(1));
   const opmath_t one(1);
   // Elements [i, stop) by the vector rule: whole blocks, then the same rule on scalars.
   const auto vector_rule = [&](int64_t i, int64_t stop) {

@@ -372,9 +372,9 @@ def test_bad_spans_rejected_before_anything_changes(backend, spans, error, match
 # The CPU kernels divide sqrt(v) by the bias correction with a multiply and two fused
 # multiply-adds (csrc/cpu/kernels_impl.h: Math::div_fixed), not a divide.  With p = 0,
 # g = 0 and eps = 0 the new parameter is -(step_size * m) / quotient, so any quotient
-# that differs from the divide's shows.  float32: v runs over every float in [1, 4),
-# so sqrt(v) takes every significand, plus 0, inf and the extremes; float64: a wide
-# random sample.
+# that differs from the divide's shows.  float32: the state v is every float in [1, 4),
+# so the step's sqrt(beta2 * v) runs through the float32 significands; plus 0, inf and
+# the extremes; float64: a wide random sample.
 
 
 def quotient_problem(dtype):

@@ -114,17 +114,22 @@ inline opmath_t* update_ptr(const std::optional<at::Tensor>& update) {
   return update.has_value() ? update->data_ptr<opmath_t>() : nullptr;
 }
 
-// Runs block(i) for every full block and element(i) for the rest, over [0, numel)
-// split across threads.  grain_div lowers the grain for ops that touch many streams
-// per element, so a medium buffer still uses every thread.
 // Elements per thread below which splitting costs more than it saves (ATen's value).
 constexpr int64_t kGrain = 32768;
 
+// Runs range(begin, end) over [0, numel) split across threads, each range at least
+// kMin elements.  grain_div lowers the grain for ops that touch many streams per
+// element, so a medium buffer still uses every thread.
+template <int64_t kMin, typename RangeFn>
+void parallel_ranges(int64_t numel, int64_t grain_div, const RangeFn& range) {
+  if (numel == 0) return;
+  at::parallel_for(0, numel, std::max<int64_t>(kGrain / grain_div, kMin), range);
+}
+
+// Runs block(i) for every full block and element(i) for the rest (parallel_ranges).
 template <int64_t kBlock, typename BlockFn, typename ElemFn>
 void parallel_blocks(int64_t numel, int64_t grain_div, const BlockFn& block, const ElemFn& element) {
-  if (numel == 0) return;
-  const int64_t grain = std::max<int64_t>(kGrain / grain_div, kBlock);
-  at::parallel_for(0, numel, grain, [&](int64_t begin, int64_t end) {
+  parallel_ranges<kBlock>(numel, grain_div, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + kBlock <= end; i += kBlock) block(i);
     for (; i < end; ++i) element(i);
@@ -195,10 +200,7 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
     opmath_t* u_ptr = update_ptr<opmath_t>(update);
     with_flag(u_ptr != nullptr, [&](auto has_update) {
       constexpr bool kUpdate = decltype(has_update)::value;
-      const int64_t numel = param.numel();
-      if (numel == 0) return;
-      const int64_t grain = std::max<int64_t>(kGrain / (kUpdate ? 4 : 3), B::kBlock);
-      at::parallel_for(0, numel, grain, [&](int64_t begin, int64_t end) {
+      parallel_ranges<B::kBlock>(param.numel(), kUpdate ? 4 : 3, [&](int64_t begin, int64_t end) {
         int64_t i = sgd_blocks<scalar_t, kUpdate>(p_ptr, g_ptr, buf_ptr, u_ptr, begin, end, cv);
         for (; i < end; ++i) {
           const opmath_t old = p_ptr[i];
@@ -364,8 +366,8 @@ void adam_fused_loop(scalar_t* p_ptr, const scalar_t* g_ptr, scalar_t* m_ptr, sc
       if constexpr (kUpdate) u_ptr[i] = opmath_t(p_ptr[i]) - old;
     }
   };
-  if (numel == 0 || pieces.empty()) return;
-  at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, B::kBlock), [&](int64_t begin, int64_t end) {
+  if (pieces.empty()) return;
+  parallel_ranges<B::kBlock>(numel, 6, [&](int64_t begin, int64_t end) {
     // The piece holding begin, then each next piece up to end.
     auto it = std::upper_bound(pieces.begin(), pieces.end(), begin,
                                [](int64_t x, const FusedPiece& piece) { return x < piece.start; });
@@ -428,7 +430,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     constexpr bool kKeepM = !std::is_same_v<scalar_t, opmath_t>;
     with_flag(u_ptr != nullptr, [&](auto has_update) {
       constexpr bool kUpdate = decltype(has_update)::value;
-      at::parallel_for(0, numel, std::max<int64_t>(kGrain / 6, kSqrtChunk), [&](int64_t begin, int64_t end) {
+      parallel_ranges<kSqrtChunk>(numel, 6, [&](int64_t begin, int64_t end) {
         // Per chunk, in cache: the second moment, then its square root (and 16-bit m in opmath).
         std::vector<opmath_t> root(kSqrtChunk), m_op(kKeepM ? kSqrtChunk : 0);
         for (int64_t start = begin; start < end; start += kSqrtChunk) {
